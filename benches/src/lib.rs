@@ -1,0 +1,1 @@
+//! Benchmarks: criterion benches in benches/, whole-system scripts beside them.

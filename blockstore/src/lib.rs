@@ -1,0 +1,2 @@
+//! Keel's block store.
+pub mod backend;

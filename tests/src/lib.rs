@@ -1,0 +1,1 @@
+//! End-to-end tests that start the real daemon and drive it with real clients.
