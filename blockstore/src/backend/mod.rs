@@ -129,17 +129,12 @@ impl Backend for AnyBackend {
 /// O_DIRECT is on, and its size.
 pub(crate) fn open_direct(path: &std::path::Path) -> io::Result<(std::fs::File, bool, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path);
+    let direct = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path);
     let (file, is_direct) = match direct {
         Ok(f) => (f, true),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-            std::fs::OpenOptions::new().read(true).write(true).open(path)?,
-            false,
-        ),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            (std::fs::OpenOptions::new().read(true).write(true).open(path)?, false)
+        }
         Err(e) => return Err(e),
     };
     let len = device_len(&file)?;

@@ -1,0 +1,118 @@
+//! The bounded cache of clean map pages.
+//!
+//! Clean pages are immutable (a change always goes to a new block, see
+//! `tree.rs`), so the cache hands out `Arc<Page>` and readers use them
+//! without holding any cache lock. The cache is split into shards, each with
+//! its own lock and a CLOCK replacement queue, so lookups from many threads
+//! do not meet on one lock. Pages written by a commit that has not finished
+//! are pinned: they are not on disk yet and must not be evicted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::format::Page;
+
+const SHARDS: usize = 16;
+
+struct Slot {
+    page: Arc<Page>,
+    referenced: bool,
+    pinned: bool,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<u64, Slot>,
+    clock: VecDeque<u64>,
+}
+
+/// Sharded CLOCK cache keyed by pool block number.
+pub(crate) struct PageCache {
+    shards: Vec<Mutex<Shard>>,
+    per_shard: usize,
+}
+
+impl PageCache {
+    /// A cache of about `capacity_pages` pages (at least one per shard).
+    pub fn new(capacity_pages: usize) -> PageCache {
+        PageCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            per_shard: capacity_pages.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, block: u64) -> &Mutex<Shard> {
+        // Fibonacci hashing spreads neighbouring blocks over shards.
+        let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    pub fn get(&self, block: u64) -> Option<Arc<Page>> {
+        let mut shard = self.shard(block).lock();
+        let slot = shard.map.get_mut(&block)?;
+        slot.referenced = true;
+        Some(slot.page.clone())
+    }
+
+    /// Insert a clean page; `pinned` keeps it until [`PageCache::unpin`].
+    pub fn insert(&self, block: u64, page: Arc<Page>, pinned: bool) {
+        let mut shard = self.shard(block).lock();
+        if let Some(slot) = shard.map.get_mut(&block) {
+            slot.page = page;
+            slot.pinned |= pinned;
+            return;
+        }
+        shard.map.insert(block, Slot { page, referenced: false, pinned });
+        shard.clock.push_back(block);
+        let mut budget = shard.clock.len() * 2;
+        while shard.map.len() > self.per_shard && budget > 0 {
+            budget -= 1;
+            let Some(victim) = shard.clock.pop_front() else { break };
+            let Some(slot) = shard.map.get_mut(&victim) else { continue };
+            if slot.pinned || slot.referenced {
+                slot.referenced = false;
+                shard.clock.push_back(victim);
+            } else {
+                shard.map.remove(&victim);
+            }
+        }
+    }
+
+    /// Allow eviction of a page a commit has made durable.
+    pub fn unpin(&self, block: u64) {
+        if let Some(slot) = self.shard(block).lock().map.get_mut(&block) {
+            slot.pinned = false;
+        }
+    }
+
+    /// Forget a block (freed; its number will be reused).
+    pub fn remove(&self, block: u64) {
+        let mut shard = self.shard(block).lock();
+        if shard.map.remove(&block).is_some() {
+            shard.clock.retain(|&b| b != block);
+        }
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Entry, FANOUT};
+
+    #[test]
+    fn cache_stays_bounded_and_keeps_pinned_pages() {
+        let c = PageCache::new(32);
+        for b in 0..1000u64 {
+            c.insert(b, Arc::new([Entry { phys: b, crc: 0 }; FANOUT]), b == 3);
+        }
+        assert!(c.len() <= 32 + SHARDS, "cache grew to {}", c.len());
+        assert_eq!(c.get(3).unwrap()[0].phys, 3);
+    }
+}

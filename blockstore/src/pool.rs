@@ -1,0 +1,851 @@
+//! A pool: the superblocks, the catalog of devices, the reference counts and
+//! the commit protocol that makes them durable together.
+//!
+//! # Commit protocol
+//!
+//! All changes accumulate in memory (dirty map pages, changed counts and
+//! device records) while data blocks are written straight to freshly
+//! allocated blocks. A commit (every `flush()`, every FUA write, every
+//! catalog change, and whenever dirty pages exceed their budget):
+//!
+//! 1. *Capture*, under the catalog lock and every device's lock (memory
+//!    only, no I/O): dirty map pages are checksummed bottom-up (a parent
+//!    stores its child's CRC32C), encoded and moved to the page cache as
+//!    clean, pinned pages; changed refcount pages and catalog pages are
+//!    encoded with generation `N` for the copy that does *not* hold their
+//!    newest committed version; blocks whose count fell to zero are taken.
+//! 2. Write all of that (data blocks were already written before their map
+//!    entries changed), then `sync`.
+//! 3. Write superblock copy `N % 2` with generation `N`, then `sync`. This
+//!    single-block write is the commit point.
+//! 4. Unpin the pages, note which copies are now current, and hand the
+//!    freed blocks to the grace-period queue (they become allocatable when
+//!    no reader can still be using them).
+//!
+//! A crash before step 3 completes leaves superblock `N-1` and, for every
+//! page, a valid copy of generation `<= N-1`; nothing that state points at
+//! was overwritten, because only blocks free in it were written. On open,
+//! region copies newer than the superblock are erased before anything else
+//! is written, so a later commit cannot mistake them for current.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+
+use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
+use crate::cache::PageCache;
+use crate::error::{Error, Result};
+use crate::format::{
+    CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, MAX_NAME, Page, RECORD_SIZE,
+    RECORDS_PER_PAGE, REFCOUNT_MAGIC, REGION_HEADER, Superblock, crc, decode_page, depth_for, encode_page, le32,
+    open_region_page, seal_region_page,
+};
+use crate::grace::Grace;
+use crate::space::{Allocator, RefTable};
+use crate::tree::{DevState, TreeCtx};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// Tunables of an open pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Bytes of clean map pages kept in memory.
+    pub cache_bytes: usize,
+    /// Bytes of dirty map pages allowed before a write forces a commit.
+    pub dirty_limit_bytes: usize,
+    /// Catalog pages per copy when creating a pool (31 devices each).
+    pub catalog_pages: u64,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { cache_bytes: 64 << 20, dirty_limit_bytes: 32 << 20, catalog_pages: 128 }
+    }
+}
+
+/// What opening a pool found and repaired.
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    /// Generation of the commit the pool opened at.
+    pub generation: u64,
+    /// Set when the newest superblock copy was unusable (a torn write at
+    /// the moment of a crash) and the older one was used.
+    pub superblock_fallback: Option<String>,
+    /// Region page copies from an interrupted commit that were erased.
+    pub stale_copies_erased: usize,
+}
+
+/// A device (volume or snapshot).
+pub(crate) struct Device {
+    pub id: u64,
+    pub record: u32,
+    pub kind: DeviceKind,
+    pub name: String,
+    pub parent: u64,
+    pub state: RwLock<DevState>,
+    /// Blocks taken from the allocator for this device's data writes:
+    /// `next..end`.
+    pub cursor: Mutex<(u64, u64)>,
+}
+
+pub(crate) struct Catalog {
+    pub devices: BTreeMap<u64, Arc<Device>>,
+    pub next_id: u64,
+    pub free_records: BTreeSet<u32>,
+}
+
+impl Catalog {
+    /// The volume called `name`.
+    pub fn volume(&self, name: &str) -> Option<&Arc<Device>> {
+        self.devices.values().find(|d| d.kind == DeviceKind::Volume && d.name == name)
+    }
+
+    /// Snapshot `snap` of volume `vol`.
+    pub fn snapshot(&self, vol: u64, snap: &str) -> Option<&Arc<Device>> {
+        self.devices.values().find(|d| d.kind == DeviceKind::Snapshot && d.parent == vol && d.name == snap)
+    }
+
+    /// A device by full name: `vol` or `vol@snap`.
+    pub fn find(&self, full: &str) -> Option<&Arc<Device>> {
+        match full.split_once('@') {
+            None => self.volume(full),
+            Some((v, s)) => self.snapshot(self.volume(v)?.id, s),
+        }
+    }
+
+    /// Full name of a device: `vol` or `vol@snap`.
+    pub fn full_name(&self, d: &Device) -> String {
+        match d.kind {
+            DeviceKind::Volume => d.name.clone(),
+            DeviceKind::Snapshot => match self.devices.get(&d.parent) {
+                Some(v) => format!("{}@{}", v.name, d.name),
+                None => format!("?@{}", d.name),
+            },
+        }
+    }
+}
+
+pub(crate) struct CatPage {
+    bytes: Box<[u8]>,
+    slot: u8,
+}
+
+pub(crate) struct CommitState {
+    pub generation: u64,
+    catalog: Vec<CatPage>,
+    limbo: VecDeque<(u64, Vec<u64>)>,
+}
+
+pub(crate) struct Inner<B> {
+    pub backend: B,
+    pub geo: Superblock,
+    pub catalog: RwLock<Catalog>,
+    pub refs: RefTable,
+    pub alloc: Mutex<Allocator>,
+    pub cache: PageCache,
+    pub grace: Grace,
+    pub commit: tokio::sync::Mutex<CommitState>,
+    /// Captures begun; a flush that sees this move past its start knows a
+    /// commit covering its writes has finished.
+    pub captures: AtomicU64,
+    pub dirty_pages: AtomicUsize,
+    pub failed: AtomicBool,
+    pub opts: PoolOptions,
+    bounce: Mutex<Vec<AlignedBuf>>,
+}
+
+/// A pool of thin volumes, snapshots and clones on one backend.
+pub struct Pool<B: Backend> {
+    pub(crate) inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Pool { inner: self.inner.clone() }
+    }
+}
+
+/// Size of a bounce buffer: the largest piece the data path handles at once.
+pub(crate) const PIECE_BLOCKS: usize = FANOUT;
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Check a volume or snapshot name.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Error::Invalid(format!("name {name:?} must be 1 to {MAX_NAME} bytes")));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) || name.starts_with('.') {
+        return Err(Error::Invalid(format!(
+            "name {name:?} may only hold letters, digits, '-', '_', '.' and ':' and must not start with '.'"
+        )));
+    }
+    Ok(())
+}
+
+impl<B: Backend> Pool<B> {
+    /// Format `backend` as an empty pool (everything on it is lost).
+    pub async fn create(backend: B, opts: PoolOptions) -> Result<Pool<B>> {
+        let total = backend.len() / BS;
+        let mut uuid = [0u8; 16];
+        let seed = now() ^ (std::process::id() as u64) << 32 ^ total;
+        uuid[..8].copy_from_slice(&seed.to_le_bytes());
+        uuid[8..].copy_from_slice(&crc(&seed.to_le_bytes()).to_le_bytes().repeat(2));
+        let sb = Superblock::layout(total, opts.catalog_pages.max(1), uuid)?;
+        // Both copies of every region page: copy 0 valid and empty at
+        // generation 0, copy 1 zeroed (whatever an earlier pool left there
+        // must not look valid).
+        write_region(&backend, &sb, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
+        write_region(&backend, &sb, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
+        let mut b = AlignedBuf::new(2 * BLOCK_SIZE);
+        sb.encode(&mut b[..BLOCK_SIZE]);
+        backend.write_at(&b, 0).await.map_err(Error::io("writing the superblocks"))?;
+        backend.sync().await.map_err(Error::io("syncing a new pool"))?;
+        Ok(Pool::open(backend, opts).await?.0)
+    }
+
+    /// Open an existing pool, recovering from an interrupted commit.
+    pub async fn open(backend: B, opts: PoolOptions) -> Result<(Pool<B>, OpenReport)> {
+        let mut report = OpenReport::default();
+        let mut b = AlignedBuf::new(2 * BLOCK_SIZE);
+        backend.read_at(&mut b, 0).await.map_err(Error::io("reading the superblocks"))?;
+        let copies = [Superblock::decode(&b[..BLOCK_SIZE]), Superblock::decode(&b[BLOCK_SIZE..])];
+        let sb = match (&copies[0], &copies[1]) {
+            (Ok(a), Ok(c)) => {
+                if a.generation >= c.generation {
+                    *a
+                } else {
+                    *c
+                }
+            }
+            (Ok(a), Err(e)) | (Err(e), Ok(a)) => {
+                // The other copy is normal on a pool that never committed
+                // past generation 0; otherwise it is a torn commit.
+                if a.generation > 0 {
+                    tracing::warn!("one superblock copy is unusable ({e}); opened generation {}", a.generation);
+                    report.superblock_fallback = Some(e.clone());
+                }
+                *a
+            }
+            (Err(e0), Err(e1)) => {
+                return Err(Error::Format(format!("both superblock copies are unusable: copy 0: {e0}; copy 1: {e1}")));
+            }
+        };
+        if sb.total_blocks > backend.len() / BS {
+            return Err(Error::Format(format!(
+                "the pool needs {} bytes but the device has {}",
+                sb.total_blocks * BS,
+                backend.len()
+            )));
+        }
+        report.generation = sb.generation;
+
+        // Catalog pages.
+        let (cat_pages, erased) = read_region(&backend, &sb, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
+        report.stale_copies_erased += erased;
+        // Refcount pages.
+        let refs = RefTable::new(sb.data_start, sb.data_blocks(), sb.refcount_pages);
+        let (rc_pages, erased) =
+            read_region(&backend, &sb, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
+        report.stale_copies_erased += erased;
+        let mut alloc = Allocator::new(sb.data_start, sb.data_blocks());
+        for (i, (bytes, slot)) in rc_pages.into_iter().enumerate() {
+            let mut p = refs.page(i).lock();
+            p.slot = slot;
+            for (k, c) in bytes[REGION_HEADER..].chunks_exact(4).enumerate() {
+                p.counts[k] = le32(c);
+                let block = i as u64 * COUNTS_PER_PAGE as u64 + k as u64;
+                if p.counts[k] == 0 && block < sb.data_blocks() {
+                    alloc.release(sb.data_start + block, 1);
+                }
+            }
+        }
+        refs.recount();
+
+        let mut catalog =
+            Catalog { devices: BTreeMap::new(), next_id: sb.next_device_id, free_records: BTreeSet::new() };
+        let mut cat_state = Vec::new();
+        for (pi, (bytes, slot)) in cat_pages.into_iter().enumerate() {
+            for r in 0..RECORDS_PER_PAGE {
+                let idx = (pi * RECORDS_PER_PAGE + r) as u32;
+                let at = REGION_HEADER + r * RECORD_SIZE;
+                match DeviceRecord::decode(&bytes[at..at + RECORD_SIZE]).map_err(Error::Format)? {
+                    None => {
+                        catalog.free_records.insert(idx);
+                    }
+                    Some(rec) => {
+                        if rec.root.is_mapped() && !refs.contains(rec.root.phys) {
+                            return Err(Error::Format(format!("device {} points outside the data area", rec.name)));
+                        }
+                        catalog.next_id = catalog.next_id.max(rec.id + 1);
+                        catalog.devices.insert(rec.id, Arc::new(Device::new(rec, idx)));
+                    }
+                }
+            }
+            cat_state.push(CatPage { bytes: bytes[REGION_HEADER..].into(), slot });
+        }
+        let inner = Inner {
+            geo: sb,
+            catalog: RwLock::new(catalog),
+            refs,
+            alloc: Mutex::new(alloc),
+            cache: PageCache::new(opts.cache_bytes / BLOCK_SIZE),
+            grace: Grace::default(),
+            commit: tokio::sync::Mutex::new(CommitState {
+                generation: sb.generation,
+                catalog: cat_state,
+                limbo: VecDeque::new(),
+            }),
+            captures: AtomicU64::new(0),
+            dirty_pages: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            opts,
+            bounce: Mutex::new(Vec::new()),
+            backend,
+        };
+        Ok((Pool { inner: Arc::new(inner) }, report))
+    }
+
+    /// The backend (for tests that inspect or damage it).
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// Make every write acknowledged so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    /// Commit and stop using the pool.
+    pub async fn close(self) -> Result<()> {
+        self.inner.flush().await
+    }
+}
+
+impl Device {
+    pub fn new(rec: DeviceRecord, record: u32) -> Device {
+        Device {
+            id: rec.id,
+            record,
+            kind: rec.kind,
+            name: rec.name.clone(),
+            parent: rec.parent,
+            state: RwLock::new(DevState { rec, dirty: Default::default(), deleted: false }),
+            cursor: Mutex::new((0, 0)),
+        }
+    }
+}
+
+/// Write both copies of a region: copy 0 sealed and empty, copy 1 zeroed.
+async fn write_region<B: Backend>(backend: &B, sb: &Superblock, magic: u32, start: u64, pages: u64) -> Result<()> {
+    const CHUNK: u64 = 256;
+    let mut buf = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
+    for slot in 0..2u64 {
+        let mut p = 0;
+        while p < pages {
+            let n = CHUNK.min(pages - p);
+            for i in 0..n as usize {
+                let page = &mut buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                page.fill(0);
+                if slot == 0 {
+                    seal_region_page(magic, sb.generation, page);
+                }
+            }
+            let at = (start + slot * pages + p) * BS;
+            backend.write_at(&buf[..n as usize * BLOCK_SIZE], at).await.map_err(Error::io("formatting the pool"))?;
+            p += n;
+        }
+    }
+    Ok(())
+}
+
+/// Read both copies of every page of a region and keep, per page, the newest
+/// valid copy not newer than the superblock, with the slot it came from.
+/// Copies newer than the superblock (left by an interrupted commit) are
+/// erased. Returns the pages and how many copies were erased.
+async fn read_region<B: Backend>(
+    backend: &B,
+    sb: &Superblock,
+    magic: u32,
+    start: u64,
+    pages: u64,
+) -> Result<(Vec<(Vec<u8>, u8)>, usize)> {
+    const CHUNK: u64 = 256;
+    let mut out = Vec::with_capacity(pages as usize);
+    let mut stale = Vec::new();
+    let mut a = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
+    let mut b = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
+    let mut p = 0;
+    while p < pages {
+        let n = CHUNK.min(pages - p);
+        let len = n as usize * BLOCK_SIZE;
+        backend.read_at(&mut a[..len], (start + p) * BS).await.map_err(Error::io("reading metadata"))?;
+        backend.read_at(&mut b[..len], (start + pages + p) * BS).await.map_err(Error::io("reading metadata"))?;
+        for i in 0..n as usize {
+            let r = i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE;
+            let ga = open_region_page(magic, &mut a[r.clone()]);
+            let gb = open_region_page(magic, &mut b[r.clone()]);
+            let page = p + i as u64;
+            for (slot, g) in [(0u8, ga), (1u8, gb)] {
+                if g.is_some_and(|g| g > sb.generation) {
+                    stale.push(start + slot as u64 * pages + page);
+                }
+            }
+            let ga = ga.filter(|&g| g <= sb.generation);
+            let gb = gb.filter(|&g| g <= sb.generation);
+            let pick = match (ga, gb) {
+                (Some(x), Some(y)) => Some(if x >= y { 0 } else { 1 }),
+                (Some(_), None) => Some(0),
+                (None, Some(_)) => Some(1),
+                (None, None) => None,
+            };
+            let Some(slot) = pick else {
+                return Err(Error::Format(format!(
+                    "{} page {page} is damaged in both copies",
+                    if magic == CATALOG_MAGIC { "catalog" } else { "refcount" }
+                )));
+            };
+            let src = if slot == 0 { &a[r] } else { &b[r] };
+            out.push((src.to_vec(), slot));
+        }
+        p += n;
+    }
+    if !stale.is_empty() {
+        let zero = AlignedBuf::new(BLOCK_SIZE);
+        for &blk in &stale {
+            backend.write_at(&zero, blk * BS).await.map_err(Error::io("erasing stale metadata"))?;
+        }
+        backend.sync().await.map_err(Error::io("erasing stale metadata"))?;
+    }
+    Ok((out, stale.len()))
+}
+
+/// What a capture produced for the write phase.
+struct Plan {
+    generation: u64,
+    /// (first block, bytes) runs to write before the superblock.
+    runs: Vec<(u64, AlignedBuf)>,
+    superblock: AlignedBuf,
+    pinned: Vec<u64>,
+    rc_slots: Vec<(usize, u8)>,
+    cat_pages: Vec<(usize, Box<[u8]>, u8)>,
+    frees: Vec<u64>,
+}
+
+/// Access to the device states locked by a capture, for catalog changes made
+/// atomically with it.
+pub(crate) struct Locked<'a, 'g> {
+    pub cat: &'a mut Catalog,
+    devs: &'a [Arc<Device>],
+    guards: &'a mut [parking_lot::RwLockWriteGuard<'g, DevState>],
+    pub refs: &'a RefTable,
+}
+
+impl Locked<'_, '_> {
+    /// The locked state of device `id` (devices that existed when the
+    /// capture started).
+    pub fn state(&mut self, id: u64) -> Option<&mut DevState> {
+        let i = self.devs.iter().position(|d| d.id == id)?;
+        Some(&mut *self.guards[i])
+    }
+
+    /// Add a device record to the catalog.
+    pub fn add(&mut self, mut rec: DeviceRecord) -> Result<Arc<Device>> {
+        let Some(&idx) = self.cat.free_records.iter().next() else {
+            return Err(Error::Refused(format!(
+                "the catalog is full ({} devices): delete snapshots or volumes first",
+                self.cat.devices.len()
+            )));
+        };
+        self.cat.free_records.remove(&idx);
+        rec.id = self.cat.next_id;
+        self.cat.next_id += 1;
+        rec.created = now();
+        if rec.root.is_mapped() {
+            self.refs.inc(rec.root.phys);
+        }
+        let dev = Arc::new(Device::new(rec, idx));
+        self.cat.devices.insert(dev.id, dev.clone());
+        Ok(dev)
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    pub fn tree_cx(&self) -> TreeCtx<'_> {
+        TreeCtx {
+            cache: &self.cache,
+            refs: &self.refs,
+            alloc: &self.alloc,
+            dirty_pages: &self.dirty_pages,
+            data_blocks: self.geo.data_blocks(),
+        }
+    }
+
+    pub fn check_failed(&self) -> Result<()> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(Error::Io {
+                op: "using a pool whose last commit failed",
+                source: std::io::Error::other("the pool must be reopened"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A 1 MiB aligned buffer from the pool's free list.
+    pub fn bounce(&self) -> AlignedBuf {
+        self.bounce.lock().pop().unwrap_or_else(|| AlignedBuf::new(PIECE_BLOCKS * BLOCK_SIZE))
+    }
+
+    pub fn bounce_back(&self, b: AlignedBuf) {
+        let mut l = self.bounce.lock();
+        if l.len() < 64 {
+            l.push(b);
+        }
+    }
+
+    /// Read a clean map page into the cache, checking it against the
+    /// checksum its parent holds.
+    pub async fn load_page(&self, e: Entry) -> Result<Arc<Page>> {
+        if let Some(p) = self.cache.get(e.phys) {
+            return Ok(p);
+        }
+        if !self.refs.contains(e.phys) {
+            return Err(Error::Corrupt { what: "map entry (points outside the data area)", block: e.phys });
+        }
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        self.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("reading a map page"))?;
+        if crc(&buf) != e.crc {
+            return Err(Error::Corrupt { what: "map page", block: e.phys });
+        }
+        let page: Arc<Page> = Arc::from(decode_page(&buf));
+        self.cache.insert(e.phys, page.clone(), false);
+        Ok(page)
+    }
+
+    /// A page of `dev` for reading outside the device lock (a copy when it
+    /// is dirty).
+    pub async fn page_of(&self, dev: &Device, e: Entry) -> Result<Arc<Page>> {
+        if let Some(p) = dev.state.read().dirty.get(&e.phys) {
+            return Ok(Arc::new(**p));
+        }
+        self.load_page(e).await
+    }
+
+    /// Flush: commit unless a commit that began after this call has already
+    /// finished.
+    pub async fn flush(&self) -> Result<()> {
+        self.check_failed()?;
+        let start = self.captures.load(Ordering::SeqCst);
+        let mut cs = self.commit.lock().await;
+        if self.captures.load(Ordering::SeqCst) > start {
+            return self.check_failed();
+        }
+        self.commit_locked(&mut cs, |_| Ok(())).await
+    }
+
+    /// Commit with the commit lock held; `hook` changes the catalog
+    /// atomically with the capture.
+    pub async fn commit_locked<R>(
+        &self,
+        cs: &mut CommitState,
+        hook: impl FnOnce(&mut Locked<'_, '_>) -> Result<R>,
+    ) -> Result<R> {
+        self.check_failed()?;
+        let (plan, r) = self.capture(cs, hook)?;
+        if let Err(e) = self.write_plan(&plan).await {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.finish(cs, plan);
+        Ok(r)
+    }
+
+    /// Commit with a catalog change.
+    pub async fn commit_with<R>(&self, hook: impl FnOnce(&mut Locked<'_, '_>) -> Result<R>) -> Result<R> {
+        let mut cs = self.commit.lock().await;
+        self.commit_locked(&mut cs, hook).await
+    }
+
+    fn capture<R>(
+        &self,
+        cs: &mut CommitState,
+        hook: impl FnOnce(&mut Locked<'_, '_>) -> Result<R>,
+    ) -> Result<(Plan, R)> {
+        let generation = cs.generation + 1;
+        let mut cat = self.catalog.write();
+        let devs: Vec<Arc<Device>> = cat.devices.values().cloned().collect();
+        let mut guards: Vec<_> = devs.iter().map(|d| d.state.write()).collect();
+        self.captures.fetch_add(1, Ordering::SeqCst);
+
+        // 1. Map pages, bottom-up.
+        let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut pinned = Vec::new();
+        for g in guards.iter_mut() {
+            let st: &mut DevState = g;
+            if st.dirty.is_empty() {
+                continue;
+            }
+            let mut root = st.rec.root;
+            self.flush_node(st, &mut root, &mut pages, &mut pinned);
+            st.rec.root = root;
+            debug_assert!(st.dirty.is_empty(), "dirty pages unreachable from the root");
+            let left = std::mem::take(&mut st.dirty);
+            self.dirty_pages.fetch_sub(left.len(), Ordering::Relaxed);
+        }
+
+        // 2. Catalog changes made under the same locks.
+        let r = {
+            let mut locked = Locked { cat: &mut cat, devs: &devs, guards: &mut guards, refs: &self.refs };
+            hook(&mut locked)?
+        };
+
+        // 3. Catalog pages.
+        let mut cat_pages = Vec::new();
+        let mut images: Vec<Vec<u8>> = vec![vec![0u8; BLOCK_SIZE - REGION_HEADER]; cs.catalog.len()];
+        for (id, d) in &cat.devices {
+            let at = d.record as usize % RECORDS_PER_PAGE * RECORD_SIZE;
+            let page = d.record as usize / RECORDS_PER_PAGE;
+            let rec = match devs.iter().position(|x| x.id == *id) {
+                Some(i) => guards[i].rec.clone(),
+                None => d.state.read().rec.clone(),
+            };
+            rec.encode(&mut images[page][at..at + RECORD_SIZE]);
+        }
+        for (i, img) in images.into_iter().enumerate() {
+            if *img != *cs.catalog[i].bytes {
+                let slot = 1 - cs.catalog[i].slot;
+                let mut page = vec![0u8; BLOCK_SIZE];
+                page[REGION_HEADER..].copy_from_slice(&img);
+                seal_region_page(CATALOG_MAGIC, generation, &mut page);
+                pages.push((self.geo.catalog_block(slot, i as u64), page));
+                cat_pages.push((i, img.into_boxed_slice(), slot));
+            }
+        }
+
+        // 4. Refcount pages.
+        let mut rc_slots = Vec::new();
+        let mut frees = Vec::new();
+        for i in 0..self.refs.page_count() {
+            let mut p = self.refs.page(i).lock();
+            if !p.dirty {
+                continue;
+            }
+            let slot = 1 - p.slot;
+            let mut page = vec![0u8; BLOCK_SIZE];
+            for (k, c) in p.counts.iter().enumerate() {
+                let at = REGION_HEADER + k * 4;
+                page[at..at + 4].copy_from_slice(&c.to_le_bytes());
+            }
+            seal_region_page(REFCOUNT_MAGIC, generation, &mut page);
+            pages.push((self.geo.refcount_block(slot, i as u64), page));
+            rc_slots.push((i, slot));
+            frees.append(&mut p.pending);
+            p.dirty = false;
+        }
+        drop(guards);
+
+        // 5. Superblock.
+        let mut sb = self.geo;
+        sb.generation = generation;
+        sb.next_device_id = cat.next_id;
+        drop(cat);
+        let mut superblock = AlignedBuf::new(BLOCK_SIZE);
+        sb.encode(&mut superblock);
+
+        // Coalesce into runs of consecutive blocks.
+        pages.sort_unstable_by_key(|p| p.0);
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j].0 == pages[j - 1].0 + 1 && j - i < 256 {
+                j += 1;
+            }
+            let mut buf = AlignedBuf::new((j - i) * BLOCK_SIZE);
+            for (k, (_, bytes)) in pages[i..j].iter().enumerate() {
+                buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].copy_from_slice(bytes);
+            }
+            runs.push((pages[i].0, buf));
+            i = j;
+        }
+        Ok((Plan { generation, runs, superblock, pinned, rc_slots, cat_pages, frees }, r))
+    }
+
+    /// Checksum and encode the dirty page behind `e` and the dirty pages
+    /// under it; store the checksum in `e`.
+    fn flush_node(&self, st: &mut DevState, e: &mut Entry, out: &mut Vec<(u64, Vec<u8>)>, pinned: &mut Vec<u64>) {
+        let Some(mut page) = st.dirty.remove(&e.phys) else { return };
+        self.dirty_pages.fetch_sub(1, Ordering::Relaxed);
+        for c in page.iter_mut() {
+            if c.is_mapped() && st.dirty.contains_key(&c.phys) {
+                self.flush_node(st, c, out, pinned);
+            }
+        }
+        let mut bytes = vec![0u8; BLOCK_SIZE];
+        encode_page(&page, &mut bytes);
+        e.crc = crc(&bytes);
+        out.push((e.phys, bytes));
+        self.cache.insert(e.phys, Arc::from(page), true);
+        pinned.push(e.phys);
+    }
+
+    async fn write_plan(&self, plan: &Plan) -> Result<()> {
+        let backend = &self.backend;
+        // Up to 32 writes in flight. (A plain function rather than a
+        // closure keeps the future Send: closures returning futures that
+        // borrow their argument trip a higher-ranked lifetime limitation.)
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut runs = plan.runs.iter();
+        loop {
+            while inflight.len() < 32 {
+                let Some((blk, buf)) = runs.next() else { break };
+                inflight.push(write_run(backend, *blk, buf));
+            }
+            match inflight.next().await {
+                Some(r) => r.map_err(Error::io("writing metadata"))?,
+                None => break,
+            }
+        }
+        backend.sync().await.map_err(Error::io("syncing before the commit point"))?;
+        backend
+            .write_at(&plan.superblock, (plan.generation % 2) * BS)
+            .await
+            .map_err(Error::io("writing the superblock"))?;
+        backend.sync().await.map_err(Error::io("syncing the superblock"))?;
+        Ok(())
+    }
+
+    fn finish(&self, cs: &mut CommitState, plan: Plan) {
+        cs.generation = plan.generation;
+        for b in plan.pinned {
+            self.cache.unpin(b);
+        }
+        for (i, slot) in plan.rc_slots {
+            self.refs.page(i).lock().slot = slot;
+        }
+        for (i, bytes, slot) in plan.cat_pages {
+            cs.catalog[i] = CatPage { bytes, slot };
+        }
+        if !plan.frees.is_empty() {
+            cs.limbo.push_back((self.grace.epoch(), plan.frees));
+        }
+        let epoch = self.grace.try_advance();
+        while cs.limbo.front().is_some_and(|(e, _)| e + 2 <= epoch) {
+            let (_, blocks) = cs.limbo.pop_front().expect("front");
+            let mut a = self.alloc.lock();
+            for b in blocks {
+                // A block may have been referenced again only if it was
+                // never free: counts at zero stay zero until allocated.
+                debug_assert_eq!(self.refs.get(b), 0);
+                self.cache.remove(b);
+                a.release(b, 1);
+            }
+        }
+    }
+
+    /// Blocks whose release waits for a commit or a grace period.
+    pub fn pending_release(&self, cs: &CommitState) -> u64 {
+        cs.limbo.iter().map(|(_, v)| v.len() as u64).sum()
+    }
+
+    /// Take up to `want` blocks for `dev`'s data, from its cursor extent.
+    pub fn take_data_blocks(&self, dev: &Device, want: u64) -> Option<(u64, u64)> {
+        let mut c = dev.cursor.lock();
+        if c.0 == c.1 {
+            let (s, n) = self.alloc.lock().take(want.max(64), self.geo.meta_reserve)?;
+            *c = (s, s + n);
+        }
+        let n = want.min(c.1 - c.0);
+        let s = c.0;
+        c.0 += n;
+        Some((s, n))
+    }
+
+    /// Give blocks that were taken but never mapped back.
+    pub fn give_back(&self, start: u64, n: u64) {
+        self.alloc.lock().release(start, n);
+    }
+
+    /// Return every device's unused cursor extent to the allocator.
+    pub fn drain_cursors(&self) {
+        let devs: Vec<_> = self.catalog.read().devices.values().cloned().collect();
+        for d in devs {
+            let mut c = d.cursor.lock();
+            if c.1 > c.0 {
+                self.give_back(c.0, c.1 - c.0);
+            }
+            *c = (0, 0);
+        }
+    }
+
+    /// Try to make room: unused extents back, a commit so freed blocks can
+    /// be released, and a second commit to pass the grace period.
+    pub async fn reclaim(&self) -> Result<()> {
+        self.drain_cursors();
+        let mut cs = self.commit.lock().await;
+        self.commit_locked(&mut cs, |_| Ok(())).await?;
+        if self.pending_release(&cs) > 0 {
+            self.commit_locked(&mut cs, |_| Ok(())).await?;
+        }
+        Ok(())
+    }
+
+    pub fn no_space(&self) -> Error {
+        Error::NoSpace { free_blocks: self.alloc.lock().free_blocks(), total_blocks: self.geo.data_blocks() }
+    }
+
+    /// Drop every reference held by a tree (a deleted device), freeing what
+    /// no other device holds. Runs with the commit lock held, so no commit
+    /// sees it half done.
+    pub async fn release_tree(&self, dev: &Device, root: Entry, depth: u8) -> Result<()> {
+        let _g = self.grace.enter();
+        let mut stack = vec![(root, depth)];
+        while let Some((e, level)) = stack.pop() {
+            if !e.is_mapped() {
+                continue;
+            }
+            if level == 0 {
+                self.refs.dec(e.phys);
+                continue;
+            }
+            if self.refs.get(e.phys) > 1 && self.refs.dec(e.phys) > 0 {
+                continue;
+            }
+            let page = self.page_of(dev, e).await?;
+            if self.refs.get(e.phys) > 0 {
+                self.refs.dec(e.phys);
+            }
+            stack.extend(page.iter().filter(|c| c.is_mapped()).map(|c| (*c, level - 1)));
+        }
+        let mut st = dev.state.write();
+        let n = st.dirty.len();
+        st.dirty.clear();
+        st.deleted = true;
+        self.dirty_pages.fetch_sub(n, Ordering::Relaxed);
+        drop(st);
+        let mut c = dev.cursor.lock();
+        if c.1 > c.0 {
+            self.give_back(c.0, c.1 - c.0);
+        }
+        *c = (0, 0);
+        Ok(())
+    }
+}
+
+fn write_run<'a, B: Backend>(
+    backend: &'a B,
+    blk: u64,
+    buf: &'a [u8],
+) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'a {
+    backend.write_at(buf, blk * BS)
+}
+
+/// Depth for a device of `size` bytes.
+pub(crate) fn depth_for_size(size: u64) -> u8 {
+    depth_for(size.div_ceil(BS).max(1))
+}

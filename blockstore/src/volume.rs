@@ -1,0 +1,520 @@
+//! The data path: reads, writes, discards of one device.
+//!
+//! A write takes fresh blocks from the device's extent (one allocator lock
+//! per extent, not per I/O), writes the data there, and only then points the
+//! map at them under the device's lock: a crash can lose an unflushed write
+//! but never exposes a block whose data did not land, and a checksum always
+//! describes bytes that were written whole (copy-on-write; no block a
+//! committed state can see is ever overwritten). Partial blocks are
+//! read-modify-written with an optimistic check that nobody changed the
+//! block in between.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
+use crate::error::{Error, Result};
+use crate::format::{DeviceKind, Entry, crc};
+use crate::pool::{Device, Inner, PIECE_BLOCKS};
+use crate::tree::Stop;
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Requests must be aligned to this many bytes.
+pub const SECTOR: u64 = 512;
+
+/// A contiguous range with one allocation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u64,
+    /// True when the range holds data blocks; false for holes (read as
+    /// zeros, take no space).
+    pub allocated: bool,
+}
+
+/// An open volume or snapshot. Cheap to clone; every clone is the same
+/// device.
+pub struct Volume<B: Backend> {
+    pub(crate) pool: Arc<Inner<B>>,
+    pub(crate) dev: Arc<Device>,
+    pub(crate) name: String,
+}
+
+impl<B: Backend> Clone for Volume<B> {
+    fn clone(&self) -> Self {
+        Volume { pool: self.pool.clone(), dev: self.dev.clone(), name: self.name.clone() }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Volume<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("name", &self.name).field("id", &self.dev.id).finish()
+    }
+}
+
+fn is_aligned(buf: &[u8]) -> bool {
+    (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE) && buf.len().is_multiple_of(BLOCK_SIZE)
+}
+
+impl<B: Backend> Volume<B> {
+    /// Full name: `vol` or `vol@snap`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.dev.state.read().rec.size
+    }
+
+    /// True for snapshots.
+    pub fn read_only(&self) -> bool {
+        self.dev.kind == DeviceKind::Snapshot
+    }
+
+    /// Bytes of data blocks this device maps (shared ones included).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.dev.state.read().rec.mapped * BS
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        self.pool.check_failed()?;
+        if write && self.read_only() {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        let size = {
+            let st = self.dev.state.read();
+            if st.deleted {
+                return Err(Error::NotFound(self.name.clone()));
+            }
+            st.rec.size
+        };
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange { name: self.name.clone(), offset, len, size });
+        }
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(Error::Invalid(format!(
+                "I/O at {offset}+{len} on {} is not aligned to {SECTOR} bytes",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset`. Unwritten ranges read as zeros.
+    /// A block that fails its checksum fails the read.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64, false)?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let b = off / BS;
+            let within = (off % BS) as usize;
+            let left = buf.len() - pos;
+            if within != 0 || left < BLOCK_SIZE {
+                let n = (BLOCK_SIZE - within).min(left);
+                let mut tmp = self.pool.bounce();
+                let r = self.read_blocks(b, 1, &mut tmp[..BLOCK_SIZE]).await;
+                if r.is_ok() {
+                    buf[pos..pos + n].copy_from_slice(&tmp[within..within + n]);
+                }
+                self.pool.bounce_back(tmp);
+                r?;
+                pos += n;
+                continue;
+            }
+            let n = (left / BLOCK_SIZE).min(PIECE_BLOCKS);
+            let dst = &mut buf[pos..pos + n * BLOCK_SIZE];
+            if is_aligned(dst) {
+                self.read_blocks(b, n, dst).await?;
+            } else {
+                let mut tmp = self.pool.bounce();
+                let r = self.read_blocks(b, n, &mut tmp[..n * BLOCK_SIZE]).await;
+                if r.is_ok() {
+                    dst.copy_from_slice(&tmp[..n * BLOCK_SIZE]);
+                }
+                self.pool.bounce_back(tmp);
+                r?;
+            }
+            pos += n * BLOCK_SIZE;
+        }
+        Ok(())
+    }
+
+    /// Map `n` blocks from `first` into `out`, loading pages as needed.
+    async fn map(&self, first: u64, out: &mut [Entry]) -> Result<()> {
+        loop {
+            let miss = {
+                let st = self.dev.state.read();
+                if st.deleted {
+                    return Err(Error::NotFound(self.name.clone()));
+                }
+                match st.lookup(&self.pool.tree_cx(), first, out) {
+                    Ok(()) => return Ok(()),
+                    Err(m) => m,
+                }
+            };
+            self.pool.load_page(miss.0).await?;
+        }
+    }
+
+    /// Read whole blocks into an aligned buffer; returns the entries read.
+    async fn read_blocks(&self, first: u64, n: usize, dst: &mut [u8]) -> Result<()> {
+        let _g = self.pool.grace.enter();
+        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
+        self.map(first, &mut entries[..n]).await?;
+        self.read_mapped(&entries[..n], dst).await
+    }
+
+    async fn read_mapped(&self, entries: &[Entry], dst: &mut [u8]) -> Result<()> {
+        let n = entries.len();
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            if !entries[i].is_mapped() {
+                while j < n && !entries[j].is_mapped() {
+                    j += 1;
+                }
+                dst[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
+                i = j;
+                continue;
+            }
+            while j < n && entries[j].phys == entries[j - 1].phys + 1 {
+                j += 1;
+            }
+            let part = &mut dst[i * BLOCK_SIZE..j * BLOCK_SIZE];
+            self.pool.backend.read_at(part, entries[i].phys * BS).await.map_err(Error::io("reading data"))?;
+            for (k, blk) in part.chunks_exact(BLOCK_SIZE).enumerate() {
+                if crc(blk) != entries[i + k].crc {
+                    return Err(Error::Corrupt { what: "data block", block: entries[i + k].phys });
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`. With `fua`, the data is durable when this
+    /// returns.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64, true)?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let b = off / BS;
+            let within = (off % BS) as usize;
+            let left = data.len() - pos;
+            if within != 0 || left < BLOCK_SIZE {
+                let n = (BLOCK_SIZE - within).min(left);
+                self.rmw(b, within, Some(&data[pos..pos + n]), n).await?;
+                pos += n;
+                continue;
+            }
+            let n = (left / BLOCK_SIZE).min(PIECE_BLOCKS);
+            let src = &data[pos..pos + n * BLOCK_SIZE];
+            if is_aligned(src) {
+                self.write_blocks(b, n, src, None).await?;
+            } else {
+                let mut tmp = self.pool.bounce();
+                tmp[..src.len()].copy_from_slice(src);
+                let r = self.write_blocks(b, n, &tmp[..src.len()], None).await;
+                self.pool.bounce_back(tmp);
+                r?;
+            }
+            pos += n * BLOCK_SIZE;
+        }
+        self.after_write(fua).await
+    }
+
+    async fn after_write(&self, fua: bool) -> Result<()> {
+        let limit = self.pool.opts.dirty_limit_bytes / BLOCK_SIZE;
+        if fua || self.pool.dirty_pages.load(Ordering::Relaxed) > limit {
+            self.pool.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write one block: `data` (or zeros) at `within`.
+    async fn rmw(&self, b: u64, within: usize, data: Option<&[u8]>, n: usize) -> Result<()> {
+        let mut tmp = self.pool.bounce();
+        let r = async {
+            loop {
+                let mut e = [Entry::ZERO; 1];
+                {
+                    let _g = self.pool.grace.enter();
+                    self.map(b, &mut e).await?;
+                    if data.is_none() && !e[0].is_mapped() {
+                        return Ok(()); // zeroing a hole
+                    }
+                    self.read_mapped(&e, &mut tmp[..BLOCK_SIZE]).await?;
+                }
+                match data {
+                    Some(d) => tmp[within..within + n].copy_from_slice(d),
+                    None => tmp[within..within + n].fill(0),
+                }
+                if self.write_blocks(b, 1, &tmp[..BLOCK_SIZE], Some(e[0])).await? {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        self.pool.bounce_back(tmp);
+        r
+    }
+
+    /// Write whole blocks from an aligned buffer to new blocks and map them.
+    /// With `expect` (one block), map only if the block still maps to it;
+    /// returns false when it did not.
+    async fn write_blocks(&self, first: u64, n: usize, src: &[u8], expect: Option<Entry>) -> Result<bool> {
+        let mut crcs = [0u32; PIECE_BLOCKS];
+        for (c, blk) in crcs.iter_mut().zip(src.chunks_exact(BLOCK_SIZE)) {
+            *c = crc(blk);
+        }
+        let mut extents = [(0u64, 0u64); PIECE_BLOCKS];
+        let mut count = 0;
+        let mut got = 0u64;
+        let mut reclaimed = false;
+        while got < n as u64 {
+            match self.pool.take_data_blocks(&self.dev, n as u64 - got) {
+                Some(x) => {
+                    extents[count] = x;
+                    count += 1;
+                    got += x.1;
+                }
+                None if !reclaimed => {
+                    reclaimed = true;
+                    for &(s, l) in &extents[..count] {
+                        self.pool.give_back(s, l);
+                    }
+                    count = 0;
+                    got = 0;
+                    self.pool.reclaim().await?;
+                }
+                None => {
+                    for &(s, l) in &extents[..count] {
+                        self.pool.give_back(s, l);
+                    }
+                    return Err(self.pool.no_space());
+                }
+            }
+        }
+        let extents = &extents[..count];
+        // Data first.
+        let mut at = 0usize;
+        for &(s, l) in extents {
+            let len = l as usize * BLOCK_SIZE;
+            if let Err(e) = self.pool.backend.write_at(&src[at..at + len], s * BS).await {
+                for &(s, l) in extents {
+                    self.pool.give_back(s, l);
+                }
+                return Err(Error::io("writing data")(e));
+            }
+            at += len;
+        }
+        // Then the map.
+        let phys_of = |i: usize| {
+            let mut i = i as u64;
+            for &(s, l) in extents {
+                if i < l {
+                    return s + i;
+                }
+                i -= l;
+            }
+            unreachable!("block beyond its extents")
+        };
+        let _g = self.pool.grace.enter();
+        let mut i = 0usize;
+        while i < n {
+            let stop = {
+                let mut st = self.dev.state.write();
+                let cx = self.pool.tree_cx();
+                let mut stop = None;
+                while i < n && !st.deleted {
+                    let e = Entry { phys: phys_of(i), crc: crcs[i] };
+                    match st.set(&cx, first + i as u64, e, expect) {
+                        Ok(Some(_)) => i += 1,
+                        Ok(None) => {
+                            stop = Some(Stop::Err(Error::Refused(String::new())));
+                            break;
+                        }
+                        Err(s) => {
+                            stop = Some(s);
+                            break;
+                        }
+                    }
+                }
+                if st.deleted && i < n {
+                    stop = Some(Stop::Err(Error::NotFound(self.name.clone())));
+                }
+                stop
+            };
+            match stop {
+                None => {}
+                Some(Stop::Miss(m)) => {
+                    if let Err(e) = self.pool.load_page(m.0).await {
+                        self.give_back_from(i, n, &phys_of);
+                        return Err(e);
+                    }
+                }
+                Some(Stop::Err(Error::Refused(_))) => {
+                    self.give_back_from(i, n, &phys_of);
+                    return Ok(false);
+                }
+                Some(Stop::Err(e)) => {
+                    self.give_back_from(i, n, &phys_of);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn give_back_from(&self, i: usize, n: usize, phys_of: &dyn Fn(usize) -> u64) {
+        for k in i..n {
+            self.pool.give_back(phys_of(k), 1);
+        }
+    }
+
+    /// Make every write acknowledged so far durable (the whole pool's).
+    pub async fn flush(&self) -> Result<()> {
+        self.pool.flush().await
+    }
+
+    /// Deallocate `len` bytes at `offset`: whole blocks are unmapped (their
+    /// space returns to the pool unless a snapshot holds them), partial
+    /// blocks are zeroed. The range reads as zeros afterwards.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, false).await
+    }
+
+    /// Make `len` bytes at `offset` read as zeros, deallocating whole blocks.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.zero_range(offset, len, fua).await
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check(offset, len, true)?;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let b = off / BS;
+            let within = (off % BS) as usize;
+            if within != 0 || end - off < BS {
+                let n = (BLOCK_SIZE - within).min((end - off) as usize);
+                self.rmw(b, within, None, n).await?;
+                off += n as u64;
+                continue;
+            }
+            let n = ((end - off) / BS).min(PIECE_BLOCKS as u64) as usize;
+            self.unmap_blocks(b, n).await?;
+            off += n as u64 * BS;
+        }
+        self.after_write(fua).await
+    }
+
+    async fn unmap_blocks(&self, first: u64, n: usize) -> Result<()> {
+        let _g = self.pool.grace.enter();
+        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
+        self.map(first, &mut entries[..n]).await?;
+        let mut i = 0;
+        while i < n {
+            if !entries[i].is_mapped() {
+                i += 1;
+                continue;
+            }
+            let stop = {
+                let mut st = self.dev.state.write();
+                if st.deleted {
+                    return Err(Error::NotFound(self.name.clone()));
+                }
+                let cx = self.pool.tree_cx();
+                let mut stop = None;
+                while i < n {
+                    if entries[i].is_mapped()
+                        && let Err(s) = st.set(&cx, first + i as u64, Entry::ZERO, None)
+                    {
+                        stop = Some(s);
+                        break;
+                    }
+                    i += 1;
+                }
+                stop
+            };
+            match stop {
+                None => {}
+                Some(Stop::Miss(m)) => {
+                    self.pool.load_page(m.0).await?;
+                }
+                Some(Stop::Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation status of `len` bytes at `offset`, as extents in order
+    /// (holes are unwritten or discarded ranges, which read as zeros).
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange { name: self.name.clone(), offset, len, size });
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        let end = offset + len;
+        let mut b = offset / BS;
+        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
+        let _g = self.pool.grace.enter();
+        while b * BS < end {
+            let n = ((end.div_ceil(BS) - b) as usize).min(PIECE_BLOCKS);
+            self.map(b, &mut entries[..n]).await?;
+            for (k, e) in entries[..n].iter().enumerate() {
+                let s = ((b + k as u64) * BS).max(offset);
+                let t = ((b + k as u64 + 1) * BS).min(end);
+                let allocated = e.is_mapped();
+                match out.last_mut() {
+                    Some(x) if x.allocated == allocated => x.length = t - x.offset,
+                    _ => out.push(Extent { offset: s, length: t - s, allocated }),
+                }
+            }
+            b += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Byte ranges that differ between snapshot `snapshot` of this volume and
+    /// this device now (a volume: its live state; found by comparing maps,
+    /// not data).
+    pub async fn changed_since(&self, snapshot: &str) -> Result<Vec<Range<u64>>> {
+        let base = {
+            let cat = self.pool.catalog.read();
+            let vol_id = match self.dev.kind {
+                DeviceKind::Volume => self.dev.id,
+                DeviceKind::Snapshot => self.dev.parent,
+            };
+            cat.snapshot(vol_id, snapshot)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("snapshot {snapshot} of {}", self.name)))?
+        };
+        self.pool.diff(&base, &self.dev).await
+    }
+}
+
+/// Used by tests to damage a data block behind the store's back.
+impl<B: Backend> Volume<B> {
+    /// The pool block holding byte `offset`, if mapped.
+    pub async fn physical_block(&self, offset: u64) -> Result<Option<u64>> {
+        let mut e = [Entry::ZERO; 1];
+        self.map(offset / BS, &mut e).await?;
+        Ok(e[0].is_mapped().then_some(e[0].phys))
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send<B: Backend>(v: &Volume<B>) {
+    fn is_send<T: Send>(_: T) {}
+    let mut buf = AlignedBuf::new(4096);
+    is_send(v.read(0, &mut buf));
+    is_send(v.write(0, &[], false));
+}

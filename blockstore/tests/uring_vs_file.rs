@@ -1,0 +1,290 @@
+//! The io_uring engine against the portable engine and an in-memory model.
+//!
+//! Files are created in the system temp dir. On tmpfs, O_DIRECT is refused
+//! and both engines fall back to buffered I/O, which these tests accept.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use keel_blockstore::backend::{AlignedBuf, AnyBackend, BLOCK_SIZE, Backend, Engine, FileBackend, UringBackend};
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+/// Generous bound on any single backend call: a hang fails the test instead
+/// of blocking the run.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn temp_file(dir: &TempDir, name: &str, len: usize) -> PathBuf {
+    let path = dir.path().join(name);
+    File::create(&path).unwrap().set_len(len as u64).unwrap();
+    path
+}
+
+fn open_uring(path: &Path) -> UringBackend {
+    UringBackend::open(path).expect("io_uring must be available for these tests")
+}
+
+/// Deterministic bytes for `seed` (xorshift64*).
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+async fn timed<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(OP_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not complete within {OP_TIMEOUT:?}"))
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap())
+}
+
+// ---------------------------------------------------------------------------
+// Property test: random aligned op sequences, uring == file == model.
+
+const DEV_BLOCKS: usize = 64;
+const DEV_LEN: usize = DEV_BLOCKS * BLOCK_SIZE;
+const MAX_OP_BLOCKS: usize = 16;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { block: usize, blocks: usize, seed: u64 },
+    Read { block: usize, blocks: usize },
+    Sync,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let extent = (0..DEV_BLOCKS, 1..=MAX_OP_BLOCKS).prop_map(|(block, blocks)| (block, blocks.min(DEV_BLOCKS - block)));
+    prop_oneof![
+        5 => (extent.clone(), any::<u64>())
+            .prop_map(|((block, blocks), seed)| Op::Write { block, blocks, seed }),
+        5 => extent.prop_map(|(block, blocks)| Op::Read { block, blocks }),
+        1 => Just(Op::Sync),
+    ]
+}
+
+async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let uring = open_uring(&temp_file(&dir, "uring.img", DEV_LEN));
+    let file = FileBackend::open(&temp_file(&dir, "file.img", DEV_LEN)).unwrap();
+    prop_assert_eq!(uring.len(), DEV_LEN as u64);
+    prop_assert_eq!(uring.is_direct(), file.is_direct());
+    let mut model = vec![0u8; DEV_LEN];
+
+    let mut wbuf = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
+    let mut rbuf_u = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
+    let mut rbuf_f = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
+
+    for op in ops.iter().cloned().chain([Op::Read { block: 0, blocks: MAX_OP_BLOCKS }]) {
+        match op {
+            Op::Write { block, blocks, seed } => {
+                let (off, len) = (block * BLOCK_SIZE, blocks * BLOCK_SIZE);
+                fill(&mut wbuf[..len], seed);
+                timed("uring write", uring.write_at(&wbuf[..len], off as u64)).await.unwrap();
+                timed("file write", file.write_at(&wbuf[..len], off as u64)).await.unwrap();
+                model[off..off + len].copy_from_slice(&wbuf[..len]);
+            }
+            Op::Read { block, blocks } => {
+                let (off, len) = (block * BLOCK_SIZE, blocks * BLOCK_SIZE);
+                // Poison the buffers so a read that transfers nothing shows.
+                rbuf_u[..len].fill(0xa5);
+                rbuf_f[..len].fill(0x5a);
+                timed("uring read", uring.read_at(&mut rbuf_u[..len], off as u64)).await.unwrap();
+                timed("file read", file.read_at(&mut rbuf_f[..len], off as u64)).await.unwrap();
+                prop_assert!(rbuf_u[..len] == rbuf_f[..len], "uring != file at block {block}");
+                prop_assert!(rbuf_u[..len] == model[off..off + len], "uring != model at {block}");
+            }
+            Op::Sync => {
+                timed("uring sync", uring.sync()).await.unwrap();
+                timed("file sync", file.sync()).await.unwrap();
+            }
+        }
+    }
+
+    // Whole device, through both engines, at the end.
+    let mut all_u = AlignedBuf::new(DEV_LEN);
+    let mut all_f = AlignedBuf::new(DEV_LEN);
+    timed("uring full read", uring.read_at(&mut all_u, 0)).await.unwrap();
+    timed("file full read", file.read_at(&mut all_f, 0)).await.unwrap();
+    prop_assert!(all_u[..] == model[..], "uring image differs from model");
+    prop_assert!(all_f[..] == model[..], "file image differs from model");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn uring_matches_file_and_model(ops in prop::collection::vec(op_strategy(), 1..48)) {
+        runtime().block_on(run_ops(ops))?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Concurrency: many tasks in flight on one backend.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_tasks_see_their_own_data() {
+    const TASKS: usize = 64;
+    const REGION_BLOCKS: usize = 4;
+    const ROUNDS: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let path = temp_file(&dir, "concurrent.img", TASKS * REGION_BLOCKS * BLOCK_SIZE);
+    let backend = Arc::new(open_uring(&path));
+
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let backend = Arc::clone(&backend);
+        tasks.push(tokio::spawn(async move {
+            let base = (t * REGION_BLOCKS * BLOCK_SIZE) as u64;
+            let mut w = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
+            let mut r = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
+            for round in 0..ROUNDS {
+                // Vary the extent so requests of different sizes interleave.
+                let blocks = 1 + (round as usize + t) % REGION_BLOCKS;
+                let len = blocks * BLOCK_SIZE;
+                fill(&mut w[..len], (t as u64) << 32 | round);
+                timed("write", backend.write_at(&w[..len], base)).await.unwrap();
+                if round % 16 == 15 {
+                    timed("sync", backend.sync()).await.unwrap();
+                }
+                r[..len].fill(0);
+                timed("read", backend.read_at(&mut r[..len], base)).await.unwrap();
+                assert!(r[..len] == w[..len], "task {t} round {round}: data mismatch");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // Each region's first block holds its task's last write; check it through
+    // the portable engine too.
+    let file = FileBackend::open(&path).unwrap();
+    let mut expect = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
+    let mut got = AlignedBuf::new(BLOCK_SIZE);
+    for t in 0..TASKS {
+        let round = ROUNDS - 1;
+        let blocks = 1 + (round as usize + t) % REGION_BLOCKS;
+        fill(&mut expect[..blocks * BLOCK_SIZE], (t as u64) << 32 | round);
+        file.read_at(&mut got, (t * REGION_BLOCKS * BLOCK_SIZE) as u64).await.unwrap();
+        assert!(got[..] == expect[..BLOCK_SIZE], "task {t}: final data not on disk");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Edge cases.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_past_end_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 8;
+    let backend = open_uring(&temp_file(&dir, "small.img", blocks * BLOCK_SIZE));
+    let mut buf = AlignedBuf::new(2 * BLOCK_SIZE);
+
+    // Entirely past the end.
+    let err = timed("read past end", backend.read_at(&mut buf[..BLOCK_SIZE], backend.len())).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    // Straddling the end: a short read, then end of file.
+    let off = ((blocks - 1) * BLOCK_SIZE) as u64;
+    let err = timed("read across end", backend.read_at(&mut buf, off)).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    // Far past the end.
+    let err = timed("read far past end", backend.read_at(&mut buf, 1 << 40)).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+
+    // The backend still works afterwards.
+    timed("read last block", backend.read_at(&mut buf[..BLOCK_SIZE], off)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_in_flight_futures_wait_and_release_their_slot() {
+    // More iterations than the backend has slots: a dropped future that kept
+    // its slot would make a later call wait forever (caught by `timed`).
+    const ITERS: u64 = 1000;
+    const BLOCKS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let path = temp_file(&dir, "cancel.img", BLOCKS * BLOCK_SIZE);
+    let backend = open_uring(&path);
+    let mut w = AlignedBuf::new(BLOCK_SIZE);
+    let mut r = AlignedBuf::new(BLOCK_SIZE);
+
+    for i in 0..ITERS {
+        let off = ((i as usize % BLOCKS) * BLOCK_SIZE) as u64;
+        fill(&mut w, i);
+        // Poll once (submits the SQE) and drop. Dropping waits for the CQE,
+        // so by the time `now_or_never` returns the write has landed.
+        let _ = backend.write_at(&w, off).now_or_never();
+        let _ = backend.read_at(&mut r, off).now_or_never();
+        if i % 64 == 0 {
+            let _ = backend.sync().now_or_never();
+        }
+        r.fill(0);
+        timed("read back", backend.read_at(&mut r, off)).await.unwrap();
+        assert!(r[..] == w[..], "iteration {i}: dropped write did not land");
+    }
+    timed("sync", backend.sync()).await.unwrap();
+
+    // Cancellation through a timer, from many tasks at once.
+    let backend = Arc::new(backend);
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let backend = Arc::clone(&backend);
+        tasks.push(tokio::spawn(async move {
+            let mut buf = AlignedBuf::new(BLOCK_SIZE);
+            for _ in 0..50 {
+                let off = ((t as usize % BLOCKS) * BLOCK_SIZE) as u64;
+                let _ = tokio::time::timeout(Duration::ZERO, backend.read_at(&mut buf, off)).await;
+            }
+            timed("read after cancels", backend.read_at(&mut buf, 0)).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unaligned_direct_io_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open_uring(&temp_file(&dir, "align.img", 4 * BLOCK_SIZE));
+    if !backend.is_direct() {
+        eprintln!("O_DIRECT unavailable in the temp dir; skipping");
+        return;
+    }
+    let mut buf = AlignedBuf::new(2 * BLOCK_SIZE);
+    let err = backend.read_at(&mut buf[1..BLOCK_SIZE + 1], 0).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    let err = backend.write_at(&buf[..BLOCK_SIZE], 512).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    let err = backend.write_at(&buf[..100], 0).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+}
+
+#[tokio::test]
+async fn any_backend_opens_the_uring_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = temp_file(&dir, "any.img", 4 * BLOCK_SIZE);
+    for engine in [Engine::Uring, Engine::Auto] {
+        let backend = AnyBackend::open(&path, engine).unwrap();
+        assert_eq!(backend.engine_name(), "io_uring");
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        fill(&mut buf, 7);
+        backend.write_at(&buf, BLOCK_SIZE as u64).await.unwrap();
+        backend.sync().await.unwrap();
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        backend.read_at(&mut back, BLOCK_SIZE as u64).await.unwrap();
+        assert!(back[..] == buf[..]);
+    }
+}

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Install the Debian packages Keel's build, appliance and tests need.
+#
+# Idempotent and quick when everything is already there: every package is
+# checked with dpkg-query first, and apt-get (including `apt-get update`)
+# runs only when something is missing.
+#
+# Knobs:
+#   KEEL_SKIP_DEPS=1   do nothing (for machines where you manage packages yourself)
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# The package list. Later issues extend this array.
+# An entry "name/backports" is installed from <codename>-backports (the
+# backports suite is added to apt's sources when needed); any other entry
+# comes from the default suites.
+# ---------------------------------------------------------------------------
+PACKAGES=(
+    # block store benchmarks (benches/store-vs-fio.sh)
+    fio
+    # QEMU / VMs. From backports: QEMU 10, never bookworm's 7.2.
+    qemu-system-x86/backports
+    qemu-utils/backports
+    qemu-block-extra/backports
+    # issue 6 (VMs) will add here: linux-image-cloud-amd64 busybox-static e2fsprogs
+    # NBD clients and a reference NBD server (issue 3)
+    libnbd-bin
+    nbdkit
+    # iSCSI clients and a reference iSCSI target (issue 4)
+    libiscsi-bin
+    tgt
+    # later: python3-libnbd nbd-client open-iscsi
+)
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+if [[ "${KEEL_SKIP_DEPS:-0}" == 1 ]]; then
+    log "KEEL_SKIP_DEPS=1: skipping package installation"
+    exit 0
+fi
+
+# Name of the backports suite for this release (bookworm -> bookworm-backports).
+CODENAME=""
+if [[ -r /etc/os-release ]]; then
+    # shellcheck source=/dev/null
+    CODENAME="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+fi
+BACKPORTS="${CODENAME:-bookworm}-backports"
+
+# Split the list into the default group and the backports group.
+plain=()
+backports=()
+for entry in "${PACKAGES[@]}"; do
+    case "$entry" in
+        */backports) backports+=("${entry%/backports}") ;;
+        *) plain+=("$entry") ;;
+    esac
+done
+
+installed_version() {
+    # Prints the installed version, or nothing if the package is not fully installed.
+    { dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null || true; } |
+        awk '$1 == "ii" { print $2 }'
+}
+
+missing_plain=()
+for p in "${plain[@]}"; do
+    [[ -n "$(installed_version "$p")" ]] || missing_plain+=("$p")
+done
+missing_bpo=()
+for p in "${backports[@]}"; do
+    v="$(installed_version "$p")"
+    # Installed but not a backports build (e.g. QEMU 7.2): upgrade it too.
+    [[ -n "$v" && "$v" == *bpo* ]] || missing_bpo+=("$p")
+done
+
+if ((${#missing_plain[@]} == 0 && ${#missing_bpo[@]} == 0)); then
+    log "all ${#PACKAGES[@]} packages present"
+    exit 0
+fi
+
+missing=("${missing_plain[@]}" "${missing_bpo[@]}")
+log "missing: ${missing[*]}"
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    log "error: apt-get not found; install these packages by hand, or set KEEL_SKIP_DEPS=1"
+    exit 1
+fi
+
+SUDO=()
+if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        log "error: not root and no sudo; install the packages above as root, or set KEEL_SKIP_DEPS=1"
+        exit 1
+    fi
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+    -o Dpkg::Use-Pty=0
+    -o DPkg::Lock::Timeout=300
+    -o Acquire::Retries=3
+    -o APT::Install-Recommends=false
+    -o APT::Install-Suggests=false
+    -o Dpkg::Options::=--force-confdef
+    -o Dpkg::Options::=--force-confold)
+
+# Add the backports suite (same mirror as the main archive) if no source has it.
+if ((${#missing_bpo[@]} > 0)); then
+    shopt -s nullglob
+    if ! grep -Eqs -- "^[^#]*[[:space:]]$BACKPORTS([[:space:]]|\$)" \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
+        log "adding $BACKPORTS to apt sources"
+        "${SUDO[@]}" tee /etc/apt/sources.list.d/keel-backports.sources >/dev/null <<EOF
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: $BACKPORTS
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    fi
+fi
+
+# No init system runs services here: keep package scripts (tgt's, for one)
+# from trying to start them. Only a policy-rc.d we created is removed again.
+POLICY=/usr/sbin/policy-rc.d
+if [[ ! -e "$POLICY" ]]; then
+    printf '#!/bin/sh\n# added by keel scripts/install-deps.sh\nexit 101\n' |
+        "${SUDO[@]}" tee "$POLICY" >/dev/null
+    "${SUDO[@]}" chmod 755 "$POLICY"
+    trap '"${SUDO[@]}" rm -f "$POLICY"' EXIT
+fi
+
+log "apt-get update"
+"${APT[@]}" update
+
+# Backports first, so nothing from the default suites pulls in an older QEMU.
+if ((${#missing_bpo[@]} > 0)); then
+    log "installing from $BACKPORTS: ${missing_bpo[*]}"
+    "${APT[@]}" install -t "$BACKPORTS" "${missing_bpo[@]}"
+fi
+if ((${#missing_plain[@]} > 0)); then
+    log "installing: ${missing_plain[*]}"
+    "${APT[@]}" install "${missing_plain[@]}"
+fi
+
+log "done"
