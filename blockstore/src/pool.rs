@@ -556,13 +556,16 @@ impl<B: Backend> Inner<B> {
         hook: impl FnOnce(&mut Locked<'_, '_>) -> Result<R>,
     ) -> Result<R> {
         self.check_failed()?;
-        let (plan, r) = self.capture(cs, hook)?;
+        // The capture has already turned dirty pages clean, so the plan is
+        // written even when the hook refused its change (the hook's error
+        // is returned after): skipping it would lose those pages.
+        let (plan, r) = self.capture(cs, hook);
         if let Err(e) = self.write_plan(&plan).await {
             self.failed.store(true, Ordering::SeqCst);
             return Err(e);
         }
         self.finish(cs, plan);
-        Ok(r)
+        r
     }
 
     /// Commit with a catalog change.
@@ -575,7 +578,7 @@ impl<B: Backend> Inner<B> {
         &self,
         cs: &mut CommitState,
         hook: impl FnOnce(&mut Locked<'_, '_>) -> Result<R>,
-    ) -> Result<(Plan, R)> {
+    ) -> (Plan, Result<R>) {
         let generation = cs.generation + 1;
         let mut cat = self.catalog.write();
         let devs: Vec<Arc<Device>> = cat.devices.values().cloned().collect();
@@ -601,7 +604,7 @@ impl<B: Backend> Inner<B> {
         // 2. Catalog changes made under the same locks.
         let r = {
             let mut locked = Locked { cat: &mut cat, devs: &devs, guards: &mut guards, refs: &self.refs };
-            hook(&mut locked)?
+            hook(&mut locked)
         };
 
         // 3. Catalog pages.
@@ -673,7 +676,7 @@ impl<B: Backend> Inner<B> {
             runs.push((pages[i].0, buf));
             i = j;
         }
-        Ok((Plan { generation, runs, superblock, pinned, rc_slots, cat_pages, frees }, r))
+        (Plan { generation, runs, superblock, pinned, rc_slots, cat_pages, frees }, r)
     }
 
     /// Checksum and encode the dirty page behind `e` and the dirty pages
