@@ -1,0 +1,111 @@
+//! Accepting connections, and what is exported.
+
+use std::sync::Arc;
+
+use keel_blockstore::{Backend, BlockDevice, DeviceKind, Pool, Volume};
+use tokio::net::TcpListener;
+
+/// The exports a server offers.
+pub trait Exports: Send + Sync + 'static {
+    /// The device type behind an export.
+    type Device: BlockDevice + 'static;
+    /// Open an export by name.
+    fn open(&self, name: &str) -> Option<Arc<Self::Device>>;
+    /// Names of every export (NBD_OPT_LIST).
+    fn names(&self) -> Vec<String>;
+    /// The snapshots whose changes export `name` can report as
+    /// `qemu:dirty-bitmap:SNAPSHOT`.
+    fn bitmaps(&self, name: &str) -> Vec<String>;
+}
+
+/// Every volume of a pool under its name; every snapshot read-only as
+/// `VOLUME@SNAPSHOT`.
+pub struct PoolExports<B: Backend> {
+    pool: Pool<B>,
+}
+
+impl<B: Backend> PoolExports<B> {
+    /// Export the devices of `pool`.
+    pub fn new(pool: Pool<B>) -> PoolExports<B> {
+        PoolExports { pool }
+    }
+}
+
+impl<B: Backend> Exports for PoolExports<B> {
+    type Device = Volume<B>;
+
+    fn open(&self, name: &str) -> Option<Arc<Volume<B>>> {
+        self.pool.volume(name).ok().map(Arc::new)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.pool.list().into_iter().map(|d| d.name).collect()
+    }
+
+    fn bitmaps(&self, name: &str) -> Vec<String> {
+        let volume = name.split('@').next().unwrap_or(name);
+        let prefix = format!("{volume}@");
+        self.pool
+            .list()
+            .into_iter()
+            .filter(|d| d.kind == DeviceKind::Snapshot)
+            .filter_map(|d| d.name.strip_prefix(&prefix).map(str::to_string))
+            .collect()
+    }
+}
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// TLS credentials for NBD_OPT_STARTTLS; `None` disables TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Refuse every option but STARTTLS (and ABORT) until TLS is on.
+    pub require_tls: bool,
+    /// Largest read or write payload (also advertised as the maximum block
+    /// size).
+    pub max_payload: u32,
+    /// Requests served at once per connection.
+    pub max_inflight: usize,
+    /// Seconds a client may take to finish the handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tls: None,
+            require_tls: false,
+            max_payload: 32 << 20,
+            max_inflight: 128,
+            handshake_timeout_secs: 30,
+        }
+    }
+}
+
+/// Serve `exports` on `listener` until the task is dropped.
+pub async fn serve<E: Exports>(
+    listener: TcpListener,
+    exports: Arc<E>,
+    config: Arc<ServerConfig>,
+) -> std::io::Result<()> {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let exports = exports.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            match crate::connection::run(sock, exports, config).await {
+                Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
+                Err(e) => tracing::info!(%peer, "NBD connection ended: {e}"),
+            }
+        });
+    }
+}
