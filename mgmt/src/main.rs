@@ -1,10 +1,11 @@
 //! `keel`: the appliance daemon and its command line.
 //!
-//! Today `keel serve` brings up the block store: it opens (or creates) the
-//! default pool in the data directory with the best I/O engine the machine
-//! offers, reports its state, and keeps it open until stopped, committing on
-//! the way out. The HTTP API, the CLI verbs, NBD and iSCSI listeners come
-//! with their issues (see README.md, "Status").
+//! Today `keel serve` brings up the block store and its NBD server: it opens
+//! (or creates) the default pool in the data directory with the best I/O
+//! engine the machine offers, reports its state, serves every volume over
+//! NBD, and keeps running until stopped, committing on the way out. The HTTP
+//! API, the CLI verbs and the iSCSI target come with their issues (see
+//! README.md, "Status").
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,19 @@ struct ServeArgs {
     /// Map page cache, in bytes or with a suffix.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     cache: u64,
+    /// Address of the NBD server (every volume exported under its name,
+    /// every snapshot read-only as VOLUME@SNAPSHOT).
+    #[arg(long, env = "KEEL_NBD", default_value = "127.0.0.1:10809")]
+    nbd: std::net::SocketAddr,
+    /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
+    #[arg(long, requires = "nbd_tls_key")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// PEM private key for NBD over TLS.
+    #[arg(long, requires = "nbd_tls_cert")]
+    nbd_tls_key: Option<PathBuf>,
+    /// Refuse NBD clients that do not negotiate TLS.
+    #[arg(long, requires = "nbd_tls_cert")]
+    nbd_require_tls: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -144,14 +158,24 @@ async fn main() -> Result<()> {
             let opts = PoolOptions { cache_bytes: a.cache as usize, ..Default::default() };
             let pool = open_pool(&a.data, a.pool_size, a.engine, opts).await?;
             print_state(&pool);
-            println!(
-                "keel is up (block store only: the API, NBD and iSCSI listeners are not built yet); Ctrl-C stops it"
-            );
+            let tls = match (&a.nbd_tls_cert, &a.nbd_tls_key) {
+                (Some(c), Some(k)) => Some(keel_nbd_server::tls::acceptor_from_pem(c, k)?),
+                _ => None,
+            };
+            let config = keel_nbd_server::ServerConfig { tls, require_tls: a.nbd_require_tls, ..Default::default() };
+            let listener = tokio::net::TcpListener::bind(a.nbd)
+                .await
+                .with_context(|| format!("binding the NBD server to {}", a.nbd))?;
+            let exports = std::sync::Arc::new(keel_nbd_server::PoolExports::new(pool.clone()));
+            let nbd = tokio::spawn(keel_nbd_server::serve(listener, exports, std::sync::Arc::new(config)));
+            println!("NBD on nbd://{}/VOLUME{}", a.nbd, if a.nbd_require_tls { " (TLS required)" } else { "" });
+            println!("keel is up (the HTTP API and iSCSI target are not built yet); Ctrl-C stops it");
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
+            nbd.abort();
             pool.close().await?;
             println!("pool committed; bye");
         }

@@ -353,6 +353,20 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, extended: bool, cookie: u64, error:
     out.extend_from_slice(msg);
 }
 
+/// Run every decoder over `data` (the fuzz target's body, also used by the
+/// property test so the stable test suite exercises the same code).
+pub fn fuzz_all(data: &[u8]) {
+    let _ = decode_option_header(data);
+    let _ = parse_info_request(data);
+    let _ = parse_meta_request(data);
+    for extended in [false, true] {
+        if let Ok(Some((r, n))) = decode_request(data, extended, 32 << 20) {
+            assert_eq!(n, if extended { 32 } else { 28 });
+            assert!(r.kind != cmd::WRITE || r.len <= 32 << 20);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
