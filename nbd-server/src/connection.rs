@@ -24,6 +24,8 @@ const MIN_BLOCK: u32 = 512;
 const PREFERRED_BLOCK: u32 = 4096;
 /// Reads at least this long are answered sparsely (holes as OFFSET_HOLE).
 const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// Buffer bytes one connection may have in flight.
+const INFLIGHT_BYTES: u64 = 96 << 20;
 /// Most block-status descriptors in one reply chunk.
 const MAX_DESCRIPTORS: usize = 8192;
 
@@ -73,6 +75,9 @@ pub async fn run<E: Exports>(mut sock: TcpStream, exports: Arc<E>, config: Arc<S
         if flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
             return Err(io::Error::other("client does not speak fixed newstyle negotiation"));
         }
+        if flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+            return Err(io::Error::other(format!("client sent unknown handshake flags {flags:#x}")));
+        }
         neg.no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
         handshake(&mut sock, &*exports, &config, &mut neg, false).await
     };
@@ -85,6 +90,8 @@ pub async fn run<E: Exports>(mut sock: TcpStream, exports: Arc<E>, config: Arc<S
             transmit(r, w, dev, neg, &config).await
         }
         Outcome::StartTls => {
+            // Nothing negotiated in the clear carries over into TLS.
+            neg = Negotiated { no_zeroes: neg.no_zeroes, ..Default::default() };
             let acceptor = config.tls.clone().expect("STARTTLS accepted only with TLS configured");
             let mut tls = tokio::time::timeout(limit, acceptor.accept(sock))
                 .await
@@ -279,6 +286,11 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = o == opt::SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection, even when it fails.
+                    neg.contexts.clear();
+                    neg.contexts_for.clear();
+                }
                 match proto::parse_meta_request(&payload) {
                     None => err_reply(&mut out, o, rep::ERR_INVALID, "malformed meta context request"),
                     Some(_) if set && !neg.structured => {
@@ -289,7 +301,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Some(req) => {
                         let bitmaps = exports.bitmaps(&req.name);
-                        let found = match_contexts(&req.queries, &bitmaps, set);
+                        let found = match_contexts(&req.queries, &bitmaps, !set);
                         for (i, c) in found.iter().enumerate() {
                             let id: u32 = if set { i as u32 + 1 } else { 0 };
                             let mut d = id.to_be_bytes().to_vec();
@@ -398,6 +410,11 @@ where
     });
     let slots = config.max_inflight.max(1);
     let sem = Arc::new(Semaphore::new(slots));
+    // Bytes of read and write buffers in flight, in 4 KiB units: a client
+    // that queues many large reads without reading the replies cannot make
+    // the server hold more than this.
+    let budget_units = (INFLIGHT_BYTES / 4096) as u32;
+    let bytes = Arc::new(Semaphore::new(budget_units as usize));
     let mut reader = BufReader::with_capacity(256 * 1024, r);
     let hlen = if conn.extended { 32 } else { 28 };
     let result = loop {
@@ -416,6 +433,12 @@ where
                 break Err(io::Error::other(format!("protocol error: {e}")));
             }
         };
+        let units = if matches!(req.kind, cmd::READ | cmd::WRITE) {
+            (req.len.div_ceil(4096).max(1) as u32).min(budget_units)
+        } else {
+            0
+        };
+        let byte_permit = bytes.clone().acquire_many_owned(units).await.expect("semaphore open");
         let payload = if req.kind == cmd::WRITE {
             let mut buf = conn.bufs.get(req.len as usize);
             if let Err(e) = reader.read_exact(&mut buf[..req.len as usize]).await {
@@ -435,6 +458,7 @@ where
                 tracing::debug!("reply not sent: {e}");
             }
             drop(permit);
+            drop(byte_permit);
         });
     };
     // Let requests in flight finish (their writes are acknowledged only if
@@ -480,7 +504,8 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -
             }
         }
     }
-    Ok(())
+    // TLS streams keep the tail of a record until flushed.
+    w.flush().await
 }
 
 impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
@@ -496,7 +521,9 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         } else {
             proto::encode_simple_reply(&mut h, cookie, error);
         }
-        self.writer.lock().await.write_all(&h).await
+        let mut w = self.writer.lock().await;
+        w.write_all(&h).await?;
+        w.flush().await
     }
 
     fn check_range(&self, req: &proto::Request, write: bool) -> Result<(), (u32, String)> {
@@ -527,12 +554,23 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
             return self.reply_status(req.cookie, errno::EPERM, "the export is read-only").await;
         }
         if matches!(req.kind, cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS)
-            && let Err((e, msg)) = self.check_range(&req, writes)
+            && let Err((e, msg)) = self.check_range(&req, matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES))
         {
             if let Some(b) = payload {
                 self.bufs.put(b);
             }
             return self.reply_status(req.cookie, e, &msg).await;
+        }
+        let known = match req.kind {
+            cmd::READ => cflag::DF,
+            cmd::WRITE | cmd::TRIM => cflag::FUA,
+            cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
+            cmd::BLOCK_STATUS => cflag::REQ_ONE,
+            _ => 0,
+        };
+        if req.flags & !known != 0 {
+            let msg = format!("flags {:#x} are not valid for command {}", req.flags & !known, req.kind);
+            return self.reply_status(req.cookie, errno::EINVAL, &msg).await;
         }
         let fua = req.flags & cflag::FUA != 0;
         match req.kind {
@@ -605,7 +643,8 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         let len = req.len as usize;
         if req.len > self.max_payload {
             let msg = format!("read of {} bytes is over the {} byte limit", req.len, self.max_payload);
-            return self.reply_status(req.cookie, errno::EOVERFLOW, &msg).await;
+            let e = if req.flags & cflag::DF != 0 { errno::EOVERFLOW } else { errno::EINVAL };
+            return self.reply_status(req.cookie, e, &msg).await;
         }
         if len == 0 {
             return self.reply_status(req.cookie, errno::EINVAL, "zero-length read").await;
@@ -744,7 +783,9 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 }
             }
         }
-        self.writer.lock().await.write_all(&out).await
+        let mut w = self.writer.lock().await;
+        w.write_all(&out).await?;
+        w.flush().await
     }
 }
 
