@@ -22,7 +22,13 @@ PACKAGES=(
     qemu-system-x86/backports
     qemu-utils/backports
     qemu-block-extra/backports
-    # issue 6 (VMs) will add here: linux-image-cloud-amd64 busybox-static e2fsprogs
+    # The tiny test guest (tests/guest/build-guest.sh): a Debian cloud kernel,
+    # busybox-static for the initramfs, cpio to pack it, kmod for module
+    # dependency order (modprobe --show-depends).
+    linux-image-cloud-amd64
+    busybox-static
+    cpio
+    kmod
     # NBD clients and a reference NBD server (issue 3)
     libnbd-bin
     nbdkit

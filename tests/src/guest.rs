@@ -1,0 +1,380 @@
+//! Keel's tiny test guest: a Debian cloud kernel and a busybox initramfs
+//! (built by `tests/guest/build-guest.sh`), booted under QEMU TCG.
+//!
+//! The guest's `/init` does what `keel.action=` on the kernel command line
+//! asks and powers off, so QEMU exits and [`boot`] returns the serial
+//! console. Actions:
+//!
+//! * `write-marker`: write `KEEL-GUEST-MARKER <uptime>` (NUL-padded to one
+//!   sector) at sector [`MARKER_SECTOR`] of `/dev/vda` with `dd conv=fsync`,
+//!   read it back past the page cache and print [`OK`]. The exact marker is
+//!   echoed on a `KEEL-GUEST WROTE ...` line ([`Output::marker`]).
+//! * `shell`: a busybox shell on the console (for people, not tests).
+//! * none: print [`BOOTED`].
+//!
+//! ```no_run
+//! use keel_tests::guest::{self, BootArgs};
+//! let out = guest::boot(&BootArgs::new("write-marker").drive("file=disk.raw,format=raw,if=virtio"));
+//! out.assert_ok();
+//! ```
+//!
+//! [`boot`] blocks for the whole boot (seconds): from async tests call it
+//! through `tokio::task::spawn_blocking`.
+//!
+//! Knobs (environment): `KEEL_GUEST_DIR` (where the guest is built, default
+//! `<target>/keel-guest`), `KEEL_QEMU` (the QEMU binary), `KEEL_GUEST_ECHO=1`
+//! (copy the console to stderr as it arrives), `KEEL_GUEST_VERBOSE=1` (boot
+//! without `quiet`, so the kernel log is on the console too).
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Printed by the guest when its action succeeded.
+pub const OK: &str = "KEEL-GUEST-OK";
+/// Printed by the guest when booted without an action.
+pub const BOOTED: &str = "KEEL-GUEST-BOOTED";
+/// Prefix of every failure line the guest prints.
+pub const FAIL: &str = "KEEL-GUEST FAIL";
+/// The sector (512 bytes) of `/dev/vda` that `write-marker` writes.
+pub const MARKER_SECTOR: u64 = 2048;
+/// Start of the marker the guest writes; the guest's uptime follows.
+pub const MARKER_PREFIX: &str = "KEEL-GUEST-MARKER ";
+/// Default limit on a whole boot.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The workspace root (the parent of this crate).
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Where the guest is built: `$KEEL_GUEST_DIR`, else `keel-guest` in the
+/// cargo target directory.
+pub fn guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KEEL_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    workspace_root().join(target).join("keel-guest")
+}
+
+/// Build the guest once (per process; a file lock serialises processes,
+/// and the script itself is a no-op when its outputs are current). Returns
+/// the directory holding `vmlinuz` and `initramfs.cpio.gz`. Panics, with the
+/// script's output, when the build fails.
+pub fn ensure_guest() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(build_guest).clone()
+}
+
+fn build_guest() -> PathBuf {
+    let dir = guest_dir();
+    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&parent).unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
+    let lock_path = dir.with_extension("lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", lock_path.display()));
+    // SAFETY: flock on a file descriptor this function owns for the whole
+    // call; the lock is released when `lock` is closed.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}: {}", lock_path.display(), std::io::Error::last_os_error());
+
+    let script = workspace_root().join("tests/guest/build-guest.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    drop(lock);
+    if !out.status.success() {
+        panic!(
+            "{} {} failed ({}); scripts/install-deps.sh installs what it needs:\n{}{}",
+            script.display(),
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
+}
+
+/// How to boot the guest.
+#[derive(Clone, Debug)]
+pub struct BootArgs {
+    /// `keel.action=` for the guest's init; `None` just boots.
+    pub action: Option<String>,
+    /// Extra kernel command-line words.
+    pub append: Vec<String>,
+    /// Extra QEMU arguments (drives, devices, netdevs).
+    pub qemu_args: Vec<String>,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// QEMU is killed when the boot takes longer.
+    pub timeout: Duration,
+}
+
+impl Default for BootArgs {
+    fn default() -> Self {
+        BootArgs { action: None, append: Vec::new(), qemu_args: Vec::new(), memory_mib: 256, timeout: DEFAULT_TIMEOUT }
+    }
+}
+
+impl BootArgs {
+    /// Boot with `keel.action=action`.
+    pub fn new(action: &str) -> Self {
+        BootArgs { action: Some(action.to_string()), ..BootArgs::default() }
+    }
+
+    /// Add `-drive spec`, e.g. `file=nbd://127.0.0.1:10809/vol,format=raw,if=virtio`.
+    pub fn drive(mut self, spec: &str) -> Self {
+        self.qemu_args.extend(["-drive".to_string(), spec.to_string()]);
+        self
+    }
+
+    /// Add raw QEMU arguments.
+    pub fn qemu<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.qemu_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Add a kernel command-line word.
+    pub fn append(mut self, word: &str) -> Self {
+        self.append.push(word.to_string());
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    pub fn memory_mib(mut self, m: u32) -> Self {
+        self.memory_mib = m;
+        self
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut words = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
+        // The serial console is slow under TCG: the kernel's boot log costs
+        // seconds. Warnings, oopses and panics still print.
+        if std::env::var_os("KEEL_GUEST_VERBOSE").is_none_or(|v| v.is_empty() || v == "0") {
+            words.push("quiet".to_string());
+        }
+        if let Some(a) = &self.action {
+            words.push(format!("keel.action={a}"));
+        }
+        words.extend(self.append.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The full QEMU argument list for a guest built in `dir`.
+    pub fn qemu_command_line(&self, dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = ["-accel", "tcg", "-m"].map(String::from).to_vec();
+        v.push(self.memory_mib.to_string());
+        v.extend(["-nographic", "-no-reboot"].map(String::from));
+        // No default NIC unless the caller configures networking.
+        if !self.qemu_args.iter().any(|a| matches!(a.as_str(), "-nic" | "-net" | "-netdev")) {
+            v.extend(["-nic", "none"].map(String::from));
+        }
+        v.push("-kernel".into());
+        v.push(dir.join("vmlinuz").display().to_string());
+        v.push("-initrd".into());
+        v.push(dir.join("initramfs.cpio.gz").display().to_string());
+        v.push("-append".into());
+        v.push(self.cmdline());
+        v.extend(self.qemu_args.iter().cloned());
+        v
+    }
+}
+
+/// What a boot produced.
+#[derive(Debug)]
+pub struct Output {
+    /// The guest's serial console (QEMU's stdout).
+    pub console: String,
+    /// QEMU's stderr.
+    pub stderr: String,
+    /// QEMU's exit status; `None` when it was killed for timing out.
+    pub status: Option<ExitStatus>,
+    pub timed_out: bool,
+    /// Wall time from starting QEMU until it exited.
+    pub elapsed: Duration,
+    /// The QEMU command line, for messages.
+    pub command: Vec<String>,
+}
+
+impl Output {
+    /// QEMU exited by itself, successfully, and the guest printed [`OK`].
+    pub fn ok(&self) -> bool {
+        !self.timed_out && self.status.is_some_and(|s| s.success()) && self.has_line(OK)
+    }
+
+    /// Whether some console line ends with `line` (ignoring surrounding
+    /// whitespace and carriage returns; firmware escape codes can precede it).
+    pub fn has_line(&self, line: &str) -> bool {
+        self.console.lines().any(|l| l.trim().ends_with(line))
+    }
+
+    /// Panics with the whole console unless [`Output::ok`].
+    pub fn assert_ok(&self) {
+        assert!(self.ok(), "guest did not report {OK}:\n{self}");
+    }
+
+    /// The marker `write-marker` wrote (without padding), from its
+    /// `KEEL-GUEST WROTE ...` line.
+    pub fn marker(&self) -> Option<String> {
+        self.console
+            .lines()
+            .find_map(|l| l.trim().split_once("KEEL-GUEST WROTE ").map(|(_, m)| m))
+            .filter(|m| m.starts_with(MARKER_PREFIX))
+            .map(str::to_string)
+    }
+
+    /// The guest's uptime (seconds) when init started, from its
+    /// `KEEL-GUEST INIT` line.
+    pub fn init_uptime(&self) -> Option<f64> {
+        self.console.lines().find_map(|l| {
+            let (_, rest) = l.split_once("KEEL-GUEST INIT ")?;
+            rest.split_whitespace().find_map(|w| w.strip_prefix("uptime="))?.parse().ok()
+        })
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = match (self.timed_out, &self.status) {
+            (true, _) => "killed after timeout".to_string(),
+            (false, Some(s)) => s.to_string(),
+            (false, None) => "unknown".to_string(),
+        };
+        writeln!(f, "qemu-system-x86_64 {}", self.command.join(" "))?;
+        writeln!(f, "status: {status}, {:.1} s", self.elapsed.as_secs_f64())?;
+        writeln!(f, "--- console ---\n{}", self.console)?;
+        write!(f, "--- qemu stderr ---\n{}", self.stderr)
+    }
+}
+
+/// Boot the guest (building it first if needed) and wait, at most
+/// `args.timeout`, for QEMU to exit. Panics only when QEMU cannot be started.
+pub fn boot(args: &BootArgs) -> Output {
+    let dir = ensure_guest();
+    let qemu = std::env::var("KEEL_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string());
+    let command = args.qemu_command_line(&dir);
+    let echo = std::env::var_os("KEEL_GUEST_ECHO").is_some_and(|v| !v.is_empty() && v != "0");
+
+    let start = Instant::now();
+    let mut child = Command::new(&qemu)
+        .args(&command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {qemu} (scripts/install-deps.sh installs it): {e}"));
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let stdout = child.stdout.take().map(|s| collect(s, console.clone(), echo));
+    let stderr_buf = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().map(|s| collect(s, stderr_buf.clone(), echo));
+
+    let deadline = start + args.timeout;
+    let (status, timed_out) = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break (Some(s), false),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break (None, true);
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("waiting for {qemu}: {e}"),
+        }
+    };
+    let elapsed = start.elapsed();
+    for t in [stdout, stderr].into_iter().flatten() {
+        let _ = t.join();
+    }
+    let text =
+        |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    Output { console: text(&console), stderr: text(&stderr_buf), status, timed_out, elapsed, command }
+}
+
+/// Read `r` to its end into `buf`, copying to stderr when `echo`.
+fn collect<R: Read + Send + 'static>(mut r: R, buf: Arc<Mutex<Vec<u8>>>, echo: bool) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if echo {
+                        use std::io::Write;
+                        let _ = std::io::stderr().write_all(&chunk[..n]);
+                    }
+                    buf.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(console: &str, status: Option<ExitStatus>) -> Output {
+        Output {
+            console: console.to_string(),
+            stderr: String::new(),
+            status,
+            timed_out: status.is_none(),
+            elapsed: Duration::ZERO,
+            command: Vec::new(),
+        }
+    }
+
+    fn success() -> ExitStatus {
+        Command::new("true").status().unwrap()
+    }
+
+    #[test]
+    fn parses_the_console() {
+        let console = "\x1bc\x1b[?7l\x1b[2J\r\nKEEL-GUEST INIT 6.1.0-56-cloud-amd64 uptime=4.04\r\n\
+                       KEEL-GUEST ACTION write-marker\r\nKEEL-GUEST WROTE KEEL-GUEST-MARKER 4.62\r\n\
+                       KEEL-GUEST-OK\r\nKEEL-GUEST POWEROFF\r\n";
+        let out = output(console, Some(success()));
+        assert!(out.ok());
+        assert_eq!(out.marker().as_deref(), Some("KEEL-GUEST-MARKER 4.62"));
+        assert_eq!(out.init_uptime(), Some(4.04));
+        // Killed by the timeout: not ok even with the line present.
+        assert!(!output(console, None).ok());
+        let out = output("KEEL-GUEST FAIL no /dev/vda\r\n", Some(success()));
+        assert!(!out.ok() && out.marker().is_none());
+    }
+
+    #[test]
+    fn command_line() {
+        let a = BootArgs::new("write-marker").drive("file=x.raw,format=raw,if=virtio").append("foo=1");
+        assert!(a.cmdline().starts_with("console=ttyS0 panic=-1"));
+        assert!(a.cmdline().ends_with("keel.action=write-marker foo=1"));
+        let v = a.qemu_command_line(Path::new("/g"));
+        assert_eq!(&v[..4], ["-accel", "tcg", "-m", "256"]);
+        assert!(v.windows(2).any(|w| w == ["-nic", "none"]));
+        assert!(v.windows(2).any(|w| w == ["-kernel", "/g/vmlinuz"]));
+        assert_eq!(&v[v.len() - 2..], ["-drive", "file=x.raw,format=raw,if=virtio"]);
+        let v = BootArgs::default().qemu(["-nic", "user,model=virtio-net-pci"]).qemu_command_line(Path::new("/g"));
+        assert!(!v.windows(2).any(|w| w == ["-nic", "none"]));
+    }
+}
