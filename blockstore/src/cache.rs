@@ -39,7 +39,8 @@ impl PageCache {
     pub fn new(capacity_pages: usize) -> PageCache {
         PageCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            per_shard: capacity_pages.div_ceil(SHARDS).max(1),
+            // At least a few pages a shard, so one lookup's path fits.
+            per_shard: capacity_pages.div_ceil(SHARDS).max(4),
         }
     }
 
@@ -71,7 +72,8 @@ impl PageCache {
             budget -= 1;
             let Some(victim) = shard.clock.pop_front() else { break };
             let Some(slot) = shard.map.get_mut(&victim) else { continue };
-            if slot.pinned || slot.referenced {
+            // Never the page just inserted: its reader has not used it yet.
+            if slot.pinned || slot.referenced || victim == block {
                 slot.referenced = false;
                 shard.clock.push_back(victim);
             } else {
@@ -87,11 +89,14 @@ impl PageCache {
         }
     }
 
-    /// Forget a block (freed; its number will be reused).
+    /// Forget a block (freed; its number will be reused). Its clock slot is
+    /// dropped lazily, when the clock hand reaches it.
     pub fn remove(&self, block: u64) {
         let mut shard = self.shard(block).lock();
-        if shard.map.remove(&block).is_some() {
-            shard.clock.retain(|&b| b != block);
+        shard.map.remove(&block);
+        if shard.clock.len() > 4 * self.per_shard + 64 {
+            let Shard { map, clock } = &mut *shard;
+            clock.retain(|b| map.contains_key(b));
         }
     }
 
@@ -112,7 +117,9 @@ mod tests {
         for b in 0..1000u64 {
             c.insert(b, Arc::new([Entry { phys: b, crc: 0 }; FANOUT]), b == 3);
         }
-        assert!(c.len() <= 32 + SHARDS, "cache grew to {}", c.len());
+        // 32 pages asked, but at least 4 a shard: 64, plus one over per shard
+        // at most while a pinned page is skipped.
+        assert!(c.len() <= 4 * SHARDS + SHARDS, "cache grew to {}", c.len());
         assert_eq!(c.get(3).unwrap()[0].phys, 3);
     }
 }

@@ -5,6 +5,8 @@
 //! ```text
 //! block 0            superblock copy 0   (written by even generations)
 //! block 1            superblock copy 1   (written by odd generations)
+//! slot map copy 0    slot_map_blocks     \ one bit per region page: which
+//! slot map copy 1    slot_map_blocks     / copy of it is current
 //! catalog slot 0     catalog_pages blocks  \ each catalog page exists twice;
 //! catalog slot 1     catalog_pages blocks  / a commit writes the stale copy
 //! refcount slot 0    refcount_pages blocks \ same for refcount pages
@@ -128,9 +130,18 @@ pub fn crc(b: &[u8]) -> u32 {
 /// 72   u64    next device id
 /// 80   [u8;16] pool uuid
 /// 96   u64    data blocks reserved for metadata (never given to data writes)
-/// 104  ..     zero
+/// 104  u64    blocks of one slot map copy
+/// 112  u32    CRC32C of this copy's slot map (all its blocks)
+/// 116  ..     zero
 /// 4092 u32    CRC32C of bytes 0..4092
 /// ```
+///
+/// Superblock copy `k` goes with slot map copy `k`. The slot map has one bit
+/// per region page, catalog pages first, then refcount pages (bit `i` is
+/// bit `i % 8` of byte `i / 8`): 0 when the page's current copy is in slot
+/// 0, 1 when in slot 1. A page is read only from its current copy; if that
+/// copy is damaged the pool is refused rather than silently opened on the
+/// older one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
     /// Commit generation.
@@ -153,16 +164,30 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     /// Blocks kept back for map pages.
     pub meta_reserve: u64,
+    /// Blocks of one slot map copy.
+    pub slot_map_blocks: u64,
+    /// CRC32C of the slot map that goes with this copy.
+    pub slot_map_crc: u32,
 }
 
 impl Superblock {
     /// Lay out a pool of `total_blocks` with room for `catalog_pages` pages
     /// of device records per slot.
     pub fn layout(total_blocks: u64, catalog_pages: u64, uuid: [u8; 16]) -> Result<Superblock> {
-        let catalog_start = 2;
-        let refcount_start = catalog_start + 2 * catalog_pages;
-        let rest = total_blocks.saturating_sub(refcount_start);
-        let refcount_pages = rest.div_ceil(COUNTS_PER_PAGE as u64 + 2).max(1);
+        // The slot map's size depends on the number of refcount pages, which
+        // depends on what the slot map leaves: iterate to the fixed point.
+        let mut slot_map_blocks = 1u64;
+        let (catalog_start, refcount_start, refcount_pages) = loop {
+            let catalog_start = 2 + 2 * slot_map_blocks;
+            let refcount_start = catalog_start + 2 * catalog_pages;
+            let rest = total_blocks.saturating_sub(refcount_start);
+            let refcount_pages = rest.div_ceil(COUNTS_PER_PAGE as u64 + 2).max(1);
+            let need = (catalog_pages + refcount_pages).div_ceil(8).div_ceil(BLOCK_SIZE as u64).max(1);
+            if need <= slot_map_blocks {
+                break (catalog_start, refcount_start, refcount_pages);
+            }
+            slot_map_blocks = need;
+        };
         let data_start = refcount_start + 2 * refcount_pages;
         let data_blocks = total_blocks.saturating_sub(data_start);
         if data_blocks < 64 {
@@ -183,7 +208,19 @@ impl Superblock {
             next_device_id: 1,
             uuid,
             meta_reserve: (data_blocks / 64).clamp(16, 4096),
+            slot_map_blocks,
+            slot_map_crc: 0,
         })
+    }
+
+    /// First block of slot map copy `copy` (0 or 1).
+    pub fn slot_map_block(&self, copy: u8) -> u64 {
+        2 + copy as u64 * self.slot_map_blocks
+    }
+
+    /// Bits in the slot map: catalog pages, then refcount pages.
+    pub fn slot_map_bits(&self) -> u64 {
+        self.catalog_pages + self.refcount_pages
     }
 
     /// Blocks of the data area.
@@ -222,6 +259,8 @@ impl Superblock {
         }
         out[80..96].copy_from_slice(&self.uuid);
         out[96..104].copy_from_slice(&self.meta_reserve.to_le_bytes());
+        out[104..112].copy_from_slice(&self.slot_map_blocks.to_le_bytes());
+        out[112..116].copy_from_slice(&self.slot_map_crc.to_le_bytes());
         let c = crc(&out[..SUPER_CRC_AT]);
         out[SUPER_CRC_AT..BLOCK_SIZE].copy_from_slice(&c.to_le_bytes());
     }
@@ -257,11 +296,13 @@ impl Superblock {
             next_device_id: f(7),
             uuid: b[80..96].try_into().expect("16 bytes"),
             meta_reserve: le64(&b[96..]),
+            slot_map_blocks: le64(&b[104..]),
+            slot_map_crc: le32(&b[112..]),
         };
         let expect = Superblock::layout(sb.total_blocks, sb.catalog_pages, sb.uuid).map_err(|e| e.to_string())?;
-        if (sb.catalog_start, sb.refcount_start, sb.refcount_pages, sb.data_start)
-            != (expect.catalog_start, expect.refcount_start, expect.refcount_pages, expect.data_start)
-        {
+        let geometry =
+            |s: &Superblock| (s.catalog_start, s.refcount_start, s.refcount_pages, s.data_start, s.slot_map_blocks);
+        if geometry(&sb) != geometry(&expect) {
             return Err("superblock geometry is inconsistent".into());
         }
         Ok(sb)
@@ -282,6 +323,17 @@ pub fn seal_region_page(magic: u32, generation: u64, page: &mut [u8]) {
     page[8..16].copy_from_slice(&generation.to_le_bytes());
     let c = crc(&page[..BLOCK_SIZE]);
     page[4..8].copy_from_slice(&c.to_le_bytes());
+}
+
+/// Read bit `i` of a slot map.
+pub fn slot_bit(map: &[u8], i: u64) -> u8 {
+    (map[(i / 8) as usize] >> (i % 8)) & 1
+}
+
+/// Set bit `i` of a slot map to `slot`.
+pub fn set_slot_bit(map: &mut [u8], i: u64, slot: u8) {
+    let (byte, bit) = ((i / 8) as usize, i % 8);
+    map[byte] = (map[byte] & !(1 << bit)) | ((slot & 1) << bit);
 }
 
 /// Check a region page copy; returns its generation when valid.

@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, MAX_NAME, Page, RECORD_SIZE,
     RECORDS_PER_PAGE, REFCOUNT_MAGIC, REGION_HEADER, Superblock, crc, decode_page, depth_for, encode_page, le32,
-    open_region_page, seal_region_page,
+    open_region_page, seal_region_page, set_slot_bit, slot_bit,
 };
 use crate::grace::Grace;
 use crate::space::{Allocator, RefTable};
@@ -74,8 +74,6 @@ pub struct OpenReport {
     /// Set when the newest superblock copy was unusable (a torn write at
     /// the moment of a crash) and the older one was used.
     pub superblock_fallback: Option<String>,
-    /// Region page copies from an interrupted commit that were erased.
-    pub stale_copies_erased: usize,
 }
 
 /// A device (volume or snapshot).
@@ -168,6 +166,14 @@ impl<B: Backend> Clone for Pool<B> {
     }
 }
 
+/// Pages an operation loaded and keeps until it is done (see
+/// [`TreeCtx`]).
+#[derive(Default)]
+pub(crate) struct Held {
+    at: Vec<u64>,
+    pages: Vec<Arc<Page>>,
+}
+
 /// Size of a bounce buffer: the largest piece the data path handles at once.
 pub(crate) const PIECE_BLOCKS: usize = FANOUT;
 
@@ -197,11 +203,15 @@ impl<B: Backend> Pool<B> {
         uuid[..8].copy_from_slice(&seed.to_le_bytes());
         uuid[8..].copy_from_slice(&crc(&seed.to_le_bytes()).to_le_bytes().repeat(2));
         let sb = Superblock::layout(total, opts.catalog_pages.max(1), uuid)?;
-        // Both copies of every region page: copy 0 valid and empty at
-        // generation 0, copy 1 zeroed (whatever an earlier pool left there
-        // must not look valid).
-        write_region(&backend, &sb, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
-        write_region(&backend, &sb, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
+        // Copy 0 of every region page valid and empty at generation 0; the
+        // slot map (all zeros) says copy 0 is current, so whatever an
+        // earlier pool left in the copy-1 slots is never read.
+        write_region(&backend, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
+        write_region(&backend, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
+        let map = AlignedBuf::new(sb.slot_map_blocks as usize * BLOCK_SIZE);
+        let mut sb = sb;
+        sb.slot_map_crc = crc(&map);
+        backend.write_at(&map, sb.slot_map_block(0) * BS).await.map_err(Error::io("writing the slot map"))?;
         let mut b = AlignedBuf::new(2 * BLOCK_SIZE);
         sb.encode(&mut b[..BLOCK_SIZE]);
         backend.write_at(&b, 0).await.map_err(Error::io("writing the superblocks"))?;
@@ -214,45 +224,69 @@ impl<B: Backend> Pool<B> {
         let mut report = OpenReport::default();
         let mut b = AlignedBuf::new(2 * BLOCK_SIZE);
         backend.read_at(&mut b, 0).await.map_err(Error::io("reading the superblocks"))?;
-        let copies = [Superblock::decode(&b[..BLOCK_SIZE]), Superblock::decode(&b[BLOCK_SIZE..])];
-        let sb = match (&copies[0], &copies[1]) {
+        // A copy is usable when its header and the slot map that goes with
+        // it both pass their checksums.
+        let mut copies: Vec<Result<(Superblock, AlignedBuf), String>> = Vec::new();
+        for k in 0..2u8 {
+            let header = &b[k as usize * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
+            copies.push(match Superblock::decode(header) {
+                Err(e) => Err(e),
+                Ok(sb) if sb.total_blocks > backend.len() / BS => {
+                    Err(format!("the pool needs {} bytes but the device has {}", sb.total_blocks * BS, backend.len()))
+                }
+                Ok(sb) => {
+                    let mut map = AlignedBuf::new(sb.slot_map_blocks as usize * BLOCK_SIZE);
+                    backend
+                        .read_at(&mut map, sb.slot_map_block(k) * BS)
+                        .await
+                        .map_err(Error::io("reading the slot map"))?;
+                    if crc(&map) == sb.slot_map_crc {
+                        Ok((sb, map))
+                    } else {
+                        Err(format!("slot map copy {k} fails its checksum"))
+                    }
+                }
+            });
+        }
+        let [c0, c1]: [_; 2] = copies.try_into().map_err(|_| Error::Format("superblock copies".into()))?;
+        let (sb, slot_map) = match (c0, c1) {
             (Ok(a), Ok(c)) => {
-                if a.generation >= c.generation {
-                    *a
+                if a.0.generation >= c.0.generation {
+                    a
                 } else {
-                    *c
+                    c
                 }
             }
             (Ok(a), Err(e)) | (Err(e), Ok(a)) => {
                 // The other copy is normal on a pool that never committed
                 // past generation 0; otherwise it is a torn commit.
-                if a.generation > 0 {
-                    tracing::warn!("one superblock copy is unusable ({e}); opened generation {}", a.generation);
+                if a.0.generation > 0 {
+                    tracing::warn!("one superblock copy is unusable ({e}); opened generation {}", a.0.generation);
                     report.superblock_fallback = Some(e.clone());
                 }
-                *a
+                a
             }
             (Err(e0), Err(e1)) => {
                 return Err(Error::Format(format!("both superblock copies are unusable: copy 0: {e0}; copy 1: {e1}")));
             }
         };
-        if sb.total_blocks > backend.len() / BS {
-            return Err(Error::Format(format!(
-                "the pool needs {} bytes but the device has {}",
-                sb.total_blocks * BS,
-                backend.len()
-            )));
-        }
         report.generation = sb.generation;
 
         // Catalog pages.
-        let (cat_pages, erased) = read_region(&backend, &sb, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
-        report.stale_copies_erased += erased;
+        let cat_pages =
+            read_region(&backend, &sb, &slot_map, 0, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
         // Refcount pages.
         let refs = RefTable::new(sb.data_start, sb.data_blocks(), sb.refcount_pages);
-        let (rc_pages, erased) =
-            read_region(&backend, &sb, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
-        report.stale_copies_erased += erased;
+        let rc_pages = read_region(
+            &backend,
+            &sb,
+            &slot_map,
+            sb.catalog_pages,
+            REFCOUNT_MAGIC,
+            sb.refcount_start,
+            sb.refcount_pages,
+        )
+        .await?;
         let mut alloc = Allocator::new(sb.data_start, sb.data_blocks());
         for (i, (bytes, slot)) in rc_pages.into_iter().enumerate() {
             let mut p = refs.page(i).lock();
@@ -341,88 +375,79 @@ impl Device {
     }
 }
 
-/// Write both copies of a region: copy 0 sealed and empty, copy 1 zeroed.
-async fn write_region<B: Backend>(backend: &B, sb: &Superblock, magic: u32, start: u64, pages: u64) -> Result<()> {
+/// Write copy 0 of every page of a region, sealed and empty.
+async fn write_region<B: Backend>(backend: &B, magic: u32, start: u64, pages: u64) -> Result<()> {
     const CHUNK: u64 = 256;
     let mut buf = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
-    for slot in 0..2u64 {
-        let mut p = 0;
-        while p < pages {
-            let n = CHUNK.min(pages - p);
-            for i in 0..n as usize {
-                let page = &mut buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                page.fill(0);
-                if slot == 0 {
-                    seal_region_page(magic, sb.generation, page);
-                }
-            }
-            let at = (start + slot * pages + p) * BS;
-            backend.write_at(&buf[..n as usize * BLOCK_SIZE], at).await.map_err(Error::io("formatting the pool"))?;
-            p += n;
+    let mut p = 0;
+    while p < pages {
+        let n = CHUNK.min(pages - p);
+        for i in 0..n as usize {
+            let page = &mut buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            page.fill(0);
+            seal_region_page(magic, 0, page);
         }
+        backend
+            .write_at(&buf[..n as usize * BLOCK_SIZE], (start + p) * BS)
+            .await
+            .map_err(Error::io("formatting the pool"))?;
+        p += n;
     }
     Ok(())
 }
 
-/// Read both copies of every page of a region and keep, per page, the newest
-/// valid copy not newer than the superblock, with the slot it came from.
-/// Copies newer than the superblock (left by an interrupted commit) are
-/// erased. Returns the pages and how many copies were erased.
+/// Read the current copy (as the slot map says, from bit `first_bit` on)
+/// of every page of a region. A current copy that is damaged, or newer than
+/// the superblock, refuses the pool: the other copy is older, and using it
+/// would silently lose committed changes.
 async fn read_region<B: Backend>(
     backend: &B,
     sb: &Superblock,
+    slot_map: &[u8],
+    first_bit: u64,
     magic: u32,
     start: u64,
     pages: u64,
-) -> Result<(Vec<(Vec<u8>, u8)>, usize)> {
+) -> Result<Vec<(Vec<u8>, u8)>> {
     const CHUNK: u64 = 256;
+    let what = if magic == CATALOG_MAGIC { "catalog" } else { "refcount" };
     let mut out = Vec::with_capacity(pages as usize);
-    let mut stale = Vec::new();
-    let mut a = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
-    let mut b = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
+    let mut copies = [AlignedBuf::new(CHUNK as usize * BLOCK_SIZE), AlignedBuf::new(CHUNK as usize * BLOCK_SIZE)];
     let mut p = 0;
     while p < pages {
         let n = CHUNK.min(pages - p);
         let len = n as usize * BLOCK_SIZE;
-        backend.read_at(&mut a[..len], (start + p) * BS).await.map_err(Error::io("reading metadata"))?;
-        backend.read_at(&mut b[..len], (start + pages + p) * BS).await.map_err(Error::io("reading metadata"))?;
-        for i in 0..n as usize {
-            let r = i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE;
-            let ga = open_region_page(magic, &mut a[r.clone()]);
-            let gb = open_region_page(magic, &mut b[r.clone()]);
+        let slots: Vec<u8> = (0..n).map(|i| slot_bit(slot_map, first_bit + p + i)).collect();
+        for (slot, buf) in copies.iter_mut().enumerate() {
+            if slots.contains(&(slot as u8)) {
+                backend
+                    .read_at(&mut buf[..len], (start + slot as u64 * pages + p) * BS)
+                    .await
+                    .map_err(Error::io("reading metadata"))?;
+            }
+        }
+        for (i, &slot) in slots.iter().enumerate() {
             let page = p + i as u64;
-            for (slot, g) in [(0u8, ga), (1u8, gb)] {
-                if g.is_some_and(|g| g > sb.generation) {
-                    stale.push(start + slot as u64 * pages + page);
+            let bytes = &mut copies[slot as usize][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            match open_region_page(magic, bytes) {
+                Some(g) if g <= sb.generation => out.push((bytes.to_vec(), slot)),
+                Some(g) => {
+                    return Err(Error::Format(format!(
+                        "{what} page {page}: its current copy has generation {g}, newer than the superblock's {}",
+                        sb.generation
+                    )));
+                }
+                None => {
+                    return Err(Error::Format(format!(
+                        "{what} page {page}: its current copy (slot {slot}) is damaged; the other copy is older and \
+                         would silently lose committed changes"
+                    )));
                 }
             }
-            let ga = ga.filter(|&g| g <= sb.generation);
-            let gb = gb.filter(|&g| g <= sb.generation);
-            let pick = match (ga, gb) {
-                (Some(x), Some(y)) => Some(if x >= y { 0 } else { 1 }),
-                (Some(_), None) => Some(0),
-                (None, Some(_)) => Some(1),
-                (None, None) => None,
-            };
-            let Some(slot) = pick else {
-                return Err(Error::Format(format!(
-                    "{} page {page} is damaged in both copies",
-                    if magic == CATALOG_MAGIC { "catalog" } else { "refcount" }
-                )));
-            };
-            let src = if slot == 0 { &a[r] } else { &b[r] };
-            out.push((src.to_vec(), slot));
         }
         p += n;
     }
-    if !stale.is_empty() {
-        let zero = AlignedBuf::new(BLOCK_SIZE);
-        for &blk in &stale {
-            backend.write_at(&zero, blk * BS).await.map_err(Error::io("erasing stale metadata"))?;
-        }
-        backend.sync().await.map_err(Error::io("erasing stale metadata"))?;
-    }
-    Ok((out, stale.len()))
+    Ok(out)
 }
 
 /// What a capture produced for the write phase.
@@ -483,7 +508,31 @@ impl<B: Backend> Inner<B> {
             alloc: &self.alloc,
             dirty_pages: &self.dirty_pages,
             data_blocks: self.geo.data_blocks(),
+            held: &[],
+            held_at: &[],
         }
+    }
+
+    /// A tree context that also sees the pages in `held`.
+    pub fn tree_cx_holding<'a>(&'a self, held: &'a Held) -> TreeCtx<'a> {
+        TreeCtx {
+            cache: &self.cache,
+            refs: &self.refs,
+            alloc: &self.alloc,
+            dirty_pages: &self.dirty_pages,
+            data_blocks: self.geo.data_blocks(),
+            held: &held.pages,
+            held_at: &held.at,
+        }
+    }
+
+    /// Load the page a tree operation missed and keep it in `held` for the
+    /// retry.
+    pub async fn load_held(&self, e: Entry, held: &mut Held) -> Result<()> {
+        let page = self.load_page(e).await?;
+        held.at.push(e.phys);
+        held.pages.push(page);
+        Ok(())
     }
 
     pub fn check_failed(&self) -> Result<()> {
@@ -630,15 +679,26 @@ impl<B: Backend> Inner<B> {
             }
         }
 
-        // 4. Refcount pages.
+        // 4. Refcount pages, and the slot map that says which copy of every
+        // region page is current after this commit.
+        let mut slot_map = AlignedBuf::new(self.geo.slot_map_blocks as usize * BLOCK_SIZE);
+        for (i, c) in cs.catalog.iter().enumerate() {
+            set_slot_bit(&mut slot_map, i as u64, c.slot);
+        }
+        for (i, _, slot) in &cat_pages {
+            set_slot_bit(&mut slot_map, *i as u64, *slot);
+        }
         let mut rc_slots = Vec::new();
         let mut frees = Vec::new();
         for i in 0..self.refs.page_count() {
             let mut p = self.refs.page(i).lock();
+            let bit = self.geo.catalog_pages + i as u64;
             if !p.dirty {
+                set_slot_bit(&mut slot_map, bit, p.slot);
                 continue;
             }
             let slot = 1 - p.slot;
+            set_slot_bit(&mut slot_map, bit, slot);
             let mut page = vec![0u8; BLOCK_SIZE];
             for (k, c) in p.counts.iter().enumerate() {
                 let at = REGION_HEADER + k * 4;
@@ -656,6 +716,11 @@ impl<B: Backend> Inner<B> {
         let mut sb = self.geo;
         sb.generation = generation;
         sb.next_device_id = cat.next_id;
+        sb.slot_map_crc = crc(&slot_map);
+        let copy = (generation % 2) as u8;
+        for (k, blk) in slot_map.chunks_exact(BLOCK_SIZE).enumerate() {
+            pages.push((self.geo.slot_map_block(copy) + k as u64, blk.to_vec()));
+        }
         drop(cat);
         let mut superblock = AlignedBuf::new(BLOCK_SIZE);
         sb.encode(&mut superblock);

@@ -58,6 +58,20 @@ pub(crate) struct TreeCtx<'a> {
     pub alloc: &'a Mutex<Allocator>,
     pub dirty_pages: &'a std::sync::atomic::AtomicUsize,
     pub data_blocks: u64,
+    /// Pages the caller loaded for this operation and holds, so a retry
+    /// after a miss makes progress even if the cache evicted them again.
+    pub held: &'a [std::sync::Arc<Page>],
+    pub held_at: &'a [u64],
+}
+
+impl TreeCtx<'_> {
+    /// A clean page from the held set or the cache.
+    fn clean(&self, phys: u64) -> Option<std::sync::Arc<Page>> {
+        match self.held_at.iter().position(|&b| b == phys) {
+            Some(i) => Some(self.held[i].clone()),
+            None => self.cache.get(phys),
+        }
+    }
 }
 
 /// Index of `block` in the page at `level` (1 = leaf).
@@ -110,7 +124,7 @@ impl DevState {
         if let Some(p) = self.dirty.get(&e.phys) {
             return Ok(PageRef::Dirty(p));
         }
-        cx.cache.get(e.phys).map(PageRef::Clean).ok_or(Miss(e))
+        cx.clean(e.phys).map(PageRef::Clean).ok_or(Miss(e))
     }
 
     /// Point block `b` at `new`, shadowing the path as needed, and return
@@ -167,7 +181,7 @@ impl DevState {
             return Ok(e.phys);
         }
         let page: Box<Page> = if e.is_mapped() {
-            let clean = cx.cache.get(e.phys).ok_or(Stop::Miss(Miss(*e)))?;
+            let clean = cx.clean(e.phys).ok_or(Stop::Miss(Miss(*e)))?;
             Box::new(*clean)
         } else {
             Box::new([Entry::ZERO; FANOUT])

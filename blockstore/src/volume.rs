@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{DeviceKind, Entry, crc};
-use crate::pool::{Device, Inner, PIECE_BLOCKS};
+use crate::pool::{Device, Held, Inner, PIECE_BLOCKS};
 use crate::tree::Stop;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -146,18 +146,19 @@ impl<B: Backend> Volume<B> {
 
     /// Map `n` blocks from `first` into `out`, loading pages as needed.
     async fn map(&self, first: u64, out: &mut [Entry]) -> Result<()> {
+        let mut held = Held::default();
         loop {
             let miss = {
                 let st = self.dev.state.read();
                 if st.deleted {
                     return Err(Error::NotFound(self.name.clone()));
                 }
-                match st.lookup(&self.pool.tree_cx(), first, out) {
+                match st.lookup(&self.pool.tree_cx_holding(&held), first, out) {
                     Ok(()) => return Ok(()),
                     Err(m) => m,
                 }
             };
-            self.pool.load_page(miss.0).await?;
+            self.pool.load_held(miss.0, &mut held).await?;
         }
     }
 
@@ -326,11 +327,12 @@ impl<B: Backend> Volume<B> {
             unreachable!("block beyond its extents")
         };
         let _g = self.pool.grace.enter();
+        let mut held = Held::default();
         let mut i = 0usize;
         while i < n {
             let stop = {
                 let mut st = self.dev.state.write();
-                let cx = self.pool.tree_cx();
+                let cx = self.pool.tree_cx_holding(&held);
                 let mut stop = None;
                 while i < n && !st.deleted {
                     let e = Entry { phys: phys_of(i), crc: crcs[i] };
@@ -354,7 +356,7 @@ impl<B: Backend> Volume<B> {
             match stop {
                 None => {}
                 Some(Stop::Miss(m)) => {
-                    if let Err(e) = self.pool.load_page(m.0).await {
+                    if let Err(e) = self.pool.load_held(m.0, &mut held).await {
                         self.give_back_from(i, n, &phys_of);
                         return Err(e);
                     }
@@ -419,6 +421,7 @@ impl<B: Backend> Volume<B> {
         let _g = self.pool.grace.enter();
         let mut entries = [Entry::ZERO; PIECE_BLOCKS];
         self.map(first, &mut entries[..n]).await?;
+        let mut held = Held::default();
         let mut i = 0;
         while i < n {
             if !entries[i].is_mapped() {
@@ -430,7 +433,7 @@ impl<B: Backend> Volume<B> {
                 if st.deleted {
                     return Err(Error::NotFound(self.name.clone()));
                 }
-                let cx = self.pool.tree_cx();
+                let cx = self.pool.tree_cx_holding(&held);
                 let mut stop = None;
                 while i < n {
                     if entries[i].is_mapped()
@@ -446,7 +449,7 @@ impl<B: Backend> Volume<B> {
             match stop {
                 None => {}
                 Some(Stop::Miss(m)) => {
-                    self.pool.load_page(m.0).await?;
+                    self.pool.load_held(m.0, &mut held).await?;
                 }
                 Some(Stop::Err(e)) => return Err(e),
             }

@@ -113,9 +113,6 @@ async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions) ->
         if let Some(why) = report.superblock_fallback {
             println!("recovered: the newest superblock copy was unusable ({why}); opened the previous commit");
         }
-        if report.stale_copies_erased > 0 {
-            println!("recovered: erased {} metadata copies left by an interrupted commit", report.stale_copies_erased);
-        }
         pool
     };
     Ok(pool)
