@@ -34,6 +34,8 @@ pub(crate) struct Miss(pub Entry);
 pub(crate) enum Stop {
     Miss(Miss),
     Err(Error),
+    /// A read-modify-write found the block changed since it was read.
+    Raced,
 }
 
 impl From<Error> for Stop {

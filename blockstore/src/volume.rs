@@ -339,7 +339,7 @@ impl<B: Backend> Volume<B> {
                     match st.set(&cx, first + i as u64, e, expect) {
                         Ok(Some(_)) => i += 1,
                         Ok(None) => {
-                            stop = Some(Stop::Err(Error::Refused(String::new())));
+                            stop = Some(Stop::Raced);
                             break;
                         }
                         Err(s) => {
@@ -361,7 +361,7 @@ impl<B: Backend> Volume<B> {
                         return Err(e);
                     }
                 }
-                Some(Stop::Err(Error::Refused(_))) => {
+                Some(Stop::Raced) => {
                     self.give_back_from(i, n, &phys_of);
                     return Ok(false);
                 }
@@ -452,6 +452,7 @@ impl<B: Backend> Volume<B> {
                     self.pool.load_held(m.0, &mut held).await?;
                 }
                 Some(Stop::Err(e)) => return Err(e),
+                Some(Stop::Raced) => unreachable!("unmapping does not compare"),
             }
         }
         Ok(())
