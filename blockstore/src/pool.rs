@@ -143,6 +143,7 @@ pub(crate) struct Inner<B> {
     pub catalog: RwLock<Catalog>,
     pub refs: RefTable,
     pub alloc: Mutex<Allocator>,
+    pub meta_cursor: Mutex<(u64, u64)>,
     pub cache: PageCache,
     pub grace: Grace,
     pub commit: tokio::sync::Mutex<CommitState>,
@@ -328,6 +329,7 @@ impl<B: Backend> Pool<B> {
             catalog: RwLock::new(catalog),
             refs,
             alloc: Mutex::new(alloc),
+            meta_cursor: Mutex::new((0, 0)),
             cache: PageCache::new(opts.cache_bytes / BLOCK_SIZE),
             grace: Grace::default(),
             commit: tokio::sync::Mutex::new(CommitState {
@@ -506,6 +508,7 @@ impl<B: Backend> Inner<B> {
             cache: &self.cache,
             refs: &self.refs,
             alloc: &self.alloc,
+            meta_cursor: &self.meta_cursor,
             dirty_pages: &self.dirty_pages,
             data_blocks: self.geo.data_blocks(),
             held: &[],
@@ -519,6 +522,7 @@ impl<B: Backend> Inner<B> {
             cache: &self.cache,
             refs: &self.refs,
             alloc: &self.alloc,
+            meta_cursor: &self.meta_cursor,
             dirty_pages: &self.dirty_pages,
             data_blocks: self.geo.data_blocks(),
             held: &held.pages,
@@ -707,6 +711,7 @@ impl<B: Backend> Inner<B> {
             seal_region_page(REFCOUNT_MAGIC, generation, &mut page);
             pages.push((self.geo.refcount_block(slot, i as u64), page));
             rc_slots.push((i, slot));
+            self.refs.took_pending(p.pending.len() as u64);
             frees.append(&mut p.pending);
             p.dirty = false;
         }
@@ -802,6 +807,9 @@ impl<B: Backend> Inner<B> {
         if !plan.frees.is_empty() {
             cs.limbo.push_back((self.grace.epoch(), plan.frees));
         }
+        // Two steps when no reader holds them back: then this commit's frees
+        // are reusable at once.
+        self.grace.try_advance();
         let epoch = self.grace.try_advance();
         while cs.limbo.front().is_some_and(|(e, _)| e + 2 <= epoch) {
             let (_, blocks) = cs.limbo.pop_front().expect("front");
@@ -839,8 +847,16 @@ impl<B: Backend> Inner<B> {
         self.alloc.lock().release(start, n);
     }
 
-    /// Return every device's unused cursor extent to the allocator.
+    /// Return every device's unused cursor extent, and the map pages'
+    /// one, to the allocator.
     pub fn drain_cursors(&self) {
+        {
+            let mut c = self.meta_cursor.lock();
+            if c.1 > c.0 {
+                self.give_back(c.0, c.1 - c.0);
+            }
+            *c = (0, 0);
+        }
         let devs: Vec<_> = self.catalog.read().devices.values().cloned().collect();
         for d in devs {
             let mut c = d.cursor.lock();
@@ -853,14 +869,35 @@ impl<B: Backend> Inner<B> {
 
     /// Try to make room: unused extents back, a commit so freed blocks can
     /// be released, and a second commit to pass the grace period.
-    pub async fn reclaim(&self) -> Result<()> {
-        self.drain_cursors();
+    ///
+    /// `seen` is the capture count when the caller's allocation failed: if
+    /// two commits have been captured since, someone else already reclaimed
+    /// and the caller just retries (one reclaim serves every writer that
+    /// ran out at the same time).
+    pub async fn reclaim(&self, seen: u64) -> Result<()> {
         let mut cs = self.commit.lock().await;
+        if self.captures.load(Ordering::SeqCst) >= seen + 2 {
+            return Ok(());
+        }
+        self.drain_cursors();
         self.commit_locked(&mut cs, |_| Ok(())).await?;
         if self.pending_release(&cs) > 0 {
             self.commit_locked(&mut cs, |_| Ok(())).await?;
         }
         Ok(())
+    }
+
+    /// True when free space is low while blocks wait for a commit to be
+    /// released: copy-on-write overwrites then recycle space by committing
+    /// before the pool runs dry, instead of every writer hitting the wall.
+    pub fn should_commit_for_space(&self) -> bool {
+        let pending = self.refs.pending();
+        if pending == 0 {
+            return false;
+        }
+        let free = self.alloc.lock().free_blocks();
+        let low = (self.geo.data_blocks() / 8).max(1024);
+        free < low && pending >= (free / 4).max(256).min(self.geo.data_blocks() / 64 + 1)
     }
 
     pub fn no_space(&self) -> Error {

@@ -37,6 +37,8 @@ pub(crate) struct RefTable {
     data_start: u64,
     data_blocks: u64,
     referenced: AtomicU64,
+    /// Blocks whose count reached zero since the last capture took them.
+    pending: AtomicU64,
 }
 
 impl RefTable {
@@ -51,7 +53,7 @@ impl RefTable {
                 })
             })
             .collect();
-        RefTable { pages, data_start, data_blocks, referenced: AtomicU64::new(0) }
+        RefTable { pages, data_start, data_blocks, referenced: AtomicU64::new(0), pending: AtomicU64::new(0) }
     }
 
     fn locate(&self, block: u64) -> (usize, usize) {
@@ -100,9 +102,21 @@ impl RefTable {
         page.dirty = true;
         if c == 1 {
             self.referenced.fetch_sub(1, Ordering::Relaxed);
+            self.pending.fetch_add(1, Ordering::Relaxed);
             page.pending.push(block);
         }
         c - 1
+    }
+
+    /// Blocks freed since the last capture (reusable after the next
+    /// commit).
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// A capture took `n` pending blocks.
+    pub fn took_pending(&self, n: u64) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Blocks with at least one reference.

@@ -58,6 +58,9 @@ pub(crate) struct TreeCtx<'a> {
     pub cache: &'a PageCache,
     pub refs: &'a RefTable,
     pub alloc: &'a Mutex<Allocator>,
+    /// Blocks taken for map pages, `next..end`: map pages of one commit
+    /// land next to each other, so the commit writes them in long runs.
+    pub meta_cursor: &'a Mutex<(u64, u64)>,
     pub dirty_pages: &'a std::sync::atomic::AtomicUsize,
     pub data_blocks: u64,
     /// Pages the caller loaded for this operation and holds, so a retry
@@ -229,8 +232,15 @@ impl DevState {
 /// One block for a map page. Map pages may use the reserve that data writes
 /// leave alone, so a full pool can still unmap and discard.
 fn alloc_meta(cx: &TreeCtx<'_>) -> Result<u64> {
-    let mut a = cx.alloc.lock();
-    a.take(1, 0).map(|(b, _)| b).ok_or(Error::NoSpace { free_blocks: a.free_blocks(), total_blocks: cx.data_blocks })
+    let mut c = cx.meta_cursor.lock();
+    if c.0 == c.1 {
+        let mut a = cx.alloc.lock();
+        let (s, n) =
+            a.take(64, 0).ok_or(Error::NoSpace { free_blocks: a.free_blocks(), total_blocks: cx.data_blocks })?;
+        *c = (s, s + n);
+    }
+    c.0 += 1;
+    Ok(c.0 - 1)
 }
 
 /// A page borrowed for reading.

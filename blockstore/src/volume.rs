@@ -13,6 +13,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures::StreamExt;
+
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{DeviceKind, Entry, crc};
@@ -170,30 +172,46 @@ impl<B: Backend> Volume<B> {
         self.read_mapped(&entries[..n], dst).await
     }
 
+    /// Read mapped blocks into `dst` (holes as zeros) and verify every
+    /// block's checksum. Physically contiguous runs are one I/O each; a
+    /// fragmented range issues all its runs at once.
     async fn read_mapped(&self, entries: &[Entry], dst: &mut [u8]) -> Result<()> {
         let n = entries.len();
+        // Split dst into runs of (first entry, bytes); holes are zeroed here.
+        let mut runs: Vec<(usize, &mut [u8])> = Vec::new();
+        let mut rest = dst;
         let mut i = 0;
         while i < n {
             let mut j = i + 1;
-            if !entries[i].is_mapped() {
-                while j < n && !entries[j].is_mapped() {
-                    j += 1;
-                }
-                dst[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
-                i = j;
-                continue;
-            }
-            while j < n && entries[j].phys == entries[j - 1].phys + 1 {
+            let mapped = entries[i].is_mapped();
+            while j < n && if mapped { entries[j].phys == entries[j - 1].phys + 1 } else { !entries[j].is_mapped() } {
                 j += 1;
             }
-            let part = &mut dst[i * BLOCK_SIZE..j * BLOCK_SIZE];
-            self.pool.backend.read_at(part, entries[i].phys * BS).await.map_err(Error::io("reading data"))?;
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut((j - i) * BLOCK_SIZE);
+            rest = tail;
+            if mapped {
+                runs.push((i, part));
+            } else {
+                part.fill(0);
+            }
+            i = j;
+        }
+        let backend = &self.pool.backend;
+        if let [(i, part)] = &mut runs[..] {
+            backend.read_at(part, entries[*i].phys * BS).await.map_err(Error::io("reading data"))?;
+        } else if !runs.is_empty() {
+            let mut reads: futures::stream::FuturesUnordered<_> =
+                runs.iter_mut().map(|(i, part)| backend.read_at(part, entries[*i].phys * BS)).collect();
+            while let Some(r) = reads.next().await {
+                r.map_err(Error::io("reading data"))?;
+            }
+        }
+        for (i, part) in &runs {
             for (k, blk) in part.chunks_exact(BLOCK_SIZE).enumerate() {
                 if crc(blk) != entries[i + k].crc {
                     return Err(Error::Corrupt { what: "data block", block: entries[i + k].phys });
                 }
             }
-            i = j;
         }
         Ok(())
     }
@@ -232,7 +250,7 @@ impl<B: Backend> Volume<B> {
 
     async fn after_write(&self, fua: bool) -> Result<()> {
         let limit = self.pool.opts.dirty_limit_bytes / BLOCK_SIZE;
-        if fua || self.pool.dirty_pages.load(Ordering::Relaxed) > limit {
+        if fua || self.pool.dirty_pages.load(Ordering::Relaxed) > limit || self.pool.should_commit_for_space() {
             self.pool.flush().await?;
         }
         Ok(())
@@ -278,6 +296,7 @@ impl<B: Backend> Volume<B> {
         let mut count = 0;
         let mut got = 0u64;
         let mut reclaimed = false;
+        let seen = self.pool.captures.load(Ordering::SeqCst);
         while got < n as u64 {
             match self.pool.take_data_blocks(&self.dev, n as u64 - got) {
                 Some(x) => {
@@ -292,7 +311,7 @@ impl<B: Backend> Volume<B> {
                     }
                     count = 0;
                     got = 0;
-                    self.pool.reclaim().await?;
+                    self.pool.reclaim(seen).await?;
                 }
                 None => {
                     for &(s, l) in &extents[..count] {
@@ -303,17 +322,28 @@ impl<B: Backend> Volume<B> {
             }
         }
         let extents = &extents[..count];
-        // Data first.
-        let mut at = 0usize;
-        for &(s, l) in extents {
-            let len = l as usize * BLOCK_SIZE;
-            if let Err(e) = self.pool.backend.write_at(&src[at..at + len], s * BS).await {
-                for &(s, l) in extents {
-                    self.pool.give_back(s, l);
-                }
-                return Err(Error::io("writing data")(e));
+        // Data first: every extent at once.
+        let written = if let [(s, _)] = extents {
+            self.pool.backend.write_at(src, s * BS).await
+        } else {
+            let mut at = 0usize;
+            let mut writes = futures::stream::FuturesUnordered::new();
+            for &(s, l) in extents {
+                let len = l as usize * BLOCK_SIZE;
+                writes.push(self.pool.backend.write_at(&src[at..at + len], s * BS));
+                at += len;
             }
-            at += len;
+            let mut r = Ok(());
+            while let Some(x) = writes.next().await {
+                r = r.and(x);
+            }
+            r
+        };
+        if let Err(e) = written {
+            for &(s, l) in extents {
+                self.pool.give_back(s, l);
+            }
+            return Err(Error::io("writing data")(e));
         }
         // Then the map.
         let phys_of = |i: usize| {
