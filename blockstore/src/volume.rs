@@ -174,12 +174,14 @@ impl<B: Backend> Volume<B> {
 
     /// Read mapped blocks into `dst` (holes as zeros) and verify every
     /// block's checksum. Physically contiguous runs are one I/O each; a
-    /// fragmented range issues all its runs at once.
+    /// fragmented range issues all its runs at once. The common cases (one
+    /// run, or runs and holes) allocate nothing; only a range split into
+    /// several physical runs builds a set of futures.
     async fn read_mapped(&self, entries: &[Entry], dst: &mut [u8]) -> Result<()> {
         let n = entries.len();
-        // Split dst into runs of (first entry, bytes); holes are zeroed here.
-        let mut runs: Vec<(usize, &mut [u8])> = Vec::new();
-        let mut rest = dst;
+        // Run boundaries: (first entry, end entry) of each mapped run.
+        let mut runs = [(0u16, 0u16); PIECE_BLOCKS];
+        let mut count = 0;
         let mut i = 0;
         while i < n {
             let mut j = i + 1;
@@ -187,29 +189,46 @@ impl<B: Backend> Volume<B> {
             while j < n && if mapped { entries[j].phys == entries[j - 1].phys + 1 } else { !entries[j].is_mapped() } {
                 j += 1;
             }
-            let (part, tail) = std::mem::take(&mut rest).split_at_mut((j - i) * BLOCK_SIZE);
-            rest = tail;
             if mapped {
-                runs.push((i, part));
+                runs[count] = (i as u16, j as u16);
+                count += 1;
             } else {
-                part.fill(0);
+                dst[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
             }
             i = j;
         }
+        let runs = &runs[..count];
         let backend = &self.pool.backend;
-        if let [(i, part)] = &mut runs[..] {
-            backend.read_at(part, entries[*i].phys * BS).await.map_err(Error::io("reading data"))?;
-        } else if !runs.is_empty() {
-            let mut reads: futures::stream::FuturesUnordered<_> =
-                runs.iter_mut().map(|(i, part)| backend.read_at(part, entries[*i].phys * BS)).collect();
-            while let Some(r) = reads.next().await {
-                r.map_err(Error::io("reading data"))?;
+        match runs {
+            [] => {}
+            [(s, e)] => {
+                let (s, e) = (*s as usize, *e as usize);
+                backend
+                    .read_at(&mut dst[s * BLOCK_SIZE..e * BLOCK_SIZE], entries[s].phys * BS)
+                    .await
+                    .map_err(Error::io("reading data"))?;
+            }
+            _ => {
+                let mut reads = futures::stream::FuturesUnordered::new();
+                let mut rest = &mut dst[..];
+                let mut at = 0usize;
+                for &(s, e) in runs {
+                    let (s, e) = (s as usize, e as usize);
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - at) * BLOCK_SIZE);
+                    let (part, tail) = tail.split_at_mut((e - s) * BLOCK_SIZE);
+                    rest = tail;
+                    at = e;
+                    reads.push(backend.read_at(part, entries[s].phys * BS));
+                }
+                while let Some(r) = reads.next().await {
+                    r.map_err(Error::io("reading data"))?;
+                }
             }
         }
-        for (i, part) in &runs {
-            for (k, blk) in part.chunks_exact(BLOCK_SIZE).enumerate() {
-                if crc(blk) != entries[i + k].crc {
-                    return Err(Error::Corrupt { what: "data block", block: entries[i + k].phys });
+        for &(s, e) in runs {
+            for k in s as usize..e as usize {
+                if crc(&dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != entries[k].crc {
+                    return Err(Error::Corrupt { what: "data block", block: entries[k].phys });
                 }
             }
         }

@@ -288,3 +288,22 @@ async fn any_backend_opens_the_uring_engine() {
         assert!(back[..] == buf[..]);
     }
 }
+
+/// Opened outside any tokio runtime, the engine reaps completions on its own
+/// thread (inside a runtime it uses the runtime's reactor): both must work.
+#[test]
+fn completion_thread_mode_outside_a_runtime() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("t.img");
+    std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+    let b = keel_blockstore::backend::UringBackend::open(&path).unwrap();
+    let mut w = AlignedBuf::new(8192);
+    w.iter_mut().enumerate().for_each(|(i, x)| *x = (i * 7) as u8);
+    let mut r = AlignedBuf::new(8192);
+    futures::executor::block_on(async {
+        b.write_at(&w, 65536).await.unwrap();
+        b.sync().await.unwrap();
+        b.read_at(&mut r, 65536).await.unwrap();
+    });
+    assert!(r[..] == w[..]);
+}
