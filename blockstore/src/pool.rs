@@ -504,16 +504,8 @@ impl Locked<'_, '_> {
 
 impl<B: Backend> Inner<B> {
     pub fn tree_cx(&self) -> TreeCtx<'_> {
-        TreeCtx {
-            cache: &self.cache,
-            refs: &self.refs,
-            alloc: &self.alloc,
-            meta_cursor: &self.meta_cursor,
-            dirty_pages: &self.dirty_pages,
-            data_blocks: self.geo.data_blocks(),
-            held: &[],
-            held_at: &[],
-        }
+        static NOTHING_HELD: Held = Held { at: Vec::new(), pages: Vec::new() };
+        self.tree_cx_holding(&NOTHING_HELD)
     }
 
     /// A tree context that also sees the pages in `held`.
