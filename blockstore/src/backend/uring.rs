@@ -5,14 +5,11 @@
 //!
 //! * **One ring per backend**, `RING_ENTRIES` submission entries (the kernel
 //!   sizes the completion queue at twice that).
-//! * **Submission** happens on the calling task's thread: push one SQE
-//!   while holding `Shared::sq_lock` (a `parking_lot::Mutex`, never held
-//!   across an `.await`), yield once to the runtime, then
-//!   `io_uring_enter(to_submit)` for everything queued by then. Tasks woken
-//!   by the same burst of completions thus share one system call (one device
-//!   doorbell on a virtual disk) instead of one each; whoever submits first
-//!   does it for all. A cancelled future submits whatever is queued before it
-//!   waits for its own CQE.
+//! * **Submission** happens on the calling task's thread: push one SQE and
+//!   `io_uring_enter(to_submit)` while holding `Shared::sq_lock` (a
+//!   `parking_lot::Mutex`, held for two short operations, never across an
+//!   `.await`). Every submitter drains the submission queue before it releases
+//!   the lock, so the queue is empty whenever the lock is free.
 //! * **Completion** is the job of one thread per backend (`keel-uring-cq`). It
 //!   blocks in `io_uring_enter(to_submit = 0, min_complete = 1, GETEVENTS)`:
 //!   with `to_submit = 0` that call only waits for the completion queue to hold
@@ -205,20 +202,6 @@ impl Shared {
     /// Every buffer `sqe` points to must stay valid, and not be otherwise
     /// accessed in a conflicting way, until its CQE has been reaped.
     unsafe fn push_and_submit(&self, sqe: &squeue::Entry) {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { self.push(sqe) };
-        self.flush_sq();
-    }
-
-    /// Push `sqe` without submitting it: a later [`Shared::flush_sq`] (by
-    /// this task or any other) hands it to the kernel together with every
-    /// other SQE queued by then, so tasks woken together share one
-    /// `io_uring_enter` (one device doorbell) instead of one each.
-    ///
-    /// # Safety
-    ///
-    /// As for [`Shared::push_and_submit`].
-    unsafe fn push(&self, sqe: &squeue::Entry) {
         let _sq = self.sq_lock.lock();
         loop {
             // SAFETY: `sq_lock` is held, and every SubmissionQueue is created
@@ -236,16 +219,7 @@ impl Shared {
             self.submit_locked();
         }
         // The SubmissionQueue was dropped above, which published its tail.
-    }
-
-    /// Submit whatever is queued.
-    fn flush_sq(&self) {
-        let _sq = self.sq_lock.lock();
-        // SAFETY: `sq_lock` is held; this SubmissionQueue is only read and
-        // dropped right away.
-        if !unsafe { self.ring.submission_shared() }.is_empty() {
-            self.submit_locked();
-        }
+        self.submit_locked();
     }
 
     /// Submit until the submission queue is empty. Call with `sq_lock` held.
@@ -379,13 +353,8 @@ impl SlotGuard<'_> {
         let sqe = sqe.user_data(u64::from(self.idx));
         self.in_flight = true;
         // SAFETY: forwarded from this function's contract; the completion
-        // for this user_data is awaited below (or in Drop, which first makes
-        // sure the SQE was submitted).
-        unsafe { self.shared.push(&sqe) };
-        // Let the other tasks that are ready queue their SQEs, then submit
-        // them all at once (whoever gets here first does it for everyone).
-        tokio::task::yield_now().await;
-        self.shared.flush_sq();
+        // for this user_data is awaited below (or in Drop).
+        unsafe { self.shared.push_and_submit(&sqe) };
         std::future::poll_fn(|cx| self.poll_result(cx)).await
     }
 
@@ -410,11 +379,6 @@ impl Drop for SlotGuard<'_> {
         {
             let mut st = slot.state.lock();
             if self.in_flight {
-                // Our SQE may still sit in the queue (dropped right after the
-                // push): it must reach the kernel for its CQE to come.
-                drop(st);
-                self.shared.flush_sq();
-                st = slot.state.lock();
                 // The future was dropped mid-I/O. The kernel may still read
                 // or write the caller's buffer until the CQE is posted, and
                 // that buffer is only guaranteed to live until this drop
