@@ -305,7 +305,9 @@ measure() {
 	read -r ni nm nc nf ns <<<"$(median "${n[@]}")"
 	read -r ki km kc kf ks <<<"$(median "${k[@]}")"
 	read -r di dm _ df ds <<<"$(median "${d[@]}")"
-	[[ $DISK == 1 ]] || di=-
+	if [[ $DISK != 1 ]]; then
+		di=- dm=- df=- ds=-
+	fi
 	local rq rn verdict line
 	rq=$(ratio "$ki" "$qi")
 	rn=$(ratio "$ki" "$ni")
