@@ -57,6 +57,35 @@ impl<B: Backend> std::fmt::Debug for Volume<B> {
     }
 }
 
+/// The next piece of an I/O that has `left` bytes to go at byte `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Piece {
+    /// `len` bytes at `within` inside block `block` (read-modify-write).
+    Partial { block: u64, within: usize, len: usize },
+    /// `blocks` whole blocks from `block` (at most one bounce buffer's worth).
+    Whole { block: u64, blocks: usize },
+}
+
+impl Piece {
+    fn at(off: u64, left: u64) -> Piece {
+        let block = off / BS;
+        let within = (off % BS) as usize;
+        if within != 0 || left < BS {
+            Piece::Partial { block, within, len: (BLOCK_SIZE - within).min(left as usize) }
+        } else {
+            Piece::Whole { block, blocks: (left / BS).min(PIECE_BLOCKS as u64) as usize }
+        }
+    }
+
+    /// Bytes this piece covers.
+    fn bytes(&self) -> usize {
+        match *self {
+            Piece::Partial { len, .. } => len,
+            Piece::Whole { blocks, .. } => blocks * BLOCK_SIZE,
+        }
+    }
+}
+
 fn is_aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE) && buf.len().is_multiple_of(BLOCK_SIZE)
 }
@@ -112,36 +141,30 @@ impl<B: Backend> Volume<B> {
         self.check(offset, buf.len() as u64, false)?;
         let mut pos = 0usize;
         while pos < buf.len() {
-            let off = offset + pos as u64;
-            let b = off / BS;
-            let within = (off % BS) as usize;
-            let left = buf.len() - pos;
-            if within != 0 || left < BLOCK_SIZE {
-                let n = (BLOCK_SIZE - within).min(left);
-                let mut tmp = self.pool.bounce();
-                let r = self.read_blocks(b, 1, &mut tmp[..BLOCK_SIZE]).await;
-                if r.is_ok() {
-                    buf[pos..pos + n].copy_from_slice(&tmp[within..within + n]);
+            let piece = Piece::at(offset + pos as u64, (buf.len() - pos) as u64);
+            let dst = &mut buf[pos..pos + piece.bytes()];
+            match piece {
+                Piece::Partial { block, within, len } => {
+                    let mut tmp = self.pool.bounce();
+                    let r = self.read_blocks(block, 1, &mut tmp[..BLOCK_SIZE]).await;
+                    if r.is_ok() {
+                        dst.copy_from_slice(&tmp[within..within + len]);
+                    }
+                    self.pool.bounce_back(tmp);
+                    r?;
                 }
-                self.pool.bounce_back(tmp);
-                r?;
-                pos += n;
-                continue;
-            }
-            let n = (left / BLOCK_SIZE).min(PIECE_BLOCKS);
-            let dst = &mut buf[pos..pos + n * BLOCK_SIZE];
-            if is_aligned(dst) {
-                self.read_blocks(b, n, dst).await?;
-            } else {
-                let mut tmp = self.pool.bounce();
-                let r = self.read_blocks(b, n, &mut tmp[..n * BLOCK_SIZE]).await;
-                if r.is_ok() {
-                    dst.copy_from_slice(&tmp[..n * BLOCK_SIZE]);
+                Piece::Whole { block, blocks } if is_aligned(dst) => self.read_blocks(block, blocks, dst).await?,
+                Piece::Whole { block, blocks } => {
+                    let mut tmp = self.pool.bounce();
+                    let r = self.read_blocks(block, blocks, &mut tmp[..dst.len()]).await;
+                    if r.is_ok() {
+                        dst.copy_from_slice(&tmp[..dst.len()]);
+                    }
+                    self.pool.bounce_back(tmp);
+                    r?;
                 }
-                self.pool.bounce_back(tmp);
-                r?;
             }
-            pos += n * BLOCK_SIZE;
+            pos += piece.bytes();
         }
         Ok(())
     }
@@ -241,28 +264,22 @@ impl<B: Backend> Volume<B> {
         self.check(offset, data.len() as u64, true)?;
         let mut pos = 0usize;
         while pos < data.len() {
-            let off = offset + pos as u64;
-            let b = off / BS;
-            let within = (off % BS) as usize;
-            let left = data.len() - pos;
-            if within != 0 || left < BLOCK_SIZE {
-                let n = (BLOCK_SIZE - within).min(left);
-                self.rmw(b, within, Some(&data[pos..pos + n]), n).await?;
-                pos += n;
-                continue;
+            let piece = Piece::at(offset + pos as u64, (data.len() - pos) as u64);
+            let src = &data[pos..pos + piece.bytes()];
+            match piece {
+                Piece::Partial { block, within, len } => self.rmw(block, within, Some(src), len).await?,
+                Piece::Whole { block, blocks } if is_aligned(src) => {
+                    self.write_blocks(block, blocks, src, None).await?;
+                }
+                Piece::Whole { block, blocks } => {
+                    let mut tmp = self.pool.bounce();
+                    tmp[..src.len()].copy_from_slice(src);
+                    let r = self.write_blocks(block, blocks, &tmp[..src.len()], None).await;
+                    self.pool.bounce_back(tmp);
+                    r?;
+                }
             }
-            let n = (left / BLOCK_SIZE).min(PIECE_BLOCKS);
-            let src = &data[pos..pos + n * BLOCK_SIZE];
-            if is_aligned(src) {
-                self.write_blocks(b, n, src, None).await?;
-            } else {
-                let mut tmp = self.pool.bounce();
-                tmp[..src.len()].copy_from_slice(src);
-                let r = self.write_blocks(b, n, &tmp[..src.len()], None).await;
-                self.pool.bounce_back(tmp);
-                r?;
-            }
-            pos += n * BLOCK_SIZE;
+            pos += piece.bytes();
         }
         self.after_write(fua).await
     }
@@ -451,17 +468,12 @@ impl<B: Backend> Volume<B> {
         let end = offset + len;
         let mut off = offset;
         while off < end {
-            let b = off / BS;
-            let within = (off % BS) as usize;
-            if within != 0 || end - off < BS {
-                let n = (BLOCK_SIZE - within).min((end - off) as usize);
-                self.rmw(b, within, None, n).await?;
-                off += n as u64;
-                continue;
+            let piece = Piece::at(off, end - off);
+            match piece {
+                Piece::Partial { block, within, len } => self.rmw(block, within, None, len).await?,
+                Piece::Whole { block, blocks } => self.unmap_blocks(block, blocks).await?,
             }
-            let n = ((end - off) / BS).min(PIECE_BLOCKS as u64) as usize;
-            self.unmap_blocks(b, n).await?;
-            off += n as u64 * BS;
+            off += piece.bytes() as u64;
         }
         self.after_write(fua).await
     }
@@ -570,4 +582,17 @@ fn _assert_send<B: Backend>(v: &Volume<B>) {
     let mut buf = AlignedBuf::new(4096);
     is_send(v.read(0, &mut buf));
     is_send(v.write(0, &[], false));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_block_boundaries() {
+        assert_eq!(Piece::at(512, 8192), Piece::Partial { block: 0, within: 512, len: 3584 });
+        assert_eq!(Piece::at(4096, 1024), Piece::Partial { block: 1, within: 0, len: 1024 });
+        assert_eq!(Piece::at(8192, 12288 + 512), Piece::Whole { block: 2, blocks: 3 });
+        assert_eq!(Piece::at(0, 2 << 20), Piece::Whole { block: 0, blocks: PIECE_BLOCKS });
+    }
 }
