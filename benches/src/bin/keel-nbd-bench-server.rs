@@ -77,6 +77,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
+    /// Also serve every volume over iSCSI on this address (as
+    /// `iqn.2026-11.io.keel:VOLUME`, LUN 0).
+    #[arg(long)]
+    iscsi: Option<SocketAddr>,
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -300,6 +304,14 @@ async fn run(args: Args) -> Result<()> {
         args.threads.max(1)
     );
     println!("ready nbd://{addr}/{name} size={size} snapshots={snapshots} engine={engine} direct={}", u8::from(direct));
+    if let Some(iscsi) = args.iscsi {
+        let listener = TcpListener::bind(iscsi).await.with_context(|| format!("listening on {iscsi}"))?;
+        let addr = listener.local_addr()?;
+        let targets = Arc::new(keel_iscsi_target::PoolTargets::new(pool.clone()));
+        let server = keel_iscsi_target::Server::new(targets, keel_iscsi_target::ServerConfig::default());
+        tokio::spawn(server.serve(listener));
+        println!("ready iscsi://{addr}/{}{name}/0", keel_iscsi_target::IQN_PREFIX);
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
