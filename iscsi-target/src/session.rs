@@ -293,9 +293,21 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 Err(e) => return Err(protocol_error(format!("{e:?}"))),
             };
             if !parsed.data_digest_ok {
+                // The header is sound (its own digest passed, or none was
+                // negotiated): reject the PDU, keep the CmdSN sequence
+                // whole, and fail the command it carried or fed.
                 self.reject(reject::DATA_DIGEST, &bhs);
-                if bhs.opcode() == op::DATA_OUT {
-                    self.fail_gather(bhs.itt());
+                match bhs.opcode() {
+                    op::DATA_OUT => self.fail_gather(bhs.itt()),
+                    op::SCSI_CMD if self.s.lu.is_some() && self.accept_cmdsn(&bhs) => {
+                        let ctl = TaskCtl { lun: bhs.lun(), ..TaskCtl::default() };
+                        let resp = crate::scsi_sense::crc_error();
+                        self.finish(bhs.itt(), bhs.immediate(), bhs.lun(), resp, false, (0, 0), &ctl);
+                    }
+                    op::NOP_OUT | op::TEXT_REQ if bhs.itt() != RESERVED_TAG && self.accept_cmdsn(&bhs) => {
+                        self.complete_now(&bhs)
+                    }
+                    _ => {}
                 }
                 continue;
             }
