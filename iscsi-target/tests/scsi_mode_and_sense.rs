@@ -175,12 +175,15 @@ async fn report_luns_and_missing_luns() {
 }
 
 #[tokio::test]
-async fn start_stop_and_prevent_allow() {
+async fn start_stop_accepts_start_and_refuses_eject_of_a_fixed_disk() {
     let (_p, lu) = lu(MIB).await;
     let n = nexus(1, "iqn.i1");
     assert_good(&exec(&lu, &n, &[0x1B, 0, 0, 0, 1, 0], &[]).await);
+    assert_good(&exec(&lu, &n, &[0x1B, 1, 0, 0, 0, 0], &[]).await);
+    assert_eq!(sense(&exec(&lu, &n, &[0x1B, 1, 0, 0, 2, 0], &[]).await), (5, 0x24, 0));
+    assert_eq!(sense(&exec(&lu, &n, &[0x1B, 0, 0, 0, 3, 0], &[]).await), (5, 0x24, 0));
+    // PREVENT is accepted and cleared by nexus loss.
     assert_good(&exec(&lu, &n, &[0x1E, 0, 0, 0, 1, 0], &[]).await);
-    assert_eq!(sense(&exec(&lu, &n, &[0x1B, 0, 0, 0, 2, 0], &[]).await), (5, 0x53, 0x02));
     lu.nexus_lost(&n);
-    assert_good(&exec(&lu, &n, &[0x1B, 0, 0, 0, 2, 0], &[]).await);
+    assert_good(&exec(&lu, &n, &[0x1E, 0, 0, 0, 0, 0], &[]).await);
 }

@@ -314,7 +314,8 @@ pub fn parse_cdb(cdb: &[u8]) -> Result<Cdb, SenseError> {
             let ndob = size == Size::S16 && c[1] & 0x01 != 0;
             let unmap = c[1] & 0x08 != 0;
             let anchor = c[1] & 0x10 != 0;
-            if anchor && !unmap {
+            // ANCHOR: anchored blocks are not supported (ANC_SUP=0).
+            if anchor {
                 return Err(bad(1, 4));
             }
             Cdb::WriteSame { size, range: range(c, size), unmap, anchor, ndob }

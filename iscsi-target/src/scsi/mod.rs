@@ -32,7 +32,7 @@ pub const PHYS_EXPONENT: u8 = 3;
 /// Maximum transfer length in blocks (VPD page B0h).
 pub const MAX_TRANSFER_BLOCKS: u32 = 16384;
 /// Maximum UNMAP LBA count (VPD page B0h).
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 26;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Maximum UNMAP block descriptor count (VPD page B0h).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Maximum WRITE SAME length in blocks (VPD page B0h).
@@ -336,9 +336,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
                 spc::report_supported_opcodes(*rctd, *options, *opcode, *sa, *alloc)
             }
             Cdb::ReportTargetPortGroups { alloc } => Ok(spc::report_target_port_groups(nexus, *alloc)),
-            Cdb::StartStopUnit { power_condition, loej, start } => {
-                self.start_stop(port, *power_condition, *loej, *start)
-            }
+            Cdb::StartStopUnit { power_condition, loej, .. } => self.start_stop(*power_condition, *loej),
             Cdb::PreventAllow { prevent } => {
                 let mut st = self.state.lock();
                 if *prevent {
@@ -428,18 +426,17 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
-    fn start_stop(&self, port: &Port, power_condition: u8, loej: bool, start: bool) -> Outcome {
+    fn start_stop(&self, power_condition: u8, loej: bool) -> Outcome {
         // Power conditions other than START_VALID (0), ACTIVE (1), IDLE (2),
         // STANDBY (3), LU_CONTROL (7), FORCE_IDLE_0 (0xA), FORCE_STANDBY_0
         // (0xB) are reserved.
         if !matches!(power_condition, 0 | 1 | 2 | 3 | 7 | 0xA | 0xB) {
             return Err(SenseError::invalid_field_in_cdb(4, Some(7)).into());
         }
-        // Ejecting (LOEJ with START clear) while any nexus prevents medium
-        // removal is refused; otherwise a non-removable disk has nothing to do.
-        let _ = port;
-        if power_condition == 0 && loej && !start && !self.state.lock().prevent.is_empty() {
-            return Err(SenseError::removal_prevented().into());
+        // The medium is not removable (RMB=0): there is nothing to load or
+        // eject (SBC-4 5.25).
+        if power_condition == 0 && loej {
+            return Err(SenseError::invalid_field_in_cdb(4, Some(1)).into());
         }
         Ok(Vec::new())
     }

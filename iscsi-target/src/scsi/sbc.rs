@@ -143,6 +143,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             let byte = if size == Size::S10 { 7 } else { 10 };
             return Err(SenseError::invalid_field_in_cdb(byte, None).into());
         }
+        self.check_writable()?;
         let zero = [0u8; BLOCK as usize];
         let block: &[u8] = if ndob {
             &zero
@@ -152,17 +153,17 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             }
             data
         };
-        self.check_writable()?;
         if blocks == 0 {
             return Ok(Vec::new());
         }
         let (off, len) = (r.lba * B, blocks * B);
         let fua = !self.state.lock().modes.wce;
         let _g = self.io.read().await;
-        if block.iter().all(|&b| b == 0) {
-            // Zeros, with or without UNMAP: deallocating is how a thin LU
-            // with LBPRZ=1 stores zeros.
-            let _ = unmap;
+        if unmap || block.iter().all(|&b| b == 0) {
+            // UNMAP set: deallocate whatever the data block holds (LBPRZ=1:
+            // the blocks then read as zeros, which is what initiators such
+            // as libiscsi's conformance suite expect). Zeros without UNMAP:
+            // deallocating is how a thin LU stores them.
             self.dev.write_zeroes(off, len, fua).await.map_err(dev_err)?;
             return Ok(Vec::new());
         }

@@ -131,11 +131,6 @@ impl SenseError {
         SenseError { info: Some(offset), ..SenseError::new(key::MISCOMPARE, 0x1D, 0x00) }
     }
 
-    /// ILLEGAL REQUEST / MEDIUM REMOVAL PREVENTED (53h/02h).
-    pub fn removal_prevented() -> SenseError {
-        SenseError::new(key::ILLEGAL_REQUEST, 0x53, 0x02)
-    }
-
     /// Attach a field pointer.
     pub fn with_field(mut self, in_cdb: bool, byte: u16, bit: Option<u8>) -> SenseError {
         self.field = Some(FieldPointer { in_cdb, byte, bit });
