@@ -114,3 +114,39 @@ async fn capacity_and_vpd_advertise_thin_provisioning() {
     let b0 = exec(&lu, &n, &[0x12, 1, 0xB0, 0, 64, 0], &[]).await;
     assert_eq!(u32::from_be_bytes(b0.data_in[28..32].try_into().unwrap()), 8);
 }
+
+#[tokio::test]
+async fn sanitize_block_erase_deallocates_the_whole_lun() {
+    let (_p, lu) = lu(MIB).await;
+    let n = nexus(1, "iqn.i1");
+    assert_good(&exec(&lu, &n, &write10(0, 256), &vec![b'a'; 256 * 512]).await);
+    assert_good(&exec(&lu, &n, &write10(2048 - 256, 256), &vec![b'a'; 256 * 512]).await);
+    assert_good(&exec(&lu, &n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+    assert_eq!(lba_status(&lu, &n, 0).await, vec![(0, 2048, 1)]);
+    assert_eq!(exec(&lu, &n, &read10(0, 8), &[]).await.data_in, vec![0; 8 * 512]);
+    // Nonzero parameter list length, reserved bits and bytes, crypto erase.
+    assert_eq!(sense(&exec(&lu, &n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], &[0; 8]).await), (5, 0x24, 0));
+    assert_eq!(sense(&exec(&lu, &n, &[0x48, 0x42, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await), (5, 0x24, 0));
+    assert_eq!(sense(&exec(&lu, &n, &[0x48, 0x02, 0, 0, 4, 0, 0, 0, 0, 0], &[]).await), (5, 0x24, 0));
+    assert_eq!(sense(&exec(&lu, &n, &[0x48, 0x03, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await), (5, 0x24, 0));
+}
+
+#[tokio::test]
+async fn sanitize_overwrite_writes_the_pattern_everywhere() {
+    let (_p, lu) = lu(MIB).await;
+    let n = nexus(1, "iqn.i1");
+    let mut p = vec![0x01, 0, 0x02, 0x00];
+    p.extend_from_slice(&[0xAA; 512]);
+    let cdb = |len: u16| [0x48, 0x01, 0, 0, 0, 0, 0, (len >> 8) as u8, len as u8, 0];
+    assert_good(&exec(&lu, &n, &cdb(516), &p).await);
+    assert_eq!(exec(&lu, &n, &read10(2040, 8), &[]).await.data_in, vec![0xAA; 8 * 512]);
+    let mut four = vec![0x01, 0, 0, 4, 1, 2, 3, 4];
+    assert_good(&exec(&lu, &n, &cdb(8), &four).await);
+    assert_eq!(&exec(&lu, &n, &read10(7, 1), &[]).await.data_in[..8], &[1, 2, 3, 4, 1, 2, 3, 4]);
+    for len in 0..5 {
+        assert_eq!(sense(&exec(&lu, &n, &cdb(len), &four[..len as usize]).await), (5, 0x24, 0));
+    }
+    four[0] = 0; // OVERWRITE COUNT 0
+    assert_eq!(sense(&exec(&lu, &n, &cdb(8), &four).await), (5, 0x24, 0));
+    assert_eq!(sense(&exec(&lu, &n, &cdb(517), &[1; 517]).await), (5, 0x24, 0));
+}

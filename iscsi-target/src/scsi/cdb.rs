@@ -431,12 +431,20 @@ pub fn parse_cdb(cdb: &[u8]) -> Result<Cdb, SenseError> {
             }
             Cdb::ReceiveCopyResults { action, list_id: c[2], alloc: be32(c, 10) }
         }
-        SANITIZE => Cdb::Sanitize {
-            action: c[1] & 0x1F,
-            immed: c[1] & 0x80 != 0,
-            ause: c[1] & 0x20 != 0,
-            param_len: be16(c, 7),
-        },
+        SANITIZE => {
+            if c[1] & 0x40 != 0 {
+                return Err(bad(1, 6));
+            }
+            if let Some(i) = (2..7).find(|&i| c[i] != 0) {
+                return Err(SenseError::invalid_field_in_cdb(i as u16, None));
+            }
+            Cdb::Sanitize {
+                action: c[1] & 0x1F,
+                immed: c[1] & 0x80 != 0,
+                ause: c[1] & 0x20 != 0,
+                param_len: be16(c, 7),
+            }
+        }
         _ => return Err(SenseError::invalid_opcode()),
     })
 }

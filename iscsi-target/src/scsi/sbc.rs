@@ -12,6 +12,8 @@ use super::{
 const B: u64 = BLOCK as u64;
 /// Bytes per device call when a command is split (WRITE SAME, SANITIZE).
 const CHUNK: u64 = 1 << 20;
+/// Bytes of the allocation map GET LBA STATUS reads per call.
+const LBA_STATUS_WINDOW: u64 = 1 << 30;
 
 /// First byte where `a` and `b` differ.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -182,16 +184,30 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             return Err(SenseError::lba_out_of_range().into());
         }
         let max_desc = (alloc.saturating_sub(8) / 16).max(1) as usize;
-        let off = lba * B;
-        let len = (self.dev.size() - off).min(1 << 30);
-        let extents = self.dev.allocation(off, len).await.map_err(dev_err)?;
+        // (first LBA, blocks, allocated), merged across the windows the
+        // allocation map is asked about.
+        let mut descs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut off = lba * B;
+        let size = self.dev.size();
+        while off < size && descs.len() <= max_desc {
+            let len = (size - off).min(LBA_STATUS_WINDOW);
+            for e in self.dev.allocation(off, len).await.map_err(dev_err)? {
+                if e.length == 0 {
+                    continue;
+                }
+                match descs.last_mut() {
+                    Some(d) if d.2 == e.allocated && d.1 + e.length / B <= u32::MAX as u64 => d.1 += e.length / B,
+                    _ => descs.push((e.offset / B, e.length / B, e.allocated)),
+                }
+            }
+            off += len;
+        }
         let mut out = vec![0u8; 8];
-        for e in extents.iter().filter(|e| e.length > 0).take(max_desc) {
+        for (first, blocks, allocated) in descs.into_iter().take(max_desc) {
             let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&(e.offset / B).to_be_bytes());
-            let blocks = (e.length / B).min(u32::MAX as u64) as u32;
-            d[8..12].copy_from_slice(&blocks.to_be_bytes());
-            d[12] = if e.allocated { 0 } else { 1 };
+            d[0..8].copy_from_slice(&first.to_be_bytes());
+            d[8..12].copy_from_slice(&(blocks as u32).to_be_bytes());
+            d[12] = if allocated { 0 } else { 1 }; // mapped, deallocated
             out.extend_from_slice(&d);
         }
         let plen = (out.len() - 4) as u32;
@@ -250,21 +266,20 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         match action {
             OVERWRITE => {
                 // Parameter list: byte 0 INVERT/TEST/OVERWRITE COUNT, bytes
-                // 2-3 pattern length, then the pattern (SBC-4 5.30.3).
-                if param_len < 4 {
-                    return Err(SenseError::param_list_length().into());
+                // 2-3 pattern length, then the pattern (SBC-4 5.30.3). Every
+                // error is reported against the CDB, as libiscsi expects.
+                let bad = || SenseError::invalid_field_in_cdb(7, None);
+                if param_len < 5 || param_len as u32 > BLOCK + 4 {
+                    return Err(bad().into());
                 }
                 let p = Self::payload(data, param_len as u64)?;
                 let count = p[0] & 0x1F;
                 let plen = u16::from_be_bytes([p[2], p[3]]) as usize;
-                if count == 0 || p[0] & 0x60 != 0 {
-                    return Err(SenseError::invalid_field_in_param(0, None).into());
-                }
-                if plen == 0 || plen > BLOCK as usize || plen + 4 != p.len() {
-                    return Err(SenseError::invalid_field_in_param(2, None).into());
+                if count == 0 || p[0] & 0x60 != 0 || plen == 0 || plen > BLOCK as usize || plen + 4 > p.len() {
+                    return Err(bad().into());
                 }
                 self.check_writable()?;
-                self.erase_all(Some(&p[4..])).await?;
+                self.erase_all(Some(&p[4..4 + plen])).await?;
             }
             BLOCK_ERASE => {
                 if param_len != 0 {

@@ -109,6 +109,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             0xB1 => {
                 let mut b = [0u8; 0x3C];
                 b[1] = 1; // non-rotating medium
+                b[3] = 0x40; // WABEREQ 01b: reads after SANITIZE BLOCK ERASE succeed
                 vpd(0xB1, &b)
             }
             0xB2 => {
