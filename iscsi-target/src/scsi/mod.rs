@@ -191,8 +191,7 @@ struct State {
     prevent: HashSet<Port>,
     pr: pr::PrState,
     modes: Modes,
-    #[allow(dead_code)]
-    xcopy: xcopy::CopyStatus,
+    xcopy: Vec<xcopy::CopyStatus>,
 }
 
 impl State {
@@ -349,8 +348,10 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::ReadDefectData { twelve, plist, glist, format, alloc } => {
                 Ok(spc::read_defect_data(*twelve, *plist, *glist, *format, *alloc))
             }
-            Cdb::ExtendedCopy { param_len } => self.extended_copy(*param_len, data).await,
-            Cdb::ReceiveCopyResults { action, list_id, alloc } => self.receive_copy_results(*action, *list_id, *alloc),
+            Cdb::ExtendedCopy { param_len } => self.extended_copy(port, *param_len, data).await,
+            Cdb::ReceiveCopyResults { action, list_id, alloc } => {
+                self.receive_copy_results(port, *action, *list_id, *alloc)
+            }
             Cdb::Sanitize { action, immed, ause, param_len } => {
                 self.sanitize(*action, *immed, *ause, *param_len, data).await
             }

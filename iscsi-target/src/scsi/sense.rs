@@ -25,6 +25,8 @@ pub mod key {
     pub const DATA_PROTECT: u8 = 0x7;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xB;
+    /// COPY ABORTED.
+    pub const COPY_ABORTED: u8 = 0xA;
     /// MISCOMPARE.
     pub const MISCOMPARE: u8 = 0xE;
 }

@@ -14,7 +14,7 @@ use super::{
 const VERSION_DESCRIPTORS: [u16; 4] = [0x00A0, 0x0460, 0x04C0, 0x0960];
 
 /// VPD pages served, in order.
-const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 /// Space-padded ASCII of exactly `n` bytes.
 fn padded(s: &str, n: usize) -> Vec<u8> {
@@ -64,7 +64,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             d[2] = 0x06; // SPC-4
             d[3] = 0x12; // HISUP, response data format 2
             d[4] = (d.len() - 5) as u8;
-            d[5] = 0x10; // TPGS 01b (implicit ALUA)
+            d[5] = 0x10 | 0x08; // TPGS 01b (implicit ALUA), 3PC
             d[7] = 0x02; // CMDQUE
             d[8..16].copy_from_slice(&padded("KEEL", 8));
             d[16..32].copy_from_slice(&padded("Keel volume", 16));
@@ -92,6 +92,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
                 b.extend(designator(Some(ISCSI), 3, 2, 8, &name_string(&self.id.target_name)));
                 vpd(0x83, &b)
             }
+            0x8F => self.third_party_copy_vpd(),
             0xB0 => {
                 let mut b = [0u8; 0x3C];
                 b[1] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
