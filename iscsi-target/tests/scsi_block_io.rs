@@ -117,3 +117,38 @@ async fn sync_cache_prefetch_and_their_bounds() {
     assert_eq!(sense(&exec(&lu, &n, &[0x35, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[]).await), (5, 0x21, 0));
     assert_eq!(sense(&exec(&lu, &n, &[0x34, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[]).await), (5, 0x21, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_compare_and_write_increments_are_never_lost() {
+    let (_p, lu) = lu(MIB).await;
+    let lu = std::sync::Arc::new(lu);
+    let n = nexus(1, "iqn.i1");
+    assert_good(&exec(&lu, &n, &write10(0, 1), &[0; 512]).await);
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let (lu, n) = (lu.clone(), nexus(t + 1, &format!("iqn.i{t}")));
+        tasks.push(tokio::spawn(async move {
+            let caw = [0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+            let mut done = 0;
+            while done < 25 {
+                let cur = exec(&lu, &n, &read10(0, 1), &[]).await.data_in;
+                let v = u64::from_le_bytes(cur[..8].try_into().unwrap());
+                let mut buf = cur.clone();
+                buf.extend_from_slice(&(v + 1).to_le_bytes());
+                buf.extend_from_slice(&[0; 504]);
+                // Plain writes elsewhere in the block's neighbourhood run alongside.
+                assert_good(&exec(&lu, &n, &write10(8 + t as u32, 1), &[t as u8; 512]).await);
+                let r = exec(&lu, &n, &caw, &buf).await;
+                match r.status {
+                    0 => done += 1,
+                    _ => assert_eq!(sense(&r), (0x0E, 0x1D, 0)),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let r = exec(&lu, &n, &read10(0, 1), &[]).await;
+    assert_eq!(u64::from_le_bytes(r.data_in[..8].try_into().unwrap()), 100);
+}

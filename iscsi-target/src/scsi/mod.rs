@@ -480,9 +480,6 @@ fn report_luns(select: u8, alloc: u32) -> Outcome {
     if !matches!(select, 0x00 | 0x01 | 0x02 | 0x10 | 0x11 | 0x12) {
         return Err(SenseError::invalid_field_in_cdb(2, Some(7)).into());
     }
-    if alloc < 16 {
-        return Err(SenseError::invalid_field_in_cdb(6, Some(7)).into());
-    }
     let mut d = vec![0u8; 8];
     if select != 0x01 {
         d[3] = 8;

@@ -226,13 +226,10 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
                         if act == REGISTER && key != 0 {
                             return Err(Fail::Conflict);
                         }
-                        if sa_key != 0 {
-                            pr.regs.push(Registration {
-                                port: port.clone(),
-                                rel_port_id: nexus.rel_port_id,
-                                key: sa_key,
-                            });
+                        if sa_key == 0 {
+                            return Ok(Vec::new()); // nothing to register or drop
                         }
+                        pr.regs.push(Registration { port: port.clone(), rel_port_id: nexus.rel_port_id, key: sa_key });
                     }
                     Some(k) => {
                         if act == REGISTER && key != k {
