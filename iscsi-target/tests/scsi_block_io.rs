@@ -152,3 +152,20 @@ async fn concurrent_compare_and_write_increments_are_never_lost() {
     let r = exec(&lu, &n, &read10(0, 1), &[]).await;
     assert_eq!(u64::from_le_bytes(r.data_in[..8].try_into().unwrap()), 100);
 }
+
+#[tokio::test]
+async fn short_data_out_writes_nothing_and_long_data_out_writes_the_transfer_length() {
+    let (_p, lu) = lu(MIB).await;
+    let n = nexus(1, "iqn.i1");
+    assert_good(&exec(&lu, &n, &write10(0, 2), &[b'a'; 1024]).await);
+    // EDTL below the transfer length: INVALID FIELD IN COMMAND INFORMATION UNIT.
+    assert_eq!(sense(&exec(&lu, &n, &write10(0, 2), &[b'b'; 200]).await), (5, 0x0E, 0x03));
+    assert_eq!(exec(&lu, &n, &read10(0, 2), &[]).await.data_in, vec![b'a'; 1024]);
+    // EDTL above it: only the transfer length is written.
+    assert_good(&exec(&lu, &n, &write10(0, 1), &[b'b'; 1024]).await);
+    let r = exec(&lu, &n, &read10(0, 2), &[]).await.data_in;
+    assert_eq!((&r[..512], &r[512..]), (&[b'b'; 512][..], &[b'a'; 512][..]));
+    // COMPARE AND WRITE wants exactly twice its blocks.
+    let caw = [0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    assert_eq!(exec(&lu, &n, &caw, &[b'b'; 2048]).await.status, 2);
+}

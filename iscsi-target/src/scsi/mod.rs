@@ -82,7 +82,11 @@ pub struct Nexus {
 pub struct Command<'a> {
     /// The CDB (iSCSI carries 16 bytes; longer than the command is fine).
     pub cdb: &'a [u8],
-    /// Data-Out buffer.
+    /// Every Data-Out byte the initiator sent (up to its expected data
+    /// transfer length), not cut to [`LogicalUnit::data_out_len`]: WRITE
+    /// SAME and COMPARE AND WRITE refuse a buffer of the wrong size, block
+    /// writes use the first transfer-length bytes and refuse a short buffer
+    /// with INVALID FIELD IN COMMAND INFORMATION UNIT, writing nothing.
     pub data_out: &'a [u8],
     /// Logical unit number.
     pub lun: u64,
@@ -229,7 +233,10 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         LogicalUnit { dev, id, state: Mutex::new(State::default()), io: tokio::sync::RwLock::new(()) }
     }
 
-    /// Number of Data-Out bytes this CDB transfers, 0 for none.
+    /// Number of Data-Out bytes this CDB transfers (WRITE(10): blocks * 512;
+    /// UNMAP, MODE SELECT, PERSISTENT RESERVE OUT, EXTENDED COPY, SANITIZE:
+    /// the parameter list length; COMPARE AND WRITE: 2 * blocks * 512), 0
+    /// for none or for a CDB that does not decode. For iSCSI residuals.
     pub fn data_out_len(&self, cdb: &[u8]) -> u32 {
         cdb::data_out_len(cdb, BLOCK)
     }

@@ -14,6 +14,8 @@ const B: u64 = BLOCK as u64;
 const CHUNK: u64 = 1 << 20;
 /// Bytes of the allocation map GET LBA STATUS reads per call.
 const LBA_STATUS_WINDOW: u64 = 1 << 30;
+/// Bytes of the allocation map one GET LBA STATUS reads at most.
+const LBA_STATUS_SCAN: u64 = 256 << 30;
 
 /// First byte where `a` and `b` differ.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -43,10 +45,18 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if self.write_protected() { Err(SenseError::write_protected()) } else { Ok(()) }
     }
 
-    /// The Data-Out buffer for `len` bytes: a short buffer is an error the
-    /// transport should have caught; answer it rather than write garbage.
+    /// The first `len` bytes of a parameter list, or PARAMETER LIST LENGTH
+    /// ERROR when the initiator sent fewer.
     fn payload(data: &[u8], len: u64) -> Result<&[u8], SenseError> {
         data.get(..len as usize).ok_or_else(SenseError::param_list_length)
+    }
+
+    /// The first `len` bytes of block data. Fewer (an iSCSI expected data
+    /// transfer length below the CDB's transfer length) is answered with
+    /// INVALID FIELD IN COMMAND INFORMATION UNIT and nothing is written
+    /// (FCP-4 9.4.2 option b, which libiscsi's residual tests accept).
+    fn block_payload(data: &[u8], len: u64) -> Result<&[u8], SenseError> {
+        data.get(..len as usize).ok_or_else(SenseError::invalid_field_in_iu)
     }
 
     pub(super) async fn read(&self, r: Range) -> Outcome {
@@ -64,7 +74,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let payload = Self::payload(data, len)?;
+        let payload = Self::block_payload(data, len)?;
         let fua = fua || !self.state.lock().modes.wce;
         let _g = self.io.read().await;
         self.dev.write(off, payload, fua).await.map_err(dev_err)?;
@@ -76,13 +86,13 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if len == 0 {
             return Ok(Vec::new());
         }
+        let want = if bytchk { Some(Self::block_payload(data, len)?) } else { None };
         let mut buf = vec![0u8; len as usize];
         self.dev.read(off, &mut buf).await.map_err(dev_err)?;
-        if bytchk {
-            let want = Self::payload(data, len)?;
-            if let Some(at) = first_difference(&buf, want) {
-                return Err(SenseError::miscompare(at as u64).into());
-            }
+        if let Some(want) = want
+            && let Some(at) = first_difference(&buf, want)
+        {
+            return Err(SenseError::miscompare(at as u64).into());
         }
         Ok(Vec::new())
     }
@@ -189,8 +199,11 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         let mut descs: Vec<(u64, u64, bool)> = Vec::new();
         let mut off = lba * B;
         let size = self.dev.size();
-        while off < size && descs.len() <= max_desc {
-            let len = (size - off).min(LBA_STATUS_WINDOW);
+        // A descriptor may end before the medium does (SBC-4 5.7): stop after
+        // LBA_STATUS_SCAN bytes so one command stays bounded on huge LUNs.
+        let stop = off.saturating_add(LBA_STATUS_SCAN).min(size);
+        while off < stop && descs.len() <= max_desc {
+            let len = (stop - off).min(LBA_STATUS_WINDOW);
             for e in self.dev.allocation(off, len).await.map_err(dev_err)? {
                 if e.length == 0 {
                     continue;
@@ -245,7 +258,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let payload = Self::payload(data, len)?;
+        let payload = Self::block_payload(data, len)?;
         let fua = fua || !self.state.lock().modes.wce;
         let _g = self.io.write().await;
         let mut cur = vec![0u8; len as usize];

@@ -108,6 +108,12 @@ impl SenseError {
         SenseError::new(key::ILLEGAL_REQUEST, 0x39, 0x00)
     }
 
+    /// ILLEGAL REQUEST / INVALID FIELD IN COMMAND INFORMATION UNIT (0Eh/03h):
+    /// the transport delivered less Data-Out than the CDB transfers.
+    pub fn invalid_field_in_iu() -> SenseError {
+        SenseError::new(key::ILLEGAL_REQUEST, 0x0E, 0x03)
+    }
+
     /// DATA PROTECT / WRITE PROTECTED (27h/00h).
     pub fn write_protected() -> SenseError {
         SenseError::new(key::DATA_PROTECT, 0x27, 0x00)
