@@ -762,27 +762,30 @@ async fn execute<D: BlockDevice + 'static>(
         return (resp, residual_for(n, edtl));
     }
     let need = lu.data_out_len(cdb);
-    if need > 0 && !read {
+    if need > 0 && !read && is_block_write(cdb) {
+        // Block writes follow the iSCSI residual rules (RFC 7143 11.4.5):
+        // with less data than the CDB asks for, only what came is written,
+        // in whole blocks (a partial block is an error); with more, the
+        // excess is ignored.
         let have = (data_out.len() as u32).min(edtl);
-        let residual = residual_for(need, have.max(edtl));
         if have < need {
-            // Less data than the CDB asks for: transfer only what came,
-            // in whole blocks; a partial block is an error.
-            match shorten(cdb, have) {
+            let resp = match shorten(cdb, have) {
                 Some(short) => {
-                    let resp =
-                        lu.execute(nexus, Command { cdb: &short, data_out: &data_out[..have as usize], lun }).await;
-                    return (resp, residual_for(need, have));
+                    lu.execute(nexus, Command { cdb: &short, data_out: &data_out[..have as usize], lun }).await
                 }
-                None if is_block_write(cdb) => {
-                    return (crate::scsi_sense::invalid_field_in_iu(), residual_for(need, have));
-                }
-                None => {}
-            }
+                None => crate::scsi_sense::invalid_field_in_iu(),
+            };
+            return (resp, residual_for(need, have));
         }
-        let used = (need as usize).min(data_out.len());
-        let resp = lu.execute(nexus, Command { cdb, data_out: &data_out[..used], lun }).await;
-        return (resp, residual);
+        let resp = lu.execute(nexus, Command { cdb, data_out: &data_out[..need as usize], lun }).await;
+        return (resp, residual_for(need, edtl));
+    }
+    if need > 0 && !read {
+        // Anything else (parameter lists, WRITE SAME's block, COMPARE AND
+        // WRITE's pair) goes to the logical unit as it came, which judges
+        // a size that does not match the CDB.
+        let resp = lu.execute(nexus, Command { cdb, data_out: &data_out, lun }).await;
+        return (resp, residual_for(need, edtl));
     }
     let resp = lu.execute(nexus, Command { cdb, data_out: &data_out, lun }).await;
     if read {
