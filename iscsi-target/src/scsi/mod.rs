@@ -377,7 +377,9 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
     }
 
     /// LOGICAL UNIT RESET or TARGET WARM/COLD RESET: RESERVE(6) released,
-    /// PREVENT cleared, a unit attention for every nexus the LU knows.
+    /// PREVENT cleared, mode pages back to their defaults, a unit attention
+    /// for every nexus the LU knows (29h/03h for a LUN reset, 29h/00h warm,
+    /// 29h/01h cold). Persistent reservations survive.
     pub fn reset(&self, by: &Nexus, kind: ResetKind) {
         let by = Port::of(by);
         let mut st = self.state.lock();
@@ -389,9 +391,9 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             ResetKind::TargetWarm => (0x29, 0x00),
             ResetKind::TargetCold => (0x29, 0x01),
         };
-        if kind == ResetKind::TargetCold {
-            st.modes = Modes::default();
-        }
+        // Device operating modes return to their initial conditions
+        // (SAM-5 6.3.3); nothing is saved, so that is the default values.
+        st.modes = Modes::default();
         let known: Vec<Port> = st.known.iter().cloned().collect();
         for p in known {
             // A reset supersedes what was pending (SAM-5 5.14).
