@@ -14,6 +14,8 @@ const B: u64 = BLOCK as u64;
 const CHUNK: u64 = 1 << 20;
 /// Bytes of the allocation map GET LBA STATUS reads per call.
 const LBA_STATUS_WINDOW: u64 = 1 << 30;
+/// Descriptors one GET LBA STATUS returns at most (1 MiB of parameter data).
+const LBA_STATUS_MAX_DESCRIPTORS: u32 = 65536;
 /// Bytes of the allocation map one GET LBA STATUS reads at most.
 const LBA_STATUS_SCAN: u64 = 256 << 30;
 
@@ -193,7 +195,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if lba >= self.blocks() {
             return Err(SenseError::lba_out_of_range().into());
         }
-        let max_desc = (alloc.saturating_sub(8) / 16).max(1) as usize;
+        let max_desc = (alloc.saturating_sub(8) / 16).clamp(1, LBA_STATUS_MAX_DESCRIPTORS) as usize;
         // (first LBA, blocks, allocated), merged across the windows the
         // allocation map is asked about.
         let mut descs: Vec<(u64, u64, bool)> = Vec::new();
