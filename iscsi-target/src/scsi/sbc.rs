@@ -272,10 +272,12 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
-    /// SANITIZE: OVERWRITE (with an all-zero pattern, or any pattern:
-    /// written once) and BLOCK ERASE deallocate everything; CRYPTO ERASE
-    /// and EXIT FAILURE MODE are not supported.
-    pub(super) async fn sanitize(&self, action: u8, _immed: bool, ause: bool, param_len: u16, data: &[u8]) -> Outcome {
+    /// SANITIZE: OVERWRITE writes the pattern over the whole LU once (an
+    /// all-zero pattern deallocates instead), BLOCK ERASE deallocates
+    /// everything; CRYPTO ERASE and EXIT FAILURE MODE are not supported.
+    /// IMMED and AUSE are accepted and have no effect: the sanitize is
+    /// complete when the command returns, and it has no failure mode to exit.
+    pub(super) async fn sanitize(&self, action: u8, param_len: u16, data: &[u8]) -> Outcome {
         const OVERWRITE: u8 = 0x01;
         const BLOCK_ERASE: u8 = 0x02;
         match action {
@@ -305,7 +307,6 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             }
             _ => return Err(SenseError::invalid_field_in_cdb(1, Some(4)).into()),
         }
-        let _ = ause;
         Ok(Vec::new())
     }
 
