@@ -40,6 +40,13 @@ async fn d_sense_switches_to_descriptor_sense() {
     let p = control_page(false, false);
     assert_good(&exec(&lu, &n, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p).await);
     assert_eq!(exec(&lu, &n, &bad, &[]).await.sense[0], 0x70);
+    // A reset returns the mode pages to their defaults.
+    let p = control_page(true, false);
+    assert_good(&exec(&lu, &n, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p).await);
+    lu.reset(&n, ResetKind::Lun);
+    let ua = exec(&lu, &n, &bad, &[]).await;
+    assert_eq!((ua.sense[0], sense(&ua)), (0x70, (6, 0x29, 0x03)));
+    assert_eq!(exec(&lu, &n, &bad, &[]).await.sense[0], 0x70);
 }
 
 #[tokio::test]

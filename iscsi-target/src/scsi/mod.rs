@@ -359,9 +359,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::ReceiveCopyResults { action, list_id, alloc } => {
                 self.receive_copy_results(port, *action, *list_id, *alloc)
             }
-            Cdb::Sanitize { action, immed, ause, param_len } => {
-                self.sanitize(*action, *immed, *ause, *param_len, data).await
-            }
+            Cdb::Sanitize { action, param_len, .. } => self.sanitize(*action, *param_len, data).await,
         }
     }
 
@@ -377,7 +375,9 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
     }
 
     /// LOGICAL UNIT RESET or TARGET WARM/COLD RESET: RESERVE(6) released,
-    /// PREVENT cleared, a unit attention for every nexus the LU knows.
+    /// PREVENT cleared, mode pages back to their defaults, a unit attention
+    /// for every nexus the LU knows (29h/03h for a LUN reset, 29h/00h warm,
+    /// 29h/01h cold). Persistent reservations survive.
     pub fn reset(&self, by: &Nexus, kind: ResetKind) {
         let by = Port::of(by);
         let mut st = self.state.lock();
@@ -389,9 +389,9 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             ResetKind::TargetWarm => (0x29, 0x00),
             ResetKind::TargetCold => (0x29, 0x01),
         };
-        if kind == ResetKind::TargetCold {
-            st.modes = Modes::default();
-        }
+        // Device operating modes return to their initial conditions
+        // (SAM-5 6.3.3); nothing is saved, so that is the default values.
+        st.modes = Modes::default();
         let known: Vec<Port> = st.known.iter().cloned().collect();
         for p in known {
             // A reset supersedes what was pending (SAM-5 5.14).
@@ -487,8 +487,10 @@ fn report_luns(select: u8, alloc: u32) -> Outcome {
     if !matches!(select, 0x00 | 0x01 | 0x02 | 0x10 | 0x11 | 0x12) {
         return Err(SenseError::invalid_field_in_cdb(2, Some(7)).into());
     }
+    // LUN 0 is an ordinary LU: listed for "all" (00h, 02h, 11h), not for
+    // the well-known (01h) or administrative-only (10h, 12h) selections.
     let mut d = vec![0u8; 8];
-    if select != 0x01 {
+    if matches!(select, 0x00 | 0x02 | 0x11) {
         d[3] = 8;
         d.extend_from_slice(&[0u8; 8]);
     }

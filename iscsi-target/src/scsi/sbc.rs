@@ -14,6 +14,8 @@ const B: u64 = BLOCK as u64;
 const CHUNK: u64 = 1 << 20;
 /// Bytes of the allocation map GET LBA STATUS reads per call.
 const LBA_STATUS_WINDOW: u64 = 1 << 30;
+/// Descriptors one GET LBA STATUS returns at most (1 MiB of parameter data).
+const LBA_STATUS_MAX_DESCRIPTORS: u32 = 65536;
 /// Bytes of the allocation map one GET LBA STATUS reads at most.
 const LBA_STATUS_SCAN: u64 = 256 << 30;
 
@@ -193,7 +195,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         if lba >= self.blocks() {
             return Err(SenseError::lba_out_of_range().into());
         }
-        let max_desc = (alloc.saturating_sub(8) / 16).max(1) as usize;
+        let max_desc = (alloc.saturating_sub(8) / 16).clamp(1, LBA_STATUS_MAX_DESCRIPTORS) as usize;
         // (first LBA, blocks, allocated), merged across the windows the
         // allocation map is asked about.
         let mut descs: Vec<(u64, u64, bool)> = Vec::new();
@@ -270,10 +272,12 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
-    /// SANITIZE: OVERWRITE (with an all-zero pattern, or any pattern:
-    /// written once) and BLOCK ERASE deallocate everything; CRYPTO ERASE
-    /// and EXIT FAILURE MODE are not supported.
-    pub(super) async fn sanitize(&self, action: u8, _immed: bool, ause: bool, param_len: u16, data: &[u8]) -> Outcome {
+    /// SANITIZE: OVERWRITE writes the pattern over the whole LU once (an
+    /// all-zero pattern deallocates instead), BLOCK ERASE deallocates
+    /// everything; CRYPTO ERASE and EXIT FAILURE MODE are not supported.
+    /// IMMED and AUSE are accepted and have no effect: the sanitize is
+    /// complete when the command returns, and it has no failure mode to exit.
+    pub(super) async fn sanitize(&self, action: u8, param_len: u16, data: &[u8]) -> Outcome {
         const OVERWRITE: u8 = 0x01;
         const BLOCK_ERASE: u8 = 0x02;
         match action {
@@ -303,7 +307,6 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             }
             _ => return Err(SenseError::invalid_field_in_cdb(1, Some(4)).into()),
         }
-        let _ = ause;
         Ok(Vec::new())
     }
 
