@@ -24,6 +24,12 @@ pub trait BlockDevice: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = Result<()>> + Send;
     /// Write `data` at `offset`; durable on return when `fua`.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Write `data` at `offset` all or nothing (even across a crash):
+    /// whole device blocks ([`BlockDevice::block_size`]), at most
+    /// [`BlockDevice::atomic_max`] bytes.
+    fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Largest [`BlockDevice::write_atomic`] in bytes.
+    fn atomic_max(&self) -> u32;
     /// Make every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
     /// Deallocate a range (it reads as zeros after).
@@ -51,6 +57,12 @@ impl<B: Backend> BlockDevice for Volume<B> {
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         Volume::write(self, offset, data, fua).await
+    }
+    async fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        Volume::write_atomic(self, offset, data, fua).await
+    }
+    fn atomic_max(&self) -> u32 {
+        Volume::<B>::ATOMIC_MAX as u32
     }
     async fn flush(&self) -> Result<()> {
         Volume::flush(self).await

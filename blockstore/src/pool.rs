@@ -175,6 +175,16 @@ pub(crate) struct Held {
     pages: Vec<Arc<Page>>,
 }
 
+impl Held {
+    /// Hold `page` (block `at`) too, unless it is held already.
+    pub fn hold(&mut self, at: u64, page: Arc<Page>) {
+        if !self.at.contains(&at) {
+            self.at.push(at);
+            self.pages.push(page);
+        }
+    }
+}
+
 /// Size of a bounce buffer: the largest piece the data path handles at once.
 pub(crate) const PIECE_BLOCKS: usize = FANOUT;
 

@@ -19,6 +19,7 @@
 //! a [`Miss`] and the caller loads it and tries again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::cache::PageCache;
 use crate::error::{Error, Result};
@@ -121,6 +122,37 @@ impl DevState {
             }
         }
         Ok(())
+    }
+
+    /// Every clean page on the paths to blocks `first..first + n`, so a
+    /// caller can hold them and then make a series of [`DevState::set`]s
+    /// that cannot meet a miss (all of them under one lock: an atomic
+    /// write).
+    pub fn clean_path_pages(&self, cx: &TreeCtx<'_>, first: u64, n: usize) -> Result<Vec<(u64, Arc<Page>)>, Miss> {
+        let mut out: Vec<(u64, Arc<Page>)> = Vec::new();
+        for b in first..first + n as u64 {
+            let mut e = self.rec.root;
+            let mut level = self.rec.depth;
+            while e.is_mapped() && level >= 1 {
+                let next = match self.dirty.get(&e.phys) {
+                    Some(p) => p[index(b, level)],
+                    None => {
+                        let p = cx.clean(e.phys).ok_or(Miss(e))?;
+                        let next = p[index(b, level)];
+                        if !out.iter().any(|(at, _)| *at == e.phys) {
+                            out.push((e.phys, p));
+                        }
+                        next
+                    }
+                };
+                if level == 1 {
+                    break;
+                }
+                e = next;
+                level -= 1;
+            }
+        }
+        Ok(out)
     }
 
     /// A page for reading: dirty pages from this device, clean ones from the

@@ -269,12 +269,12 @@ impl<B: Backend> Volume<B> {
             match piece {
                 Piece::Partial { block, within, len } => self.rmw(block, within, Some(src), len).await?,
                 Piece::Whole { block, blocks } if is_aligned(src) => {
-                    self.write_blocks(block, blocks, src, None).await?;
+                    self.write_blocks(block, blocks, src, None, false).await?;
                 }
                 Piece::Whole { block, blocks } => {
                     let mut tmp = self.pool.bounce();
                     tmp[..src.len()].copy_from_slice(src);
-                    let r = self.write_blocks(block, blocks, &tmp[..src.len()], None).await;
+                    let r = self.write_blocks(block, blocks, &tmp[..src.len()], None, false).await;
                     self.pool.bounce_back(tmp);
                     r?;
                 }
@@ -310,7 +310,7 @@ impl<B: Backend> Volume<B> {
                     Some(d) => tmp[within..within + n].copy_from_slice(d),
                     None => tmp[within..within + n].fill(0),
                 }
-                if self.write_blocks(b, 1, &tmp[..BLOCK_SIZE], Some(e[0])).await? {
+                if self.write_blocks(b, 1, &tmp[..BLOCK_SIZE], Some(e[0]), false).await? {
                     return Ok(());
                 }
             }
@@ -320,10 +320,54 @@ impl<B: Backend> Volume<B> {
         r
     }
 
+    /// Write whole, aligned blocks all or nothing: after a crash (or to any
+    /// reader) either every block holds the new data or none does. The data
+    /// goes to new blocks first, then every map entry changes under one hold
+    /// of the device's lock, which a commit also takes, so no commit can
+    /// capture half of it. At most [`Volume::ATOMIC_MAX`] bytes. (If the pool
+    /// runs out of space for map pages midway, the write fails and the
+    /// blocks already remapped keep their new data.)
+    pub async fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let bs = BLOCK_SIZE as u64;
+        if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) || data.len() > Self::ATOMIC_MAX {
+            return Err(Error::Invalid(format!(
+                "an atomic write must be whole {BLOCK_SIZE}-byte blocks, at most {} bytes",
+                Self::ATOMIC_MAX
+            )));
+        }
+        self.check(offset, data.len() as u64, true)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let n = data.len() / BLOCK_SIZE;
+        if is_aligned(data) {
+            self.write_blocks(offset / bs, n, data, None, true).await?;
+        } else {
+            let mut tmp = self.pool.bounce();
+            tmp[..data.len()].copy_from_slice(data);
+            let r = self.write_blocks(offset / bs, n, &tmp[..data.len()], None, true).await;
+            self.pool.bounce_back(tmp);
+            r?;
+        }
+        self.after_write(fua).await
+    }
+
+    /// The largest [`Volume::write_atomic`].
+    pub const ATOMIC_MAX: usize = PIECE_BLOCKS * BLOCK_SIZE;
+
     /// Write whole blocks from an aligned buffer to new blocks and map them.
     /// With `expect` (one block), map only if the block still maps to it;
-    /// returns false when it did not.
-    async fn write_blocks(&self, first: u64, n: usize, src: &[u8], expect: Option<Entry>) -> Result<bool> {
+    /// returns false when it did not. With `atomic`, every page on the
+    /// blocks' paths is held before the first entry changes, so all of them
+    /// change under one hold of the lock.
+    async fn write_blocks(
+        &self,
+        first: u64,
+        n: usize,
+        src: &[u8],
+        expect: Option<Entry>,
+        atomic: bool,
+    ) -> Result<bool> {
         let mut crcs = [0u32; PIECE_BLOCKS];
         for (c, blk) in crcs.iter_mut().zip(src.chunks_exact(BLOCK_SIZE)) {
             *c = crc(blk);
@@ -398,9 +442,16 @@ impl<B: Backend> Volume<B> {
         while i < n {
             let stop = {
                 let mut st = self.dev.state.write();
-                let cx = self.pool.tree_cx_holding(&held);
                 let mut stop = None;
-                while i < n && !st.deleted {
+                if atomic && i == 0 {
+                    let pins = st.clean_path_pages(&self.pool.tree_cx_holding(&held), first, n);
+                    match pins {
+                        Ok(pins) => pins.into_iter().for_each(|(at, p)| held.hold(at, p)),
+                        Err(m) => stop = Some(Stop::Miss(m)),
+                    }
+                }
+                let cx = self.pool.tree_cx_holding(&held);
+                while stop.is_none() && i < n && !st.deleted {
                     let e = Entry { phys: phys_of(i), crc: crcs[i] };
                     match st.set(&cx, first + i as u64, e, expect) {
                         Ok(Some(_)) => i += 1,
@@ -422,6 +473,7 @@ impl<B: Backend> Volume<B> {
             match stop {
                 None => {}
                 Some(Stop::Miss(m)) => {
+                    debug_assert!(!atomic || i == 0, "an atomic write met a miss after its first change");
                     if let Err(e) = self.pool.load_held(m.0, &mut held).await {
                         self.give_back_from(i, n, &phys_of);
                         return Err(e);

@@ -489,6 +489,34 @@ impl Login {
     }
 }
 
+/// Feed arbitrary bytes to a login as a sequence of Login Request PDUs
+/// (48-byte header, then up to 255 bytes of text): the fuzz target's entry
+/// point. Must never panic, whatever the bytes.
+pub fn fuzz_login(bytes: &[u8]) {
+    struct Open;
+    impl Directory for Open {
+        fn access(&self, target: &str) -> Option<Access> {
+            let chap = target.ends_with('c').then(|| Chap { user: "u".into(), secret: "s3cret-s3cret".into() });
+            Some(Access { initiators: Vec::new(), chap, mutual: None })
+        }
+        fn discovery_access(&self) -> Access {
+            Access::default()
+        }
+    }
+    let mut login = Login::new(1, 1);
+    let mut rest = bytes;
+    while rest.len() >= crate::pdu::BHS_LEN {
+        let bhs = Bhs(rest[..crate::pdu::BHS_LEN].try_into().expect("48 bytes"));
+        rest = &rest[crate::pdu::BHS_LEN..];
+        let n = bhs.data_len().min(rest.len()).min(255);
+        let step = login.step(&bhs, &rest[..n], &Open);
+        rest = &rest[n..];
+        if step.failed || step.done.is_some() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,33 +623,5 @@ mod tests {
         let mut l = Login::new(1, 7);
         let s = l.step(&req(1, 3, true), &kv(&[("InitiatorName", "iqn.allowed"), ("TargetName", "iqn.nope")]), &dir);
         assert_eq!(s.bhs.u16_at(36), status::NOT_FOUND);
-    }
-}
-
-/// Feed arbitrary bytes to a login as a sequence of Login Request PDUs
-/// (48-byte header, then up to 255 bytes of text): the fuzz target's entry
-/// point. Must never panic, whatever the bytes.
-pub fn fuzz_login(bytes: &[u8]) {
-    struct Open;
-    impl Directory for Open {
-        fn access(&self, target: &str) -> Option<Access> {
-            let chap = target.ends_with('c').then(|| Chap { user: "u".into(), secret: "s3cret-s3cret".into() });
-            Some(Access { initiators: Vec::new(), chap, mutual: None })
-        }
-        fn discovery_access(&self) -> Access {
-            Access::default()
-        }
-    }
-    let mut login = Login::new(1, 1);
-    let mut rest = bytes;
-    while rest.len() >= crate::pdu::BHS_LEN {
-        let bhs = Bhs(rest[..crate::pdu::BHS_LEN].try_into().expect("48 bytes"));
-        rest = &rest[crate::pdu::BHS_LEN..];
-        let n = bhs.data_len().min(rest.len()).min(255);
-        let step = login.step(&bhs, &rest[..n], &Open);
-        rest = &rest[n..];
-        if step.failed || step.done.is_some() {
-            return;
-        }
     }
 }

@@ -28,7 +28,7 @@ use crate::text::{self, Params};
 /// Commands one session may have queued (the CmdSN window).
 pub const QUEUE_DEPTH: u32 = 128;
 /// Largest write (expected data transfer length) collected for one command.
-pub const MAX_WRITE: u32 = 32 << 20;
+pub const MAX_WRITE: u32 = crate::scsi::MAX_TRANSFER_BLOCKS * 512;
 const RESERVED_TAG: u32 = 0xffff_ffff;
 
 /// What a session's target-side events need from the server.

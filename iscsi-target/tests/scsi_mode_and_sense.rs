@@ -43,7 +43,7 @@ async fn d_sense_switches_to_descriptor_sense() {
     // A reset returns the mode pages to their defaults.
     let p = control_page(true, false);
     assert_good(&exec(&lu, &n, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p).await);
-    lu.reset(&n, ResetKind::Lun);
+    lu.reset(&nexus(9, "iqn.resetter"), ResetKind::Lun);
     let ua = exec(&lu, &n, &bad, &[]).await;
     assert_eq!((ua.sense[0], sense(&ua)), (0x70, (6, 0x29, 0x03)));
     assert_eq!(exec(&lu, &n, &bad, &[]).await.sense[0], 0x70);
@@ -99,7 +99,11 @@ async fn unit_attention_after_reset_is_reported_once_per_nexus() {
     let (a, b) = (nexus(1, "iqn.a"), nexus(2, "iqn.b"));
     assert_good(&exec(&lu, &a, &[0; 6], &[]).await);
     assert_good(&exec(&lu, &b, &[0; 6], &[]).await);
-    lu.reset(&a, ResetKind::Lun);
+    let c = nexus(3, "iqn.c");
+    assert_good(&exec(&lu, &c, &[0; 6], &[]).await);
+    lu.reset(&c, ResetKind::Lun);
+    // The nexus that asked for the reset gets no attention.
+    assert_good(&exec(&lu, &c, &[0; 6], &[]).await);
     // INQUIRY and REPORT LUNS neither report nor clear it.
     assert_good(&exec(&lu, &a, &[0x12, 0, 0, 0, 36, 0], &[]).await);
     assert_good(&exec(&lu, &a, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[]).await);

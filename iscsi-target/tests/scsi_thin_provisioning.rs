@@ -106,7 +106,7 @@ async fn capacity_and_vpd_advertise_thin_provisioning() {
     assert_good(&r);
     assert_eq!(u64::from_be_bytes(r.data_in[0..8].try_into().unwrap()), 2047);
     assert_eq!(u32::from_be_bytes(r.data_in[8..12].try_into().unwrap()), 512);
-    assert_eq!(r.data_in[13] & 0x0F, 3);
+    assert_eq!(r.data_in[13] & 0x0F, 0, "one logical block per physical block (see PHYS_EXPONENT)");
     assert_eq!(r.data_in[14] & 0xC0, 0xC0);
     let b2 = exec(&lu, &n, &[0x12, 1, 0xB2, 0, 64, 0], &[]).await;
     assert_eq!(b2.data_in[5] & 0xE0, 0xE0);

@@ -39,6 +39,7 @@ pub mod op {
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
     pub const ORWRITE_16: u8 = 0x8B;
+    pub const WRITE_ATOMIC_16: u8 = 0x9C;
     pub const WRITE_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -136,6 +137,8 @@ pub enum Cdb {
     CompareAndWrite { range: Range, fua: bool },
     /// ORWRITE(16).
     OrWrite { range: Range, fua: bool },
+    /// WRITE ATOMIC(16): all of it or none of it.
+    WriteAtomic { range: Range, fua: bool },
     /// PERSISTENT RESERVE IN.
     PrIn { action: u8, alloc: u16 },
     /// PERSISTENT RESERVE OUT.
@@ -328,6 +331,16 @@ pub fn parse_cdb(cdb: &[u8]) -> Result<Cdb, SenseError> {
             no_protect(c)?;
             Cdb::OrWrite { range: range(c, Size::S16), fua: c[1] & 0x08 != 0 }
         }
+        WRITE_ATOMIC_16 => {
+            no_protect(c)?;
+            // ATOMIC BOUNDARY: we report a maximum boundary size of 0, so
+            // only 0 is valid.
+            if c[10] != 0 || c[11] != 0 {
+                return Err(bad(10, 7));
+            }
+            let blocks = u16::from_be_bytes([c[12], c[13]]) as u32;
+            Cdb::WriteAtomic { range: Range { lba: be64(c, 2), blocks }, fua: c[1] & 0x08 != 0 }
+        }
         PR_IN => {
             let action = c[1] & 0x1F;
             if action > 3 {
@@ -455,7 +468,10 @@ pub fn data_out_len(cdb: &[u8], block: u32) -> u32 {
     let Ok(c) = parse_cdb(cdb) else { return 0 };
     let blocks = |n: u32| n.saturating_mul(block);
     match c {
-        Cdb::Write { range, .. } | Cdb::WriteVerify { range, .. } | Cdb::OrWrite { range, .. } => blocks(range.blocks),
+        Cdb::Write { range, .. }
+        | Cdb::WriteVerify { range, .. }
+        | Cdb::OrWrite { range, .. }
+        | Cdb::WriteAtomic { range, .. } => blocks(range.blocks),
         Cdb::Verify { range, bytchk: true, .. } => blocks(range.blocks),
         Cdb::WriteSame { ndob: false, .. } => block,
         Cdb::CompareAndWrite { range, .. } => blocks(range.blocks).saturating_mul(2),

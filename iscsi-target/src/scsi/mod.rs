@@ -27,10 +27,16 @@ pub use sense::SenseError;
 
 /// Logical block size in bytes.
 pub const BLOCK: u32 = 512;
-/// Logical blocks per physical block, as an exponent (4096-byte store blocks).
-pub const PHYS_EXPONENT: u8 = 3;
+/// Logical blocks per physical block, as an exponent, in READ CAPACITY(16).
+/// The store's blocks are 4096 bytes, but we report 0 (one 512-byte block
+/// per physical block), as tgt does: GET LBA STATUS then answers per
+/// logical block, which libiscsi's GetLBAStatus.UnmapSingle requires (with
+/// an exponent of 3 it expects the first descriptor past the requested LBA,
+/// contrary to SBC-4). The 4 KiB preference still reaches initiators through
+/// VPD B0h's OPTIMAL TRANSFER LENGTH GRANULARITY and UNMAP GRANULARITY.
+pub const PHYS_EXPONENT: u8 = 0;
 /// Maximum transfer length in blocks (VPD page B0h).
-pub const MAX_TRANSFER_BLOCKS: u32 = 16384;
+pub const MAX_TRANSFER_BLOCKS: u32 = 131_072;
 /// Maximum UNMAP LBA count (VPD page B0h).
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Maximum UNMAP block descriptor count (VPD page B0h).
@@ -39,6 +45,9 @@ pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 32;
 /// Maximum COMPARE AND WRITE length in blocks (VPD page B0h).
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 255;
+/// WRITE ATOMIC(16): ATOMIC ALIGNMENT and ATOMIC TRANSFER LENGTH
+/// GRANULARITY in blocks (one store block).
+pub const ATOMIC_BLOCKS: u32 = 8;
 /// Unmap granularity in blocks (VPD page B0h).
 pub const UNMAP_GRANULARITY: u32 = 8;
 
@@ -328,6 +337,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::GetLbaStatus { lba, alloc } => self.get_lba_status(*lba, *alloc).await,
             Cdb::CompareAndWrite { range, fua } => self.compare_and_write(*range, *fua, data).await,
             Cdb::OrWrite { range, fua } => self.orwrite(*range, *fua, data).await,
+            Cdb::WriteAtomic { range, fua } => self.write_atomic(*range, *fua, data).await,
             Cdb::PrIn { action, alloc } => self.pr_in(*action, *alloc),
             Cdb::PrOut { action, scope, rtype, param_len } => {
                 self.pr_out(nexus, port, *action, *scope, *rtype, *param_len, data)
@@ -376,12 +386,12 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
 
     /// LOGICAL UNIT RESET or TARGET WARM/COLD RESET: RESERVE(6) released,
     /// PREVENT cleared, mode pages back to their defaults, a unit attention
-    /// for every nexus the LU knows (29h/03h for a LUN reset, 29h/00h warm,
-    /// 29h/01h cold). Persistent reservations survive.
+    /// for every other nexus the LU knows (29h/03h for a LUN reset, 29h/00h
+    /// warm, 29h/01h cold). Persistent reservations survive.
     pub fn reset(&self, by: &Nexus, kind: ResetKind) {
         let by = Port::of(by);
         let mut st = self.state.lock();
-        st.known.insert(by);
+        st.known.insert(by.clone());
         st.reserve6 = None;
         st.prevent.clear();
         let (asc, ascq) = match kind {
@@ -392,7 +402,11 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         // Device operating modes return to their initial conditions
         // (SAM-5 6.3.3); nothing is saved, so that is the default values.
         st.modes = Modes::default();
-        let known: Vec<Port> = st.known.iter().cloned().collect();
+        // Every other nexus learns of the reset through a unit attention;
+        // the one that asked for it knows already (tgt does the same, and
+        // libiscsi's suite counts on it: its teardown after
+        // Reserve6.LUNReset would otherwise trip over the attention).
+        let known: Vec<Port> = st.known.iter().filter(|p| **p != by).cloned().collect();
         for p in known {
             // A reset supersedes what was pending (SAM-5 5.14).
             st.ua.remove(&p);
@@ -466,6 +480,7 @@ fn access(c: &Cdb) -> Access {
         | Cdb::Unmap { .. }
         | Cdb::CompareAndWrite { .. }
         | Cdb::OrWrite { .. }
+        | Cdb::WriteAtomic { .. }
         | Cdb::SyncCache { .. }
         | Cdb::ModeSelect { .. }
         | Cdb::Sanitize { .. }

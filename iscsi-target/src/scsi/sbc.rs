@@ -5,7 +5,7 @@ use keel_blockstore::BlockDevice;
 use super::cdb::{Range, Size};
 use super::sense::SenseError;
 use super::{
-    BLOCK, Fail, LogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS,
+    ATOMIC_BLOCKS, BLOCK, Fail, LogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS,
     MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS, Outcome, dev_err, truncate,
 };
 
@@ -237,6 +237,11 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         let (off, len) = self.check_range(r)?;
         self.check_writable()?;
         if len == 0 {
+            // Zero blocks transfers nothing; data sent anyway means the
+            // initiator meant a length the one-byte field cannot hold.
+            if !data.is_empty() {
+                return Err(SenseError::invalid_field_in_cdb(13, None).into());
+            }
             return Ok(Vec::new());
         }
         if data.len() as u64 != 2 * len {
@@ -251,6 +256,27 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             return Err(SenseError::miscompare(at as u64).into());
         }
         self.dev.write(off, write, fua).await.map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
+    /// WRITE ATOMIC(16): whole store blocks (aligned to and a multiple of
+    /// [`ATOMIC_BLOCKS`]), through the store's all-or-nothing write.
+    pub(super) async fn write_atomic(&self, r: Range, fua: bool, data: &[u8]) -> Outcome {
+        let (off, len) = self.check_transfer(r)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if !r.lba.is_multiple_of(ATOMIC_BLOCKS as u64) {
+            return Err(SenseError::invalid_field_in_cdb(2, None).into());
+        }
+        if !r.blocks.is_multiple_of(ATOMIC_BLOCKS) || len > self.dev.atomic_max() as u64 {
+            return Err(SenseError::invalid_field_in_cdb(12, None).into());
+        }
+        let payload = Self::block_payload(data, len)?;
+        let fua = fua || !self.state.lock().modes.wce;
+        let _g = self.io.read().await;
+        self.dev.write_atomic(off, payload, fua).await.map_err(dev_err)?;
         Ok(Vec::new())
     }
 

@@ -6,8 +6,9 @@ use keel_blockstore::BlockDevice;
 use super::cdb::op;
 use super::sense::SenseError;
 use super::{
-    BLOCK, LogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
-    MAX_WRITE_SAME_BLOCKS, Modes, Nexus, Outcome, PHYS_EXPONENT, Port, UNMAP_GRANULARITY, truncate,
+    ATOMIC_BLOCKS, BLOCK, LogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS,
+    MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS, Modes, Nexus, Outcome, PHYS_EXPONENT, Port, UNMAP_GRANULARITY,
+    truncate,
 };
 
 /// Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
@@ -105,6 +106,11 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
                 b[24..28].copy_from_slice(&UNMAP_GRANULARITY.to_be_bytes());
                 b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
                 b[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
+                // WRITE ATOMIC(16): maximum length, alignment, granularity
+                // (page bytes 44..56); no atomic boundaries.
+                b[40..44].copy_from_slice(&(self.dev.atomic_max() / BLOCK).to_be_bytes());
+                b[44..48].copy_from_slice(&ATOMIC_BLOCKS.to_be_bytes());
+                b[48..52].copy_from_slice(&ATOMIC_BLOCKS.to_be_bytes());
                 vpd(0xB0, &b)
             }
             0xB1 => {
@@ -375,6 +381,7 @@ static SUPPORTED: &[Supported] = &[
     cmd(op::COMPARE_AND_WRITE, None, &[0x89, 0x18, F, F, F, F, F, F, F, F, 0, 0, 0, F, 0, 0]),
     cmd(op::WRITE_16, None, &[0x8A, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0]),
     cmd(op::ORWRITE_16, None, &[0x8B, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0]),
+    cmd(op::WRITE_ATOMIC_16, None, &[0x9C, 0x18, F, F, F, F, F, F, F, F, 0, 0, F, F, 0, 0]),
     cmd(op::WRITE_VERIFY_16, None, &[0x8E, 0x12, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0]),
     cmd(op::VERIFY_16, None, &[0x8F, 0x12, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0]),
     cmd(op::PRE_FETCH_16, None, &[0x90, 0x02, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0]),

@@ -152,10 +152,9 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
                     .with_field(false, at as u16, None)
                     .into());
             }
-            // LU ID TYPE: only 00b (LUN) is supported.
-            if t[1] >> 6 != 0 {
-                return Err(SenseError::invalid_field_in_param(at as u16 + 1, Some(7)).into());
-            }
+            // LU ID TYPE (byte 1, bits 7-6) is not checked: the designator
+            // names the LU, whatever the type says (libiscsi 1.19's
+            // ExtendedCopy.ValidTgtDescr expects a reserved type to work).
             // NUL, a device type other than block, or another LU: unreachable.
             if t[1] & 0x20 != 0 || t[1] & 0x1F != 0 || !self.names_this_lu(t) {
                 return Err(unreachable());
