@@ -979,15 +979,19 @@ impl App {
         if !vms.is_empty() {
             return Err(ApiError::conflict(format!("ISO {name} is in the CD-ROM of VM(s) {}", vms.join(", "))));
         }
+        // File first: a crash in between leaves a record without a file,
+        // which the next start drops (never a deleted ISO coming back).
+        let path = self.iso_dir().join(format!("{name}.iso"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ApiError::internal(format!("removing {}: {e}", path.display()))),
+        }
         self.meta.write(|w| {
             w.remove(ISOS, name)?;
             w.event(&event(&actor.name, "iso.delete", name, ""))?;
             Ok::<_, db::Error>(())
         })?;
-        let path = self.iso_dir().join(format!("{name}.iso"));
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!("removing {}: {e}", path.display());
-        }
         Ok(())
     }
 

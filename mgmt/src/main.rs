@@ -19,9 +19,10 @@ use keel_mgmt::serve::{self, FileConfig, Settings, parse_engine, pool_path};
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: a storage-centric virtualization appliance")]
 struct Cli {
-    /// The HTTP API to talk to (CLI commands).
-    #[arg(long, global = true, env = "KEEL_API", default_value = "http://127.0.0.1:7450")]
-    api_url: String,
+    /// The HTTP API: the address `keel serve` listens on, the URL the CLI
+    /// talks to [default: 127.0.0.1:7450, http://127.0.0.1:7450].
+    #[arg(long, global = true, env = "KEEL_API")]
+    api: Option<String>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -62,9 +63,6 @@ struct ServeArgs {
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
     #[arg(long, env = "KEEL_DATA")]
     data: Option<PathBuf>,
-    /// HTTP API address [default: 127.0.0.1:7450].
-    #[arg(long)]
-    api: Option<SocketAddr>,
     /// NBD server address [default: 127.0.0.1:10809].
     #[arg(long, env = "KEEL_NBD")]
     nbd: Option<SocketAddr>,
@@ -91,7 +89,17 @@ struct ServeArgs {
     nbd_require_tls: bool,
 }
 
-fn settings(a: ServeArgs) -> Result<Settings> {
+fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
+    let api = match api {
+        Some(s) => {
+            let t = s.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/api/v1");
+            Some(
+                t.parse::<SocketAddr>()
+                    .map_err(|_| anyhow::anyhow!("--api {s:?} is not an address like 127.0.0.1:7450"))?,
+            )
+        }
+        None => None,
+    };
     let f = match &a.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -121,7 +129,7 @@ fn settings(a: ServeArgs) -> Result<Settings> {
     Ok(Settings {
         data: a.data.or(f.data).unwrap_or_else(|| PathBuf::from("keel-data")),
         addrs: keel_mgmt::app::Addrs {
-            api: a.api.or(f.api).unwrap_or_else(|| d("127.0.0.1:7450")),
+            api: api.or(f.api).unwrap_or_else(|| d("127.0.0.1:7450")),
             nbd: a.nbd.or(f.nbd).unwrap_or_else(|| d("127.0.0.1:10809")),
             iscsi: a.iscsi.or(f.iscsi).unwrap_or_else(|| d("127.0.0.1:3260")),
         },
@@ -135,13 +143,15 @@ fn settings(a: ServeArgs) -> Result<Settings> {
 
 fn client(cli: &Cli) -> Client {
     let data = std::env::var_os("KEEL_DATA").map_or_else(|| PathBuf::from("keel-data"), PathBuf::from);
-    Client::new(&cli.api_url, std::env::var("KEEL_TOKEN").ok(), &data, cli.json)
+    let api = cli.api.clone().unwrap_or_else(|| "http://127.0.0.1:7450".into());
+    let api = if api.starts_with("http://") || api.starts_with("https://") { api } else { format!("http://{api}") };
+    Client::new(&api, std::env::var("KEEL_TOKEN").ok(), &data, cli.json)
 }
 
 async fn run(cli: Cli) -> Result<()> {
     let c = client(&cli);
     match cli.command {
-        Command::Serve(a) => serve::serve(settings(*a)?).await?,
+        Command::Serve(a) => serve::serve(settings(*a, cli.api.as_deref())?).await?,
         Command::Pool { data } => {
             let path = pool_path(&data);
             if !path.exists() {

@@ -9,8 +9,8 @@ use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
 use serde::Deserialize;
 
 use crate::app::{Addrs, App};
-use crate::db::{Meta, TOKENS, USERS};
-use crate::model::{Role, Token, User, human, now};
+use crate::db::{ISOS, Meta, TOKENS, USERS};
+use crate::model::{IsoMeta, Role, Token, User, human, now};
 use crate::{auth, reconcile};
 
 /// The settings of `keel serve`, from flags, environment and the TOML
@@ -164,18 +164,33 @@ fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<Pat
     Ok(Some(path))
 }
 
-/// Remove upload files a crash left in the ISO store.
-fn clean_isos(data: &Path) -> Vec<String> {
+/// Bring the ISO store in step with its records after a crash: remove
+/// unfinished uploads and `.iso` files whose upload was never recorded
+/// (the client never got a success), and drop records whose file is gone
+/// (a delete removes the file first).
+fn reconcile_isos(meta: &Meta, data: &Path) -> Result<Vec<String>> {
     let mut said = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(data.join("isos")) {
+    let dir = data.join("isos");
+    let records: Vec<(String, IsoMeta)> = meta.list(ISOS)?;
+    if let Ok(rd) = std::fs::read_dir(&dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".upload-") && std::fs::remove_file(e.path()).is_ok() {
-                said.push(format!("removed the unfinished ISO upload {name}"));
+            let unfinished = name.starts_with('.') && name.contains(".upload-");
+            let unrecorded = name
+                .strip_suffix(".iso")
+                .is_some_and(|stem| !name.starts_with('.') && !records.iter().any(|(k, _)| k == stem));
+            if (unfinished || unrecorded) && std::fs::remove_file(e.path()).is_ok() {
+                said.push(format!("removed {name} from the ISO store: its upload never completed"));
             }
         }
     }
-    said
+    for (name, _) in records {
+        if !dir.join(format!("{name}.iso")).exists() {
+            meta.write(|w| w.remove(ISOS, &name))?;
+            said.push(format!("dropped the record of ISO {name}: its file is gone"));
+        }
+    }
+    Ok(said)
 }
 
 /// Run the appliance until SIGINT or SIGTERM.
@@ -188,7 +203,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     }
     let made = first_manager(&meta, &s.data, s.addrs.api)?;
     let mut said = reconcile::reconcile(&pool, &meta).await.context("reconciling metadata with the block store")?;
-    said.extend(clean_isos(&s.data));
+    said.extend(reconcile_isos(&meta, &s.data)?);
     if said.is_empty() {
         println!("reconciled: metadata and the block store agree");
     }

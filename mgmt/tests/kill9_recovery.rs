@@ -163,3 +163,38 @@ fn kill9_under_load_then_restart_is_consistent() {
         assert_eq!(st, 201, "{v}");
     }
 }
+
+#[test]
+fn iso_store_leftovers_are_cleaned_on_start() {
+    let dir = data_dir();
+    let mut d = Daemon::start(dir.path());
+    let put = |name: &str| {
+        ureq::put(&format!("{}/api/v1/isos/{name}", d.url()))
+            .set("Authorization", &format!("Bearer {}", d.token))
+            .send_bytes(b"iso bytes")
+            .unwrap()
+            .status()
+    };
+    assert_eq!(put("kept"), 201);
+    assert_eq!(put("lost"), 201);
+    let ports = (d.api, d.nbd, d.iscsi);
+    d.kill9();
+    // What a crash can leave: a half upload, a stored file never recorded,
+    // a record whose file a delete had removed.
+    let isos = dir.path().join("isos");
+    std::fs::write(isos.join(".half.upload-0123456789abcdef"), b"par").unwrap();
+    std::fs::write(isos.join("unrecorded.iso"), b"whole").unwrap();
+    std::fs::remove_file(isos.join("lost.iso")).unwrap();
+    let d = Daemon::start_with(dir.path(), &[], ports);
+    let out = d.output();
+    assert!(out.contains("removed .half.upload-0123456789abcdef"), "{out}");
+    assert!(out.contains("removed unrecorded.iso"), "{out}");
+    assert!(out.contains("dropped the record of ISO lost"), "{out}");
+    let (_, list) = d.call("GET", "/api/v1/isos", None);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["kept"]);
+    let mut files: Vec<String> =
+        std::fs::read_dir(&isos).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["kept.iso"]);
+}
