@@ -540,6 +540,21 @@ async fn method_not_allowed() -> Response {
         .into_response()
 }
 
+/// Log every request: errors at info, the rest at debug.
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_millis() as u64;
+    if status >= 400 {
+        tracing::info!(target: "keel::http", %method, path, status, ms, "request");
+    } else {
+        tracing::debug!(target: "keel::http", %method, path, status, ms, "request");
+    }
+    resp
+}
+
 /// The API's router.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -564,5 +579,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(app)
 }

@@ -431,12 +431,21 @@ impl App {
     }
 
     fn volume_sessions(&self, name: &str) -> u64 {
-        let prefix = format!("{name}@");
-        self.nbd.counters().iter().filter(|c| c.name == name || c.name.starts_with(&prefix)).map(|c| c.sessions).sum()
+        sessions_of(&self.nbd.counters(), name)
     }
 
     fn view(&self, m: &VolumeMeta) -> ApiResult<VolumeView> {
-        let devices = self.pool.list();
+        self.view_in(m, &self.pool.list(), &self.nbd.counters())
+    }
+
+    /// The view of `m` given the store's devices and the NBD counters (so a
+    /// listing reads them once, not once per volume).
+    fn view_in(
+        &self,
+        m: &VolumeMeta,
+        devices: &[keel_blockstore::DeviceInfo],
+        nbd: &[keel_nbd_server::ExportCounters],
+    ) -> ApiResult<VolumeView> {
         let dev = devices
             .iter()
             .find(|d| d.name == m.name && d.kind == DeviceKind::Volume)
@@ -454,7 +463,7 @@ impl App {
             nbd_url: self.nbd_url(&m.name),
             iscsi_url: format!("iscsi://{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name),
             iqn: format!("{IQN_PREFIX}{}", m.name),
-            nbd_sessions: self.volume_sessions(&m.name),
+            nbd_sessions: sessions_of(nbd, &m.name),
         })
     }
 
@@ -477,13 +486,14 @@ impl App {
     pub fn list_volumes(&self, actor: &User) -> ApiResult<Vec<VolumeView>> {
         forbid_regular(actor, "use volumes")?;
         let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let (devices, nbd) = (self.pool.list(), self.nbd.counters());
         let mut out = Vec::new();
         for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
             let ok = users.get(&m.owner).is_some_and(|o| auth::can_see_owned(actor, o));
             if actor.role == Role::Manager || ok {
                 // A volume whose store device vanished is reconciled at the
                 // next start; skip it rather than fail the listing.
-                if let Ok(v) = self.view(&m) {
+                if let Ok(v) = self.view_in(&m, &devices, &nbd) {
                     out.push(v);
                 }
             }
@@ -1060,6 +1070,123 @@ impl App {
     }
 }
 
+/// Open NBD sessions on volume `name` and its snapshots.
+fn sessions_of(counters: &[keel_nbd_server::ExportCounters], name: &str) -> u64 {
+    let prefix = format!("{name}@");
+    counters.iter().filter(|c| c.name == name || c.name.starts_with(&prefix)).map(|c| c.sessions).sum()
+}
+
 fn event(user: &str, action: &str, target: &str, detail: &str) -> Event {
+    tracing::info!(target: "keel::event", user, action, object = target, detail, "event");
     Event { time: now(), user: user.into(), action: action.into(), target: target.into(), detail: detail.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_blockstore::backend::MemBackend;
+    use keel_blockstore::{AnyBackend, PoolOptions};
+    use keel_nbd_server::Exports;
+
+    use super::*;
+
+    async fn app(dir: &std::path::Path) -> App {
+        let pool = Pool::create(AnyBackend::Mem(MemBackend::new(64 << 20)), PoolOptions::default()).await.unwrap();
+        let (meta, _) = Meta::open(&dir.join("m.redb")).unwrap();
+        let addrs = Addrs {
+            api: "127.0.0.1:7450".parse().unwrap(),
+            nbd: "127.0.0.1:10809".parse().unwrap(),
+            iscsi: "127.0.0.1:3260".parse().unwrap(),
+        };
+        App::new(pool, meta, addrs, dir.to_path_buf())
+    }
+
+    fn admin() -> User {
+        User {
+            name: "admin".into(),
+            role: Role::Manager,
+            parent: None,
+            quota: None,
+            password_hash: String::new(),
+            created: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn iscsi_targets_read_the_export_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        let v = app.create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None }).await.unwrap();
+        assert_eq!(v.iscsi_url, "iscsi://127.0.0.1:3260/iqn.2026-11.io.keel:web/0");
+        assert_eq!(v.nbd_url, "nbd://127.0.0.1:10809/web");
+        let chap = Chap { user: "host".into(), secret: "0123456789abcd".into() };
+        let iscsi = IscsiExport { initiators: vec!["iqn.1993-08.org.debian:01:a".into()], chap: Some(chap.clone()) };
+        let e = app.set_export(&a, "web", iscsi).await.unwrap();
+        assert_eq!(e.chap_user.as_deref(), Some("host"));
+        let t = app.target("iqn.2026-11.io.keel:web").unwrap();
+        assert_eq!(t.volume, "web");
+        assert_eq!(t.chap, Some(chap));
+        assert_eq!(t.initiators, ["iqn.1993-08.org.debian:01:a"]);
+        assert_eq!(app.targets().len(), 1);
+        assert_eq!(app.portal().port(), 3260);
+        assert!(app.target("iqn.2026-11.io.keel:nope").is_none());
+        assert!(app.target("iqn.other:web").is_none());
+        let bad = IscsiExport { initiators: vec!["IQN.UPPER".into()], chap: None };
+        assert_eq!(app.set_export(&a, "web", bad).await.unwrap_err().status.as_u16(), 400);
+    }
+
+    #[tokio::test]
+    async fn an_open_nbd_session_blocks_delete_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        app.create_volume(&a, CreateVolume { name: "v".into(), size: 1 << 20, owner: None }).await.unwrap();
+        app.create_snapshot(&a, "v", "s").await.unwrap();
+        let session = app.nbd.open("v@s").unwrap();
+        assert_eq!(app.show_volume(&a, "v").unwrap().nbd_sessions, 1);
+        assert_eq!(app.delete_snapshot(&a, "v", "s").await.unwrap_err().status.as_u16(), 409);
+        assert_eq!(app.delete_volume(&a, "v", true).await.unwrap_err().status.as_u16(), 409);
+        drop(session);
+        app.delete_volume(&a, "v", true).await.unwrap();
+        assert_eq!(app.show_volume(&a, "v").unwrap_err().status.as_u16(), 404);
+        assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty(), "no intent is left behind");
+    }
+
+    #[tokio::test]
+    async fn reconcile_finishes_and_undoes_intents() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        app.meta.put(USERS, "admin", &admin()).unwrap();
+        // A create that reached the store, one that did not, a delete that
+        // did not, a record whose volume is gone, a store volume with no record.
+        app.pool.create_volume("made", 1 << 20).await.unwrap();
+        app.pool.create_volume("doomed", 1 << 20).await.unwrap();
+        app.pool.create_volume("stray", 1 << 20).await.unwrap();
+        let create = |n: &str| Intent::Create { name: n.into(), owner: "admin".into(), origin: None };
+        app.meta.put(INTENTS, "made", &create("made")).unwrap();
+        app.meta.put(INTENTS, "never", &create("never")).unwrap();
+        app.meta.put(INTENTS, "doomed", &Intent::Delete { name: "doomed".into() }).unwrap();
+        let ghost = VolumeMeta {
+            name: "ghost".into(),
+            owner: "admin".into(),
+            created: 0,
+            origin: None,
+            iscsi: IscsiExport::default(),
+        };
+        app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
+        let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();
+        assert_eq!(said.len(), 5, "{said:?}");
+        let mut recorded: Vec<String> =
+            app.meta.list::<VolumeMeta>(VOLUMES).unwrap().into_iter().map(|(k, _)| k).collect();
+        recorded.sort();
+        assert_eq!(recorded, ["made", "stray"]);
+        let mut stored: Vec<String> = app.pool.list().into_iter().map(|d| d.name).collect();
+        stored.sort();
+        assert_eq!(stored, ["made", "stray"]);
+        assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty());
+        // A second pass finds nothing to do.
+        assert!(crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap().is_empty());
+    }
 }

@@ -405,6 +405,109 @@ pub fn user(c: &Client, cmd: UserCmd) -> Result<()> {
     Ok(())
 }
 
+/// `keel export ...`.
+pub fn export(c: &Client, cmd: ExportCmd) -> Result<()> {
+    let show =
+        |v: &Value| print_kv(v, &["volume", "nbd_url", "nbd_sessions", "iqn", "iscsi_url", "initiators", "chap_user"]);
+    match cmd {
+        ExportCmd::Show { volume } => {
+            let v = c.get(&format!("/volumes/{volume}/export"))?;
+            c.print(&v, show);
+        }
+        ExportCmd::Set { volume, initiator, chap_user, chap_secret_stdin } => {
+            let mut b = json!({"initiators": initiator});
+            if let Some(u) = chap_user {
+                if !chap_secret_stdin {
+                    bail!("--chap-user needs the secret on stdin (--chap-secret-stdin)");
+                }
+                let mut secret = String::new();
+                std::io::stdin().read_to_string(&mut secret).context("reading the CHAP secret from stdin")?;
+                b["chap_user"] = u.into();
+                b["chap_secret"] = secret.trim_end_matches(['\n', '\r']).into();
+            }
+            let v = c.send("PUT", &format!("/volumes/{volume}/export"), b)?;
+            c.print(&v, show);
+        }
+    }
+    Ok(())
+}
+
+/// `keel job list` and `keel event list`.
+pub fn jobs_and_events(c: &Client, events: bool, after: u64, limit: usize) -> Result<()> {
+    if events {
+        let v = c.get(&format!("/events?after={after}&limit={limit}"))?;
+        c.print(&v, |v| {
+            let rows = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            vec![
+                                s(&e["id"]),
+                                s(&e["time"]),
+                                s(&e["user"]),
+                                s(&e["action"]),
+                                s(&e["target"]),
+                                s(&e["detail"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["ID", "TIME", "USER", "ACTION", "TARGET", "DETAIL"], rows)
+        });
+    } else {
+        let v = c.get("/jobs")?;
+        c.print(&v, |v| {
+            let rows = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|j| {
+                            let pct = j["progress_percent"].as_f64().map_or("-".into(), |p| format!("{p:.0}%"));
+                            vec![
+                                s(&j["id"]),
+                                s(&j["kind"]),
+                                s(&j["target"]),
+                                s(&j["owner"]),
+                                s(&j["state"]),
+                                pct,
+                                s(&j["error"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["ID", "KIND", "TARGET", "OWNER", "STATE", "PROGRESS", "ERROR"], rows)
+        });
+    }
+    Ok(())
+}
+
+/// `keel export` subcommands.
+#[derive(clap::Subcommand)]
+pub enum ExportCmd {
+    /// Show a volume's NBD and iSCSI exports.
+    Show {
+        /// Volume.
+        volume: String,
+    },
+    /// Set a volume's iSCSI access (replaces the initiator list and CHAP).
+    Set {
+        /// Volume.
+        volume: String,
+        /// Initiator IQN allowed to log in (repeat; none allows any).
+        #[arg(long)]
+        initiator: Vec<String>,
+        /// CHAP user (the secret is read from stdin).
+        #[arg(long, requires = "chap_secret_stdin")]
+        chap_user: Option<String>,
+        /// Read the CHAP secret (12 to 16 characters) from stdin.
+        #[arg(long)]
+        chap_secret_stdin: bool,
+    },
+}
+
 /// `keel volume` subcommands.
 #[derive(clap::Subcommand)]
 pub enum VolumeCmd {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use keel_blockstore::{Engine, PoolOptions};
-use keel_mgmt::cli::{self, Client, IsoCmd, SnapshotCmd, UserCmd, VolumeCmd};
+use keel_mgmt::cli::{self, Client, ExportCmd, IsoCmd, SnapshotCmd, UserCmd, VolumeCmd};
 use keel_mgmt::model::{human, parse_size};
 use keel_mgmt::serve::{self, FileConfig, Settings, parse_engine, pool_path};
 
@@ -52,6 +52,29 @@ enum Command {
     /// Users: create, list, delete, login.
     #[command(subcommand)]
     User(UserCmd),
+    /// Exports: show, set (iSCSI initiator ACL and CHAP).
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Long-running operations of the running daemon.
+    #[command(subcommand)]
+    Job(ListCmd),
+    /// The event log.
+    Event {
+        #[command(subcommand)]
+        cmd: ListCmd,
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    /// List them.
+    List,
 }
 
 #[derive(clap::Args)]
@@ -176,6 +199,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(v) => tokio::task::spawn_blocking(move || cli::snapshot(&c, v)).await??,
         Command::Iso(v) => tokio::task::spawn_blocking(move || cli::iso(&c, v)).await??,
         Command::User(v) => tokio::task::spawn_blocking(move || cli::user(&c, v)).await??,
+        Command::Export(v) => tokio::task::spawn_blocking(move || cli::export(&c, v)).await??,
+        Command::Job(ListCmd::List) => {
+            tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, false, 0, 0)).await??
+        }
+        Command::Event { cmd: ListCmd::List, after, limit } => {
+            tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, true, after, limit)).await??
+        }
     }
     Ok(())
 }

@@ -226,3 +226,44 @@ fn config_file_sets_addresses_and_flags_win() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
 }
+
+#[test]
+fn iscsi_export_settings_jobs_and_events_through_the_cli() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    assert!(d.cli(&["volume", "create", "lun", "--size", "8M"]).status.success());
+    let out = d.cli_as(
+        &d.token,
+        &[
+            "export",
+            "set",
+            "lun",
+            "--initiator",
+            "iqn.1993-08.org.debian:01:host1",
+            "--initiator",
+            "iqn.1993-08.org.debian:01:host2",
+            "--chap-user",
+            "host",
+            "--chap-secret-stdin",
+            "--json",
+        ],
+        Some("secret-12345\n"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["chap_user"], "host");
+    assert_eq!(v["initiators"].as_array().unwrap().len(), 2);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("secret-12345"), "the secret is never sent back");
+    let out = d.cli(&["export", "show", "lun"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("iqn.2026-11.io.keel:lun") && text.contains("host2"), "{text}");
+    // A too-short secret is refused by the API.
+    let out = d.cli_as(&d.token, &["export", "set", "lun", "--chap-user", "h", "--chap-secret-stdin"], Some("short\n"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("HTTP 400"));
+    // The event log and job list print as tables.
+    let out = d.cli(&["event", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ID") && text.contains("export.set") && text.contains("volume.create"), "{text}");
+    let out = d.cli(&["job", "list"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ID"));
+}
