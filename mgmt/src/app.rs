@@ -383,6 +383,12 @@ impl App {
         }
     }
 
+    /// Wait for the catalog change in flight, if any, and hold off new ones
+    /// while the guard lives (shutdown).
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.ops.lock().await
+    }
+
     /// Test hook: die by `kill -9` here if `KEEL_CRASH_POINT` names this
     /// point.
     fn crash_point(&self, point: &str) {
@@ -1152,6 +1158,35 @@ mod tests {
         app.delete_volume(&a, "v", true).await.unwrap();
         assert_eq!(app.show_volume(&a, "v").unwrap_err().status.as_u16(), 404);
         assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty(), "no intent is left behind");
+    }
+
+    struct OneVm;
+    impl UsageHooks for OneVm {
+        fn volume_users(&self, volume: &str) -> Vec<String> {
+            if volume == "boot" { vec!["vm1".into()] } else { Vec::new() }
+        }
+        fn iso_users(&self, iso: &str) -> Vec<String> {
+            if iso == "installer" { vec!["vm1".into()] } else { Vec::new() }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_vm_uses_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app(dir.path()).await;
+        app.usage = Box::new(OneVm);
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        app.create_volume(&a, CreateVolume { name: "boot".into(), size: 1 << 20, owner: None }).await.unwrap();
+        let e = app.delete_volume(&a, "boot", false).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 409);
+        assert!(e.message.contains("vm1"), "{}", e.message);
+        std::fs::create_dir_all(app.iso_dir()).unwrap();
+        std::fs::write(app.iso_dir().join("installer.iso"), b"x").unwrap();
+        let iso = IsoMeta { name: "installer".into(), size_bytes: 1, owner: "admin".into(), created: 0 };
+        app.record_iso(&a, &iso).unwrap();
+        assert_eq!(app.delete_iso(&a, "installer").unwrap_err().status.as_u16(), 409);
+        assert!(app.iso_dir().join("installer.iso").exists());
     }
 
     #[tokio::test]

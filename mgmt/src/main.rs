@@ -90,7 +90,7 @@ struct ServeArgs {
     #[arg(long, env = "KEEL_NBD")]
     nbd: Option<SocketAddr>,
     /// iSCSI portal address [default: 127.0.0.1:3260].
-    #[arg(long)]
+    #[arg(long, env = "KEEL_ISCSI")]
     iscsi: Option<SocketAddr>,
     /// Size of the default pool file when it is created (sparse) [default: 64G].
     #[arg(long, value_parser = parse_size)]

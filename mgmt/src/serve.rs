@@ -259,9 +259,12 @@ pub async fn serve(s: Settings) -> Result<()> {
         _ = term.recv() => {}
         r = api => { r?.context("the HTTP API stopped")?; }
     }
+    // Let a catalog change in flight finish (an interrupted one would be
+    // reconciled at the next start anyway), then commit and stop.
+    let quiet = app.quiesce().await;
     nbd.abort();
-    drop(app);
     pool.close().await?;
+    drop(quiet);
     println!("pool committed; bye");
     Ok(())
 }
