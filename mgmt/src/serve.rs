@@ -89,7 +89,16 @@ pub fn credentials_path(data: &Path) -> PathBuf {
 
 /// Open (or create) the default pool.
 pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions) -> Result<Pool<AnyBackend>> {
-    std::fs::create_dir_all(data).with_context(|| format!("creating data directory {}", data.display()))?;
+    if !data.exists() {
+        // The data directory holds the credentials and the metadata: only
+        // its owner gets in.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data)
+            .with_context(|| format!("creating data directory {}", data.display()))?;
+    }
     let path = pool_path(data);
     let fresh = !path.exists();
     if fresh {
