@@ -687,6 +687,9 @@ impl App {
             Ok::<_, db::Error>(())
         })?;
         self.nbd.forget(name);
+        for s in snaps {
+            self.nbd.forget(&format!("{name}@{s}"));
+        }
         Ok(())
     }
 

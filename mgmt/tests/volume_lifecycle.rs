@@ -91,12 +91,38 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
     let metrics = ureq::get(&format!("{}/metrics", d.url())).call().unwrap().into_string().unwrap();
     assert!(metrics.contains("keel_nbd_export_sessions{export=\"disk1\"} 1"), "{metrics}");
     assert!(metrics.contains("keel_volume_size_bytes{volume=\"disk1\"} 134217728"));
+    let written = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keel_nbd_written_bytes_total{export=\"disk1\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(written >= 2 << 20, "two 1 MiB writes were counted: {metrics}");
     let msg = assert_error(d.call("DELETE", "/api/v1/volumes/disk1?recursive=true", None), 409);
     assert!(msg.contains("in use"), "{msg}");
     let out = d.cli(&["volume", "delete", "disk1", "--recursive"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("HTTP 409"));
     holder.stdin.take().unwrap().write_all(b"quit\n").unwrap();
     holder.wait().unwrap();
+
+    // The CLI finds its token in DATA/credentials when KEEL_TOKEN is unset,
+    // and says what to do when it has none.
+    let out = Command::new(KEEL)
+        .args(["volume", "list"])
+        .env("KEEL_API", d.url())
+        .env_remove("KEEL_TOKEN")
+        .env("KEEL_DATA", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("disk1-copy"), "{out:?}");
+    let out = Command::new(KEEL)
+        .args(["volume", "list"])
+        .env("KEEL_API", d.url())
+        .env_remove("KEEL_TOKEN")
+        .env("KEEL_DATA", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("HTTP 401") && err.contains("KEEL_TOKEN"), "{err}");
 
     // Restart: everything is still there, data included.
     d.restart();
