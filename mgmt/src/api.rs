@@ -496,6 +496,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     let c = app.nbd.counters();
     gauge("keel_nbd_sessions", "Open NBD connections.", "gauge", vec![(String::new(), app.nbd.total_sessions())]);
     gauge(
+        "keel_iscsi_sessions",
+        "Logged-in iSCSI sessions.",
+        "gauge",
+        vec![(String::new(), app.sessions.of_protocol("iscsi"))],
+    );
+    gauge(
         "keel_nbd_export_sessions",
         "Open NBD connections per export.",
         "gauge",

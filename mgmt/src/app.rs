@@ -62,6 +62,51 @@ impl UsageHooks for NoVms {
     }
 }
 
+/// Sessions of protocol servers other than NBD (the iSCSI target): each
+/// login holds a [`SessionGuard`] on its volume for as long as it lasts, and
+/// a volume with sessions is in use.
+#[derive(Clone, Default)]
+pub struct SessionRegistry {
+    open: Arc<Mutex<HashMap<(&'static str, String), u64>>>,
+}
+
+/// One open session; closing is dropping it.
+pub struct SessionGuard {
+    registry: SessionRegistry,
+    key: (&'static str, String),
+}
+
+impl SessionRegistry {
+    /// Count a session of `protocol` (e.g. `"iscsi"`) on `volume`.
+    pub fn open(&self, protocol: &'static str, volume: &str) -> SessionGuard {
+        let key = (protocol, volume.to_string());
+        *self.open.lock().entry(key.clone()).or_default() += 1;
+        SessionGuard { registry: self.clone(), key }
+    }
+
+    /// Sessions on `volume`, all protocols.
+    pub fn on_volume(&self, volume: &str) -> u64 {
+        self.open.lock().iter().filter(|((_, v), _)| v == volume).map(|(_, n)| n).sum()
+    }
+
+    /// Sessions of `protocol`, all volumes.
+    pub fn of_protocol(&self, protocol: &str) -> u64 {
+        self.open.lock().iter().filter(|((p, _), _)| *p == protocol).map(|(_, n)| n).sum()
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut open = self.registry.open.lock();
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// The running appliance.
 pub struct App {
     /// The default pool.
@@ -76,6 +121,8 @@ pub struct App {
     pub data: PathBuf,
     /// Who else uses volumes and ISOs.
     pub usage: Box<dyn UsageHooks>,
+    /// Sessions of the iSCSI target (and any other protocol server).
+    pub sessions: SessionRegistry,
     /// Catalog changes run one at a time, so quota checks and intents see
     /// a stable state.
     ops: tokio::sync::Mutex<()>,
@@ -377,6 +424,7 @@ impl App {
             addrs,
             data,
             usage: Box::new(NoVms),
+            sessions: SessionRegistry::default(),
             ops: tokio::sync::Mutex::new(()),
             jobs: Jobs::default(),
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
@@ -648,6 +696,12 @@ impl App {
         if sessions > 0 {
             return Err(ApiError::conflict(format!(
                 "{export} is in use: {sessions} NBD connection(s) are open on it; disconnect the clients first"
+            )));
+        }
+        let others = self.sessions.on_volume(name);
+        if others > 0 {
+            return Err(ApiError::conflict(format!(
+                "{name} is in use: {others} iSCSI session(s) are logged in to it; log the initiators out first"
             )));
         }
         let vms = self.usage.volume_users(name);
@@ -1158,6 +1212,11 @@ mod tests {
         assert_eq!(app.delete_snapshot(&a, "v", "s").await.unwrap_err().status.as_u16(), 409);
         assert_eq!(app.delete_volume(&a, "v", true).await.unwrap_err().status.as_u16(), 409);
         drop(session);
+        let iscsi = app.sessions.open("iscsi", "v");
+        assert_eq!(app.sessions.of_protocol("iscsi"), 1);
+        assert_eq!(app.delete_volume(&a, "v", true).await.unwrap_err().status.as_u16(), 409);
+        drop(iscsi);
+        assert_eq!(app.sessions.on_volume("v"), 0);
         app.delete_volume(&a, "v", true).await.unwrap();
         assert_eq!(app.show_volume(&a, "v").unwrap_err().status.as_u16(), 404);
         assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty(), "no intent is left behind");
