@@ -110,6 +110,13 @@ async fn login(State(app): State<Arc<App>>, b: Bytes) -> ApiResult<(StatusCode, 
     Ok((StatusCode::CREATED, Json(serde_json::json!({"token": token, "user": user.name, "role": user.role}))))
 }
 
+async fn logout(State(app): State<Arc<App>>, Actor(a): Actor, headers: HeaderMap) -> ApiResult<StatusCode> {
+    let h = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let token = h.strip_prefix("Bearer ").unwrap_or_default().trim();
+    app.logout(&a, token)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn whoami(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<UserView>> {
     Ok(Json(app.show_user(&a, &a.name)?))
 }
@@ -566,6 +573,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/tokens", post(login))
+        .route("/api/v1/tokens/current", axum::routing::delete(logout))
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/pools", get(pools))
         .route("/api/v1/pools/{name}", get(pool))

@@ -470,6 +470,16 @@ impl App {
         Ok((token, user))
     }
 
+    /// Revoke a token.
+    pub fn logout(&self, actor: &User, token: &str) -> ApiResult<()> {
+        self.meta.write(|w| {
+            w.remove(TOKENS, &auth::token_key(token))?;
+            w.event(&event(&actor.name, "token.revoke", &actor.name, ""))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(())
+    }
+
     fn user(&self, name: &str) -> ApiResult<Option<User>> {
         Ok(self.meta.get(USERS, name)?)
     }

@@ -392,6 +392,10 @@ pub fn user(c: &Client, cmd: UserCmd) -> Result<()> {
             c.delete(&format!("/users/{name}"))?;
             c.print(&json!({"deleted": name}), |_| println!("deleted user {name}"));
         }
+        UserCmd::Logout => {
+            c.delete("/tokens/current")?;
+            c.print(&json!({"revoked": true}), |_| println!("token revoked"));
+        }
         UserCmd::Login { name, password_stdin } => {
             if !password_stdin {
                 bail!("pass the password on stdin with --password-stdin");
@@ -632,6 +636,8 @@ pub enum UserCmd {
         /// Name.
         name: String,
     },
+    /// Revoke the token in use (KEEL_TOKEN or the credentials file's).
+    Logout,
     /// Get a token for a user (password on stdin); prints it.
     Login {
         /// Name.

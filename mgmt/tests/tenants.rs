@@ -134,6 +134,13 @@ fn tenants_cannot_see_or_touch_each_other() {
     assert_eq!(d.call_as(&p1, "DELETE", "/api/v1/users/r1", None).0, 204);
     assert_error(d.call_as(&r1, "GET", "/api/v1/whoami", None), 401);
 
+    // Logging out revokes only that token.
+    let p1b = d.login("p1", "password-1");
+    let out = d.cli_as(&p1b, &["user", "logout"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_error(d.call_as(&p1b, "GET", "/api/v1/whoami", None), 401);
+    assert_eq!(d.call_as(&p1, "GET", "/api/v1/whoami", None).0, 200);
+
     // The manager sees everything.
     let (_, list) = d.call("GET", "/api/v1/volumes", None);
     assert_eq!(list.as_array().unwrap().len(), 2);
