@@ -1,56 +1,106 @@
-//! `keel`: the appliance daemon and its command line.
+//! `keel`: the appliance daemon (`keel serve`) and its command line.
 //!
-//! Today `keel serve` brings up the block store and its NBD server: it opens
-//! (or creates) the default pool in the data directory with the best I/O
-//! engine the machine offers, reports its state, serves every volume over
-//! NBD, and keeps running until stopped, committing on the way out. The HTTP
-//! API, the CLI verbs and the iSCSI target come with their issues (see
-//! README.md, "Status").
+//! `keel serve` opens (or creates) the default pool and the metadata
+//! database in the data directory, reconciles them after a crash, and
+//! serves the HTTP API, NBD, and (when wired in) iSCSI. The other commands
+//! are the CLI, which talks to a running daemon over the HTTP API, and
+//! `keel pool`, which reads a stopped daemon's pool directly.
 
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
+use keel_blockstore::{Engine, PoolOptions};
+use keel_mgmt::cli::{self, Client, ExportCmd, IsoCmd, SnapshotCmd, UserCmd, VolumeCmd};
+use keel_mgmt::model::{human, parse_size};
+use keel_mgmt::serve::{self, FileConfig, Settings, parse_engine, pool_path};
 
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: a storage-centric virtualization appliance")]
 struct Cli {
+    /// The HTTP API: the address `keel serve` listens on, the URL the CLI
+    /// talks to [default: 127.0.0.1:7450, http://127.0.0.1:7450].
+    #[arg(long, global = true, env = "KEEL_API")]
+    api: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the appliance with embedded defaults.
-    Serve(ServeArgs),
-    /// Show the default pool's state without serving it.
+    /// Run the appliance.
+    Serve(Box<ServeArgs>),
+    /// Show a stopped appliance's default pool (reads the pool file).
     Pool {
         /// Data directory.
         #[arg(long, env = "KEEL_DATA", default_value = "keel-data")]
         data: PathBuf,
     },
+    /// Volumes: create, list, show, resize, delete, clone.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Snapshots: create, list, delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// The ISO store: upload, list, delete.
+    #[command(subcommand)]
+    Iso(IsoCmd),
+    /// Users: create, list, delete, login.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Exports: show, set (iSCSI initiator ACL and CHAP).
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Long-running operations of the running daemon.
+    #[command(subcommand)]
+    Job(ListCmd),
+    /// The event log.
+    Event {
+        #[command(subcommand)]
+        cmd: ListCmd,
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    /// List them.
+    List,
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Data directory (holds the default pool file).
-    #[arg(long, env = "KEEL_DATA", default_value = "keel-data")]
-    data: PathBuf,
-    /// Size of the default pool file when it is created (sparse; bytes, or
-    /// with a K/M/G/T suffix).
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
-    pool_size: u64,
-    /// I/O engine: auto, uring or sync.
-    #[arg(long, default_value = "auto", value_parser = parse_engine)]
-    engine: Engine,
-    /// Map page cache, in bytes or with a suffix.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    cache: u64,
-    /// Address of the NBD server (every volume exported under its name,
-    /// every snapshot read-only as VOLUME@SNAPSHOT).
-    #[arg(long, env = "KEEL_NBD", default_value = "127.0.0.1:10809")]
-    nbd: std::net::SocketAddr,
+    /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
+    /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls); flags win.
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
+    #[arg(long, env = "KEEL_DATA")]
+    data: Option<PathBuf>,
+    /// NBD server address [default: 127.0.0.1:10809].
+    #[arg(long, env = "KEEL_NBD")]
+    nbd: Option<SocketAddr>,
+    /// iSCSI portal address [default: 127.0.0.1:3260].
+    #[arg(long, env = "KEEL_ISCSI")]
+    iscsi: Option<SocketAddr>,
+    /// Size of the default pool file when it is created (sparse) [default: 64G].
+    #[arg(long, value_parser = parse_size)]
+    pool_size: Option<u64>,
+    /// I/O engine: auto, uring or sync [default: auto].
+    #[arg(long, value_parser = parse_engine)]
+    engine: Option<Engine>,
+    /// Map page cache [default: 64M].
+    #[arg(long, value_parser = parse_size)]
+    cache: Option<u64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
     #[arg(long, requires = "nbd_tls_key")]
     nbd_tls_cert: Option<PathBuf>,
@@ -58,146 +108,120 @@ struct ServeArgs {
     #[arg(long, requires = "nbd_tls_cert")]
     nbd_tls_key: Option<PathBuf>,
     /// Refuse NBD clients that do not negotiate TLS.
-    #[arg(long, requires = "nbd_tls_cert")]
+    #[arg(long)]
     nbd_require_tls: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
+fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
+    let api = match api {
+        Some(s) => {
+            let t = s.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/api/v1");
+            Some(
+                t.parse::<SocketAddr>()
+                    .map_err(|_| anyhow::anyhow!("--api {s:?} is not an address like 127.0.0.1:7450"))?,
+            )
         }
-        _ => (s, 1),
+        None => None,
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn parse_engine(s: &str) -> Result<Engine, String> {
-    match s {
-        "auto" => Ok(Engine::Auto),
-        "uring" | "io_uring" => Ok(Engine::Uring),
-        "sync" => Ok(Engine::Sync),
-        _ => Err(format!("unknown engine {s:?}: use auto, uring or sync")),
-    }
-}
-
-fn pool_path(data: &Path) -> PathBuf {
-    data.join("pool.img")
-}
-
-async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions) -> Result<Pool<AnyBackend>> {
-    std::fs::create_dir_all(data).with_context(|| format!("creating data directory {}", data.display()))?;
-    let path = pool_path(data);
-    let fresh = !path.exists();
-    if fresh {
-        let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        f.set_len(size).with_context(|| format!("sizing {}", path.display()))?;
-    }
-    let backend = AnyBackend::open(&path, engine).with_context(|| format!("opening {}", path.display()))?;
-    let engine_name = backend.engine_name();
-    let pool = if fresh {
-        println!("created pool {} ({} bytes, engine {engine_name})", path.display(), size);
-        Pool::create(backend, opts).await?
-    } else {
-        let (pool, report) = Pool::open(backend, opts).await?;
-        println!("opened pool {} at generation {} (engine {engine_name})", path.display(), report.generation);
-        if let Some(why) = report.superblock_fallback {
-            println!("recovered: the newest superblock copy was unusable ({why}); opened the previous commit");
+    let f = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let size = |flag: Option<u64>, file: &Option<String>, key: &str, default: u64| -> Result<u64> {
+        match (flag, file) {
+            (Some(v), _) => Ok(v),
+            (None, Some(s)) => parse_size(s).map_err(|e| anyhow::anyhow!("config {key}: {e}")),
+            (None, None) => Ok(default),
         }
-        pool
     };
-    Ok(pool)
-}
-
-fn print_state(pool: &Pool<AnyBackend>) {
-    let s = pool.stats();
-    println!(
-        "pool: {} total, {} allocated, {} free, {} provisioned in {} device(s)",
-        human(s.total_bytes),
-        human(s.allocated_bytes),
-        human(s.free_bytes),
-        human(s.provisioned_bytes),
-        s.devices
-    );
-    for d in pool.list() {
-        println!("  {:<32} {:>10} {:>10} allocated", d.name, human(d.size), human(d.allocated_bytes));
+    let engine = match (a.engine, &f.engine) {
+        (Some(e), _) => e,
+        (None, Some(s)) => parse_engine(s).map_err(|e| anyhow::anyhow!("config engine: {e}"))?,
+        (None, None) => Engine::Auto,
+    };
+    let nbd_tls = match (a.nbd_tls_cert.or(f.nbd_tls_cert), a.nbd_tls_key.or(f.nbd_tls_key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("NBD TLS needs both a certificate and a key"),
+    };
+    let nbd_require_tls = a.nbd_require_tls || f.nbd_require_tls.unwrap_or(false);
+    if nbd_require_tls && nbd_tls.is_none() {
+        bail!("--nbd-require-tls needs --nbd-tls-cert and --nbd-tls-key");
     }
+    let d = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
+    Ok(Settings {
+        data: a.data.or(f.data).unwrap_or_else(|| PathBuf::from("keel-data")),
+        addrs: keel_mgmt::app::Addrs {
+            api: api.or(f.api).unwrap_or_else(|| d("127.0.0.1:7450")),
+            nbd: a.nbd.or(f.nbd).unwrap_or_else(|| d("127.0.0.1:10809")),
+            iscsi: a.iscsi.or(f.iscsi).unwrap_or_else(|| d("127.0.0.1:3260")),
+        },
+        pool_size: size(a.pool_size, &f.pool_size, "pool_size", 64 << 30)?,
+        engine,
+        cache: size(a.cache, &f.cache, "cache", 64 << 20)?,
+        nbd_tls,
+        nbd_require_tls,
+    })
 }
 
-fn human(b: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+fn client(cli: &Cli) -> Client {
+    let data = std::env::var_os("KEEL_DATA").map_or_else(|| PathBuf::from("keel-data"), PathBuf::from);
+    let api = cli.api.clone().unwrap_or_else(|| "http://127.0.0.1:7450".into());
+    let api = if api.starts_with("http://") || api.starts_with("https://") { api } else { format!("http://{api}") };
+    Client::new(&api, std::env::var("KEEL_TOKEN").ok(), &data, cli.json)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> Result<()> {
+    let c = client(&cli);
     match cli.command {
-        Command::Serve(a) => {
-            let opts = PoolOptions { cache_bytes: a.cache as usize, ..Default::default() };
-            let pool = open_pool(&a.data, a.pool_size, a.engine, opts).await?;
-            print_state(&pool);
-            let tls = match (&a.nbd_tls_cert, &a.nbd_tls_key) {
-                (Some(c), Some(k)) => Some(keel_nbd_server::tls::acceptor_from_pem(c, k)?),
-                _ => None,
-            };
-            let config = keel_nbd_server::ServerConfig { tls, require_tls: a.nbd_require_tls, ..Default::default() };
-            let listener = tokio::net::TcpListener::bind(a.nbd)
-                .await
-                .with_context(|| format!("binding the NBD server to {}", a.nbd))?;
-            let exports = std::sync::Arc::new(keel_nbd_server::PoolExports::new(pool.clone()));
-            let nbd = tokio::spawn(keel_nbd_server::serve(listener, exports, std::sync::Arc::new(config)));
-            println!("NBD on nbd://{}/VOLUME{}", a.nbd, if a.nbd_require_tls { " (TLS required)" } else { "" });
-            println!("keel is up (the HTTP API and iSCSI target are not built yet); Ctrl-C stops it");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            nbd.abort();
-            pool.close().await?;
-            println!("pool committed; bye");
-        }
+        Command::Serve(a) => serve::serve(settings(*a, cli.api.as_deref())?).await?,
         Command::Pool { data } => {
             let path = pool_path(&data);
             if !path.exists() {
-                anyhow::bail!("no pool at {}: start `keel serve --data {}` first", path.display(), data.display());
+                bail!("no pool at {}: start `keel serve --data {}` first", path.display(), data.display());
             }
-            let pool = open_pool(&data, 0, Engine::Auto, PoolOptions::default()).await?;
-            print_state(&pool);
+            let pool = serve::open_pool(&data, 0, Engine::Auto, PoolOptions::default()).await?;
+            let s = pool.stats();
+            println!(
+                "pool: {} total, {} allocated, {} free, {} provisioned in {} device(s)",
+                human(s.total_bytes),
+                human(s.allocated_bytes),
+                human(s.free_bytes),
+                human(s.provisioned_bytes),
+                s.devices
+            );
+            for d in pool.list() {
+                println!("  {:<32} {:>10} {:>10} allocated", d.name, human(d.size), human(d.allocated_bytes));
+            }
+        }
+        // The CLI is blocking (ureq): keep it off the runtime's workers.
+        Command::Volume(v) => tokio::task::spawn_blocking(move || cli::volume(&c, v)).await??,
+        Command::Snapshot(v) => tokio::task::spawn_blocking(move || cli::snapshot(&c, v)).await??,
+        Command::Iso(v) => tokio::task::spawn_blocking(move || cli::iso(&c, v)).await??,
+        Command::User(v) => tokio::task::spawn_blocking(move || cli::user(&c, v)).await??,
+        Command::Export(v) => tokio::task::spawn_blocking(move || cli::export(&c, v)).await??,
+        Command::Job(ListCmd::List) => {
+            tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, false, 0, 0)).await??
+        }
+        Command::Event { cmd: ListCmd::List, after, limit } => {
+            tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, true, after, limit)).await??
         }
     }
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
-        assert!(parse_size("5X").is_err());
-        assert!(parse_size("G").is_err());
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "info".into());
+    // Structured logs: text by default, JSON lines with KEEL_LOG_FORMAT=json.
+    if std::env::var("KEEL_LOG_FORMAT").as_deref() == Ok("json") {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }

@@ -15,6 +15,8 @@
 pub mod connection;
 pub mod proto;
 pub mod server;
+pub mod sessions;
 pub mod tls;
 
 pub use server::{Exports, PoolExports, ServerConfig, serve};
+pub use sessions::{CountingExports, ExportCounters};

@@ -1,0 +1,598 @@
+//! The HTTP API: JSON under `/api/v1`, described by `openapi.json` (served
+//! at `/api/v1/openapi.json`), and Prometheus metrics at `/metrics`.
+//!
+//! Handlers only decode: they pull the caller from the bearer token, parse
+//! the body and query into typed requests (every field checked, unknown
+//! fields refused), and call [`App`]. Every error is `{"error": "..."}`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
+
+use crate::app::{App, CreateUser, CreateVolume, ExportView, JobView, SnapshotView, UserView, VolumeView};
+use crate::error::{ApiError, ApiResult};
+use crate::model::{Chap, IscsiExport, IsoMeta, Quota, Role, User, now, parse_size};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The caller, from `Authorization: Bearer TOKEN`.
+pub struct Actor(pub User);
+
+impl FromRequestParts<Arc<App>> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Actor, ApiError> {
+        let h = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let token = h.and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            ApiError::unauthorized(
+                "this endpoint needs `Authorization: Bearer TOKEN`: get a token with POST /api/v1/tokens (the first manager's is in DATA/credentials)",
+            )
+        })?;
+        app.authenticate(token.trim()).map(Actor)
+    }
+}
+
+fn body<T: DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
+    if b.is_empty() {
+        return Err(ApiError::bad("the request needs a JSON body"));
+    }
+    serde_json::from_slice(b).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+fn query<T: DeserializeOwned + Default>(q: Option<String>) -> ApiResult<T> {
+    match q {
+        None => Ok(T::default()),
+        Some(q) => {
+            // Query strings are flat key=value pairs; decode them through a
+            // JSON object so the same field checks apply as for bodies.
+            let mut map = serde_json::Map::new();
+            for pair in q.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let v = match v {
+                    "true" => serde_json::Value::Bool(true),
+                    "false" => serde_json::Value::Bool(false),
+                    _ => match v.parse::<u64>() {
+                        Ok(n) => n.into(),
+                        Err(_) => v.into(),
+                    },
+                };
+                map.insert(k.to_string(), v);
+            }
+            serde_json::from_value(map.into()).map_err(|e| ApiError::bad(format!("invalid query: {e}")))
+        }
+    }
+}
+
+/// A size as a number of bytes or a string with a K/M/G/T suffix.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeIn {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeIn {
+    fn bytes(&self) -> ApiResult<u64> {
+        match self {
+            SizeIn::Bytes(b) => Ok(*b),
+            SizeIn::Text(s) => parse_size(s).map_err(ApiError::bad),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginIn {
+    user: String,
+    password: String,
+}
+
+async fn login(State(app): State<Arc<App>>, b: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let r: LoginIn = body(&b)?;
+    let app2 = app.clone();
+    // argon2 is deliberately slow: keep it off the async workers.
+    let (token, user) = tokio::task::spawn_blocking(move || app2.login(&r.user, &r.password))
+        .await
+        .map_err(|e| ApiError::internal(format!("login failed: {e}")))??;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"token": token, "user": user.name, "role": user.role}))))
+}
+
+async fn logout(State(app): State<Arc<App>>, Actor(a): Actor, headers: HeaderMap) -> ApiResult<StatusCode> {
+    let h = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let token = h.strip_prefix("Bearer ").unwrap_or_default().trim();
+    app.logout(&a, token)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn whoami(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<UserView>> {
+    Ok(Json(app.show_user(&a, &a.name)?))
+}
+
+async fn pools(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    Ok(Json(vec![app.pool_view(&a)?]))
+}
+
+async fn pool(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let v = app.pool_view(&a)?;
+    if name != "default" {
+        return Err(ApiError::not_found(format!("pool {name} not found: this appliance has one pool, `default`")));
+    }
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolumeIn {
+    name: String,
+    size: SizeIn,
+    owner: Option<String>,
+}
+
+async fn list_volumes(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<VolumeView>>> {
+    Ok(Json(app.list_volumes(&a)?))
+}
+
+async fn create_volume(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<VolumeView>)> {
+    let r: CreateVolumeIn = body(&b)?;
+    let req = CreateVolume { name: r.name, size: r.size.bytes()?, owner: r.owner };
+    Ok((StatusCode::CREATED, Json(app.create_volume(&a, req).await?)))
+}
+
+async fn show_volume(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<VolumeView>> {
+    Ok(Json(app.show_volume(&a, &name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeIn {
+    size: SizeIn,
+}
+
+async fn resize_volume(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<VolumeView>> {
+    let r: ResizeIn = body(&b)?;
+    Ok(Json(app.resize_volume(&a, &name, r.size.bytes()?).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeleteQ {
+    recursive: Option<bool>,
+}
+
+async fn delete_volume(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    let q: DeleteQ = query(q)?;
+    app.delete_volume(&a, &name, q.recursive.unwrap_or(false)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameIn {
+    name: String,
+    #[serde(default)]
+    owner: Option<String>,
+}
+
+async fn list_snapshots(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<SnapshotView>>> {
+    Ok(Json(app.list_snapshots(&a, &name)?))
+}
+
+async fn create_snapshot(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
+    let r: NameIn = body(&b)?;
+    if r.owner.is_some() {
+        return Err(ApiError::bad("a snapshot belongs to its volume's owner: drop the owner field"));
+    }
+    Ok((StatusCode::CREATED, Json(app.create_snapshot(&a, &name, &r.name).await?)))
+}
+
+async fn delete_snapshot(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    app.delete_snapshot(&a, &name, &snap).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_snapshot(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path((name, snap)): Path<(String, String)>,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<VolumeView>)> {
+    let r: NameIn = body(&b)?;
+    Ok((StatusCode::CREATED, Json(app.clone_snapshot(&a, &name, &snap, &r.name, r.owner.as_deref()).await?)))
+}
+
+async fn show_export(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ExportView>> {
+    Ok(Json(app.export(&a, &name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportIn {
+    #[serde(default)]
+    initiators: Vec<String>,
+    #[serde(default)]
+    chap_user: Option<String>,
+    #[serde(default)]
+    chap_secret: Option<String>,
+}
+
+async fn set_export(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<ExportView>> {
+    let r: ExportIn = body(&b)?;
+    let chap = match (r.chap_user, r.chap_secret) {
+        (None, None) => None,
+        (Some(user), Some(secret)) => Some(Chap { user, secret }),
+        _ => {
+            return Err(ApiError::bad("chap_user and chap_secret go together: give both, or neither to turn CHAP off"));
+        }
+    };
+    Ok(Json(app.set_export(&a, &name, IscsiExport { initiators: r.initiators, chap }).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUserIn {
+    name: String,
+    role: String,
+    password: String,
+    #[serde(default)]
+    parent: Option<String>,
+    #[serde(default)]
+    quota: Option<QuotaIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaIn {
+    #[serde(default)]
+    cpus: u32,
+    #[serde(default)]
+    memory: Option<SizeIn>,
+    storage: SizeIn,
+}
+
+async fn list_users(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<UserView>>> {
+    Ok(Json(app.list_users(&a)?))
+}
+
+async fn create_user(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    let r: CreateUserIn = body(&b)?;
+    let role = Role::parse(&r.role)
+        .ok_or_else(|| ApiError::bad(format!("role {:?} is not one of manager, power, regular", r.role)))?;
+    let quota = match r.quota {
+        None => None,
+        Some(q) => Some(Quota {
+            cpus: q.cpus,
+            memory_bytes: q.memory.map(|m| m.bytes()).transpose()?.unwrap_or(0),
+            storage_bytes: q.storage.bytes()?,
+        }),
+    };
+    let req = CreateUser { name: r.name, role, password: r.password, parent: r.parent, quota };
+    Ok((StatusCode::CREATED, Json(app.create_user(&a, req).await?)))
+}
+
+async fn show_user(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    Ok(Json(app.show_user(&a, &name)?))
+}
+
+async fn delete_user(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    app.delete_user(&a, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_isos(State(app): State<Arc<App>>, Actor(_): Actor) -> ApiResult<Json<Vec<IsoMeta>>> {
+    Ok(Json(app.list_isos()?))
+}
+
+/// Stream the request body to `DATA/isos/.NAME.upload-RANDOM`, make it
+/// read-only and link it to `NAME.iso` (refusing to replace one). Memory
+/// use is one body chunk, whatever the size.
+async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job) -> ApiResult<u64> {
+    let dir = app.iso_dir();
+    let io = |what: &str, e: std::io::Error| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            ApiError::no_space(format!("the data directory's disk is full while {what}: free space and retry"))
+        } else {
+            ApiError::internal(format!("{what}: {e}"))
+        }
+    };
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| io("creating the ISO directory", e))?;
+    let tmp = dir.join(format!(".{name}.upload-{:016x}", rand::random::<u64>()));
+    let result = async {
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| io("creating the upload file", e))?;
+        let mut stream = body.into_data_stream();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad(format!("the upload was interrupted: {e}")))?;
+            f.write_all(&chunk).await.map_err(|e| io("writing the upload", e))?;
+            n += chunk.len() as u64;
+            job.done.store(n, Ordering::Relaxed);
+        }
+        if n == 0 {
+            return Err(ApiError::bad("the upload is empty: send the ISO as the request body"));
+        }
+        f.sync_all().await.map_err(|e| io("syncing the upload", e))?;
+        drop(f);
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
+            .await
+            .map_err(|e| io("making the ISO read-only", e))?;
+        let dest = dir.join(format!("{name}.iso"));
+        match tokio::fs::hard_link(&tmp, &dest).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ApiError::conflict(format!("ISO {name} already exists")));
+            }
+            Err(e) => return Err(io("storing the ISO", e)),
+        }
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(n)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    result
+}
+
+async fn upload_iso(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    app.check_iso_upload(&a, &name)?;
+    let total = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let job = app.jobs.start("iso.upload", &name, &a.name, total);
+    let r = store_iso(&app, &name, b, &job).await;
+    let r = match r {
+        Ok(size) => {
+            let iso = IsoMeta { name: name.clone(), size_bytes: size, owner: a.name.clone(), created: now() };
+            match app.record_iso(&a, &iso) {
+                Ok(()) => Ok(iso),
+                Err(e) => {
+                    let _ = std::fs::remove_file(app.iso_dir().join(format!("{name}.iso")));
+                    Err(e)
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    job.finish(r.as_ref().err().map(|e| e.message.clone()));
+    let iso = r?;
+    let mut v = serde_json::to_value(&iso).expect("ISO records serialize");
+    v["job"] = job.id.into();
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn delete_iso(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    app.delete_iso(&a, &name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_jobs(State(app): State<Arc<App>>, Actor(a): Actor) -> Json<Vec<JobView>> {
+    Json(app.list_jobs(&a))
+}
+
+async fn show_job(State(app): State<Arc<App>>, Actor(a): Actor, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+    let id: u64 = id.parse().map_err(|_| ApiError::bad(format!("job id {id:?} is not a number")))?;
+    Ok(Json(app.show_job(&a, id)?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQ {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    let q: EventsQ = query(q)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::bad("limit must be 1 to 10000"));
+    }
+    Ok(Json(app.list_events(&a, q.after.unwrap_or(0), limit)?))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let s = app.pool.stats();
+    gauge("keel_pool_total_bytes", "Bytes of the pool's data area.", "gauge", vec![(String::new(), s.total_bytes)]);
+    gauge("keel_pool_allocated_bytes", "Bytes in use in the pool.", "gauge", vec![(String::new(), s.allocated_bytes)]);
+    gauge("keel_pool_free_bytes", "Free bytes in the pool.", "gauge", vec![(String::new(), s.free_bytes)]);
+    gauge("keel_pool_provisioned_bytes", "Sum of volume sizes.", "gauge", vec![(String::new(), s.provisioned_bytes)]);
+    let devices = app.pool.list();
+    let vols: Vec<_> = devices.iter().filter(|d| d.kind == keel_blockstore::DeviceKind::Volume).collect();
+    gauge("keel_volumes", "Volumes in the pool.", "gauge", vec![(String::new(), vols.len() as u64)]);
+    let label = |k: &str, v: &str| format!("{{{k}=\"{}\"}}", v.replace('\\', "\\\\").replace('"', "\\\""));
+    gauge(
+        "keel_volume_size_bytes",
+        "Size of each volume.",
+        "gauge",
+        vols.iter().map(|d| (label("volume", &d.name), d.size)).collect(),
+    );
+    gauge(
+        "keel_volume_allocated_bytes",
+        "Mapped bytes of each volume.",
+        "gauge",
+        vols.iter().map(|d| (label("volume", &d.name), d.allocated_bytes)).collect(),
+    );
+    let c = app.nbd.counters();
+    gauge("keel_nbd_sessions", "Open NBD connections.", "gauge", vec![(String::new(), app.nbd.total_sessions())]);
+    gauge(
+        "keel_iscsi_sessions",
+        "Logged-in iSCSI sessions.",
+        "gauge",
+        vec![(String::new(), app.sessions.of_protocol("iscsi"))],
+    );
+    gauge(
+        "keel_nbd_export_sessions",
+        "Open NBD connections per export.",
+        "gauge",
+        c.iter().map(|c| (label("export", &c.name), c.sessions)).collect(),
+    );
+    gauge(
+        "keel_nbd_read_bytes_total",
+        "Bytes read over NBD per export.",
+        "counter",
+        c.iter().map(|c| (label("export", &c.name), c.read_bytes)).collect(),
+    );
+    gauge(
+        "keel_nbd_written_bytes_total",
+        "Bytes written over NBD per export.",
+        "counter",
+        c.iter().map(|c| (label("export", &c.name), c.write_bytes)).collect(),
+    );
+    gauge(
+        "keel_nbd_read_ops_total",
+        "NBD read requests per export.",
+        "counter",
+        c.iter().map(|c| (label("export", &c.name), c.read_ops)).collect(),
+    );
+    gauge(
+        "keel_nbd_write_ops_total",
+        "NBD write requests per export.",
+        "counter",
+        c.iter().map(|c| (label("export", &c.name), c.write_ops)).collect(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint: the API is described at /api/v1/openapi.json")
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({"error": "method not allowed on this endpoint: see /api/v1/openapi.json"})),
+    )
+        .into_response()
+}
+
+/// Log every request: errors at info, the rest at debug.
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_millis() as u64;
+    if status >= 400 {
+        tracing::info!(target: "keel::http", %method, path, status, ms, "request");
+    } else {
+        tracing::debug!(target: "keel::http", %method, path, status, ms, "request");
+    }
+    resp
+}
+
+/// The API's router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/tokens", post(login))
+        .route("/api/v1/tokens/current", axum::routing::delete(logout))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/pools", get(pools))
+        .route("/api/v1/pools/{name}", get(pool))
+        .route("/api/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/api/v1/volumes/{name}", get(show_volume).patch(resize_volume).delete(delete_volume))
+        .route("/api/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/api/v1/volumes/{name}/snapshots/{snap}", axum::routing::delete(delete_snapshot))
+        .route("/api/v1/volumes/{name}/snapshots/{snap}/clones", post(clone_snapshot))
+        .route("/api/v1/volumes/{name}/export", get(show_export).put(set_export))
+        .route("/api/v1/isos", get(list_isos))
+        .route("/api/v1/isos/{name}", put(upload_iso).delete(delete_iso))
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/{name}", get(show_user).delete(delete_user))
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(show_job))
+        .route("/api/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(app)
+}

@@ -1,0 +1,1299 @@
+//! The appliance's operations, typed and independent of HTTP: the API layer
+//! decodes a request into a call here, and every call checks the caller's
+//! rights (see [`crate::auth`] for the rule), runs against the block store
+//! and the metadata database, and records an event.
+//!
+//! Store operations that change the catalog are bracketed by an intent
+//! record (see [`crate::reconcile`]): intent written, store changed,
+//! metadata and intent removal committed in one transaction.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keel_blockstore::{AnyBackend, DeviceKind, Pool};
+use keel_nbd_server::{CountingExports, PoolExports};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::auth;
+use crate::db::{self, INTENTS, ISOS, Meta, TOKENS, USERS, VOLUMES};
+use crate::error::{ApiError, ApiResult};
+use crate::model::{
+    Chap, Event, IQN_PREFIX, Intent, IscsiExport, IsoMeta, Quota, Role, Token, User, VolumeMeta, check_user_name,
+    check_volume_name, now,
+};
+
+/// The NBD exports of the appliance, with per-export session and I/O
+/// counters.
+pub type NbdExports = CountingExports<PoolExports<AnyBackend>>;
+
+/// Where the appliance listens (what its URLs say).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    /// HTTP API.
+    pub api: SocketAddr,
+    /// NBD server.
+    pub nbd: SocketAddr,
+    /// iSCSI portal.
+    pub iscsi: SocketAddr,
+}
+
+/// Something that may hold a volume or an ISO in use besides NBD: the VMs,
+/// when they exist. Today nothing does.
+pub trait UsageHooks: Send + Sync {
+    /// VMs that have `volume` attached.
+    fn volume_users(&self, volume: &str) -> Vec<String>;
+    /// VMs that have ISO `iso` in their CD-ROM.
+    fn iso_users(&self, iso: &str) -> Vec<String>;
+}
+
+/// No VMs yet: nothing uses volumes or ISOs but NBD clients.
+pub struct NoVms;
+
+impl UsageHooks for NoVms {
+    fn volume_users(&self, _: &str) -> Vec<String> {
+        Vec::new()
+    }
+    fn iso_users(&self, _: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Sessions of protocol servers other than NBD (the iSCSI target): each
+/// login holds a [`SessionGuard`] on its volume for as long as it lasts, and
+/// a volume with sessions is in use.
+#[derive(Clone, Default)]
+pub struct SessionRegistry {
+    open: Arc<Mutex<HashMap<(&'static str, String), u64>>>,
+}
+
+/// One open session; closing is dropping it.
+pub struct SessionGuard {
+    registry: SessionRegistry,
+    key: (&'static str, String),
+}
+
+impl SessionRegistry {
+    /// Count a session of `protocol` (e.g. `"iscsi"`) on `volume`.
+    pub fn open(&self, protocol: &'static str, volume: &str) -> SessionGuard {
+        let key = (protocol, volume.to_string());
+        *self.open.lock().entry(key.clone()).or_default() += 1;
+        SessionGuard { registry: self.clone(), key }
+    }
+
+    /// Sessions on `volume`, all protocols.
+    pub fn on_volume(&self, volume: &str) -> u64 {
+        self.open.lock().iter().filter(|((_, v), _)| v == volume).map(|(_, n)| n).sum()
+    }
+
+    /// Sessions of `protocol`, all volumes.
+    pub fn of_protocol(&self, protocol: &str) -> u64 {
+        self.open.lock().iter().filter(|((p, _), _)| *p == protocol).map(|(_, n)| n).sum()
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut open = self.registry.open.lock();
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The running appliance.
+pub struct App {
+    /// The default pool.
+    pub pool: Pool<AnyBackend>,
+    /// The metadata database.
+    pub meta: Meta,
+    /// NBD exports and their counters.
+    pub nbd: Arc<NbdExports>,
+    /// Listening addresses.
+    pub addrs: Addrs,
+    /// Data directory.
+    pub data: PathBuf,
+    /// Who else uses volumes and ISOs.
+    pub usage: Box<dyn UsageHooks>,
+    /// Sessions of the iSCSI target (and any other protocol server).
+    pub sessions: SessionRegistry,
+    /// Catalog changes run one at a time, so quota checks and intents see
+    /// a stable state.
+    ops: tokio::sync::Mutex<()>,
+    /// Long-running operations.
+    pub jobs: Jobs,
+    /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
+    crash_point: Option<String>,
+}
+
+/// A volume as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeView {
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// Bytes of data blocks mapped.
+    pub allocated_bytes: u64,
+    /// Unix seconds.
+    pub created: u64,
+    /// `VOLUME@SNAPSHOT` it was cloned from.
+    pub origin: Option<String>,
+    /// Snapshot names.
+    pub snapshots: Vec<String>,
+    /// NBD URL, usable as it is by qemu and libnbd tools.
+    pub nbd_url: String,
+    /// iSCSI URL (QEMU's form: portal, target, LUN 0).
+    pub iscsi_url: String,
+    /// iSCSI target name.
+    pub iqn: String,
+    /// Open NBD connections on the volume and its snapshots.
+    pub nbd_sessions: u64,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotView {
+    /// Snapshot name (without the volume).
+    pub name: String,
+    /// Volume.
+    pub volume: String,
+    /// Size of the volume when it was taken.
+    pub size_bytes: u64,
+    /// Bytes mapped.
+    pub allocated_bytes: u64,
+    /// Unix seconds.
+    pub created: u64,
+    /// Read-only NBD URL (`VOLUME@SNAPSHOT`).
+    pub nbd_url: String,
+}
+
+/// A user as the API shows it (no password hash).
+#[derive(Clone, Debug, Serialize)]
+pub struct UserView {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// The Power User it was created under.
+    pub parent: Option<String>,
+    /// Quota of a Power User.
+    pub quota: Option<Quota>,
+    /// Provisioned bytes of the volumes the user's tenant owns (Power Users).
+    pub storage_used_bytes: Option<u64>,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// A volume's exports as the API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportView {
+    /// Volume.
+    pub volume: String,
+    /// NBD export name.
+    pub nbd_name: String,
+    /// NBD URL.
+    pub nbd_url: String,
+    /// Open NBD connections.
+    pub nbd_sessions: u64,
+    /// iSCSI target name.
+    pub iqn: String,
+    /// iSCSI URL.
+    pub iscsi_url: String,
+    /// Allowed initiators (empty: any).
+    pub initiators: Vec<String>,
+    /// CHAP user, when CHAP is on (the secret is never sent back).
+    pub chap_user: Option<String>,
+}
+
+/// What the iSCSI target needs to know about one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IscsiTarget {
+    /// Target name ([`IQN_PREFIX`] + volume).
+    pub iqn: String,
+    /// The volume served as LUN 0.
+    pub volume: String,
+    /// Initiator IQNs allowed to log in (empty: any).
+    pub initiators: Vec<String>,
+    /// CHAP credentials the initiator must present, if any.
+    pub chap: Option<Chap>,
+}
+
+/// How the iSCSI server reads its configuration from the appliance: the
+/// portal to listen on and the target of every volume.
+pub trait IscsiTargets: Send + Sync {
+    /// The portal address (`--iscsi`).
+    fn portal(&self) -> SocketAddr;
+    /// Every target (one per volume).
+    fn targets(&self) -> Vec<IscsiTarget>;
+    /// One target by IQN.
+    fn target(&self, iqn: &str) -> Option<IscsiTarget>;
+}
+
+impl IscsiTargets for App {
+    fn portal(&self) -> SocketAddr {
+        self.addrs.iscsi
+    }
+    fn targets(&self) -> Vec<IscsiTarget> {
+        let vols: Vec<(String, VolumeMeta)> = self.meta.list(VOLUMES).unwrap_or_default();
+        vols.into_iter().map(|(_, v)| iscsi_target(&v)).collect()
+    }
+    fn target(&self, iqn: &str) -> Option<IscsiTarget> {
+        let name = iqn.strip_prefix(IQN_PREFIX)?;
+        let v: VolumeMeta = self.meta.get(VOLUMES, name).ok()??;
+        Some(iscsi_target(&v))
+    }
+}
+
+fn iscsi_target(v: &VolumeMeta) -> IscsiTarget {
+    IscsiTarget {
+        iqn: format!("{IQN_PREFIX}{}", v.name),
+        volume: v.name.clone(),
+        initiators: v.iscsi.initiators.clone(),
+        chap: v.iscsi.chap.clone(),
+    }
+}
+
+/// State of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Running.
+    Running,
+    /// Finished.
+    Done,
+    /// Failed (see `error`).
+    Failed,
+}
+
+/// A long-running operation with progress.
+#[derive(Debug)]
+pub struct Job {
+    /// Id.
+    pub id: u64,
+    /// What it does, e.g. `iso.upload`.
+    pub kind: String,
+    /// On what.
+    pub target: String,
+    /// Who started it.
+    pub owner: String,
+    /// Work done (bytes).
+    pub done: AtomicU64,
+    /// Work in total (bytes), 0 when unknown.
+    pub total: AtomicU64,
+    state: Mutex<(JobState, Option<String>)>,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+impl Job {
+    /// Mark finished, with an error if it failed.
+    pub fn finish(&self, error: Option<String>) {
+        *self.state.lock() = match error {
+            None => (JobState::Done, None),
+            Some(e) => (JobState::Failed, Some(e)),
+        };
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobView {
+    /// Id.
+    pub id: u64,
+    /// What it does.
+    pub kind: String,
+    /// On what.
+    pub target: String,
+    /// Who started it.
+    pub owner: String,
+    /// State.
+    pub state: JobState,
+    /// Work done (bytes).
+    pub done_bytes: u64,
+    /// Work in total (bytes), 0 when unknown.
+    pub total_bytes: u64,
+    /// Percent done, when the total is known.
+    pub progress_percent: Option<f64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+/// The jobs of this run of the daemon (kept in memory; a job running at a
+/// crash is simply gone, and what it left is cleaned on start).
+#[derive(Default)]
+pub struct Jobs {
+    next: AtomicU64,
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    /// Start tracking a job.
+    pub fn start(&self, kind: &str, target: &str, owner: &str, total: u64) -> Arc<Job> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let job = Arc::new(Job {
+            id,
+            kind: kind.into(),
+            target: target.into(),
+            owner: owner.into(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(total),
+            state: Mutex::new((JobState::Running, None)),
+            started: now(),
+        });
+        self.jobs.lock().insert(id, job.clone());
+        job
+    }
+
+    fn view(j: &Job) -> JobView {
+        let (state, error) = j.state.lock().clone();
+        let (done, total) = (j.done.load(Ordering::Relaxed), j.total.load(Ordering::Relaxed));
+        JobView {
+            id: j.id,
+            kind: j.kind.clone(),
+            target: j.target.clone(),
+            owner: j.owner.clone(),
+            state,
+            done_bytes: done,
+            total_bytes: total,
+            progress_percent: (total > 0).then(|| (done as f64 * 100.0 / total as f64).min(100.0)),
+            error,
+            started: j.started,
+        }
+    }
+}
+
+/// Request to create a volume.
+#[derive(Debug)]
+pub struct CreateVolume {
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Owner (default: the caller).
+    pub owner: Option<String>,
+}
+
+/// Request to create a user.
+#[derive(Debug)]
+pub struct CreateUser {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Password.
+    pub password: String,
+    /// Power User to create it under (Managers only; a Power User's users
+    /// are always under itself).
+    pub parent: Option<String>,
+    /// Quota (Power Users only).
+    pub quota: Option<Quota>,
+}
+
+fn forbid_regular(actor: &User, what: &str) -> ApiResult<()> {
+    if actor.role == Role::Regular {
+        return Err(ApiError::forbidden(format!(
+            "a regular user cannot {what}: regular users manage only their own VM; ask your power user or a manager"
+        )));
+    }
+    Ok(())
+}
+
+fn vol_not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("volume {name} not found: `keel volume list` shows the volumes you can use"))
+}
+
+impl App {
+    /// Put the appliance together.
+    pub fn new(pool: Pool<AnyBackend>, meta: Meta, addrs: Addrs, data: PathBuf) -> App {
+        let nbd = Arc::new(CountingExports::new(PoolExports::new(pool.clone())));
+        App {
+            pool,
+            meta,
+            nbd,
+            addrs,
+            data,
+            usage: Box::new(NoVms),
+            sessions: SessionRegistry::default(),
+            ops: tokio::sync::Mutex::new(()),
+            jobs: Jobs::default(),
+            crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// Wait for the catalog change in flight, if any, and hold off new ones
+    /// while the guard lives (shutdown).
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.ops.lock().await
+    }
+
+    /// Test hook: die by `kill -9` here if `KEEL_CRASH_POINT` names this
+    /// point.
+    fn crash_point(&self, point: &str) {
+        if self.crash_point.as_deref() == Some(point) {
+            eprintln!("KEEL_CRASH_POINT {point}: killing myself with SIGKILL");
+            // SAFETY: kill(2) with our own pid and a valid signal number has
+            // no memory effects; SIGKILL ends the process like `kill -9`.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+
+    /// The user a token belongs to.
+    pub fn authenticate(&self, token: &str) -> ApiResult<User> {
+        let bad = || ApiError::unauthorized("the token is not valid: get one with POST /api/v1/tokens");
+        let t: Token = self.meta.get(TOKENS, &auth::token_key(token))?.ok_or_else(bad)?;
+        self.meta.get(USERS, &t.user)?.ok_or_else(bad)
+    }
+
+    /// Exchange a name and password for a new token.
+    pub fn login(&self, name: &str, password: &str) -> ApiResult<(String, User)> {
+        let user: Option<User> = self.meta.get(USERS, name)?;
+        let user = user
+            .filter(|u| auth::verify_password(password, &u.password_hash))
+            .ok_or_else(|| ApiError::unauthorized("wrong user name or password"))?;
+        let token = auth::new_token();
+        self.meta.write(|w| {
+            w.put(TOKENS, &auth::token_key(&token), &Token { user: user.name.clone(), created: now() })?;
+            w.event(&event(&user.name, "token.create", &user.name, ""))?;
+            Ok::<_, ApiError>(())
+        })?;
+        Ok((token, user))
+    }
+
+    /// Revoke a token.
+    pub fn logout(&self, actor: &User, token: &str) -> ApiResult<()> {
+        self.meta.write(|w| {
+            w.remove(TOKENS, &auth::token_key(token))?;
+            w.event(&event(&actor.name, "token.revoke", &actor.name, ""))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(())
+    }
+
+    fn user(&self, name: &str) -> ApiResult<Option<User>> {
+        Ok(self.meta.get(USERS, name)?)
+    }
+
+    fn users(&self) -> ApiResult<Vec<User>> {
+        Ok(self.meta.list::<User>(USERS)?.into_iter().map(|(_, u)| u).collect())
+    }
+
+    // ----- volumes -----
+
+    fn nbd_url(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addrs.nbd)
+    }
+
+    fn volume_sessions(&self, name: &str) -> u64 {
+        sessions_of(&self.nbd.counters(), name)
+    }
+
+    fn view(&self, m: &VolumeMeta) -> ApiResult<VolumeView> {
+        self.view_in(m, &self.pool.list(), &self.nbd.counters())
+    }
+
+    /// The view of `m` given the store's devices and the NBD counters (so a
+    /// listing reads them once, not once per volume).
+    fn view_in(
+        &self,
+        m: &VolumeMeta,
+        devices: &[keel_blockstore::DeviceInfo],
+        nbd: &[keel_nbd_server::ExportCounters],
+    ) -> ApiResult<VolumeView> {
+        let dev = devices
+            .iter()
+            .find(|d| d.name == m.name && d.kind == DeviceKind::Volume)
+            .ok_or_else(|| vol_not_found(&m.name))?;
+        let prefix = format!("{}@", m.name);
+        let snapshots = devices.iter().filter_map(|d| d.name.strip_prefix(&prefix).map(str::to_string)).collect();
+        Ok(VolumeView {
+            name: m.name.clone(),
+            owner: m.owner.clone(),
+            size_bytes: dev.size,
+            allocated_bytes: dev.allocated_bytes,
+            created: m.created,
+            origin: m.origin.clone(),
+            snapshots,
+            nbd_url: self.nbd_url(&m.name),
+            iscsi_url: format!("iscsi://{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name),
+            iqn: format!("{IQN_PREFIX}{}", m.name),
+            nbd_sessions: sessions_of(nbd, &m.name),
+        })
+    }
+
+    /// The volume `name` if `actor` may see it (else 404; 403 for regular
+    /// users, who have no volume rights).
+    fn visible_volume(&self, actor: &User, name: &str) -> ApiResult<VolumeMeta> {
+        forbid_regular(actor, "use volumes")?;
+        let m: VolumeMeta = self.meta.get(VOLUMES, name)?.ok_or_else(|| vol_not_found(name))?;
+        if actor.role == Role::Manager {
+            return Ok(m);
+        }
+        let owner = self.user(&m.owner)?;
+        match owner {
+            Some(o) if auth::can_see_owned(actor, &o) => Ok(m),
+            _ => Err(vol_not_found(name)),
+        }
+    }
+
+    /// Volumes `actor` may see.
+    pub fn list_volumes(&self, actor: &User) -> ApiResult<Vec<VolumeView>> {
+        forbid_regular(actor, "use volumes")?;
+        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let (devices, nbd) = (self.pool.list(), self.nbd.counters());
+        let mut out = Vec::new();
+        for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
+            let ok = users.get(&m.owner).is_some_and(|o| auth::can_see_owned(actor, o));
+            if actor.role == Role::Manager || ok {
+                // A volume whose store device vanished is reconciled at the
+                // next start; skip it rather than fail the listing.
+                if let Ok(v) = self.view_in(&m, &devices, &nbd) {
+                    out.push(v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One volume.
+    pub fn show_volume(&self, actor: &User, name: &str) -> ApiResult<VolumeView> {
+        let m = self.visible_volume(actor, name)?;
+        self.view(&m)
+    }
+
+    /// Resolve the owner of a new volume and check the tenant's quota for
+    /// `extra` more provisioned bytes.
+    fn owner_for_new(&self, actor: &User, owner: Option<&str>, extra: u64) -> ApiResult<User> {
+        let owner = match owner {
+            None => actor.clone(),
+            Some(o) => {
+                let u = self.user(o)?.filter(|u| auth::can_see_user(actor, u));
+                u.ok_or_else(|| ApiError::not_found(format!("user {o} not found")))?
+            }
+        };
+        if owner.role == Role::Regular && owner.parent.is_none() && actor.role != Role::Manager {
+            return Err(ApiError::forbidden("only a manager may give volumes to users outside a tenant"));
+        }
+        self.check_quota(&owner, extra)?;
+        Ok(owner)
+    }
+
+    /// Provisioned bytes of every volume owned in Power User `tenant`'s
+    /// tenant.
+    fn tenant_usage(&self, tenant: &str) -> ApiResult<u64> {
+        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let sizes: HashMap<String, u64> =
+            self.pool.list().into_iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| (d.name, d.size)).collect();
+        let mut used = 0;
+        for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
+            if users.get(&m.owner).and_then(auth::tenant_of) == Some(tenant) {
+                used += sizes.get(&m.name).copied().unwrap_or(0);
+            }
+        }
+        Ok(used)
+    }
+
+    fn check_quota(&self, owner: &User, extra: u64) -> ApiResult<()> {
+        let Some(tenant) = auth::tenant_of(owner) else { return Ok(()) };
+        let Some(t) = self.user(tenant)? else { return Ok(()) };
+        let Some(q) = t.quota else { return Ok(()) };
+        let used = self.tenant_usage(tenant)?;
+        if used.saturating_add(extra) > q.storage_bytes {
+            return Err(ApiError::no_space(format!(
+                "storage quota of {tenant} exceeded: {} provisioned + {} requested > {} allowed; delete or shrink volumes, or ask a manager to raise the quota",
+                used, extra, q.storage_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create a thin volume.
+    pub async fn create_volume(&self, actor: &User, req: CreateVolume) -> ApiResult<VolumeView> {
+        forbid_regular(actor, "create volumes")?;
+        check_volume_name(&req.name).map_err(ApiError::bad)?;
+        if req.size == 0 || !req.size.is_multiple_of(512) {
+            return Err(ApiError::bad(format!("size {} must be a positive multiple of 512 bytes", req.size)));
+        }
+        let _g = self.ops.lock().await;
+        let owner = self.owner_for_new(actor, req.owner.as_deref(), req.size)?;
+        self.begin_create(&req.name, &owner.name, None)?;
+        let r = self.pool.create_volume(&req.name, req.size).await;
+        self.finish_create(
+            actor,
+            r.map(drop),
+            &req.name,
+            &owner.name,
+            None,
+            "volume.create",
+            &format!("{} bytes", req.size),
+        )
+    }
+
+    fn begin_create(&self, name: &str, owner: &str, origin: Option<&str>) -> ApiResult<()> {
+        if self.meta.get::<VolumeMeta>(VOLUMES, name)?.is_some() {
+            return Err(ApiError::conflict(format!("volume {name} already exists: pick another name")));
+        }
+        let intent = Intent::Create { name: name.into(), owner: owner.into(), origin: origin.map(Into::into) };
+        self.meta.put(INTENTS, name, &intent)?;
+        self.crash_point("create:after-intent");
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_create(
+        &self,
+        actor: &User,
+        r: keel_blockstore::Result<()>,
+        name: &str,
+        owner: &str,
+        origin: Option<&str>,
+        action: &str,
+        detail: &str,
+    ) -> ApiResult<VolumeView> {
+        if let Err(e) = r {
+            self.meta.write(|w| w.remove(INTENTS, name))?;
+            return Err(e.into());
+        }
+        self.crash_point("create:after-store");
+        let m = VolumeMeta {
+            name: name.into(),
+            owner: owner.into(),
+            created: now(),
+            origin: origin.map(Into::into),
+            iscsi: IscsiExport::default(),
+        };
+        self.meta.write(|w| {
+            w.put(VOLUMES, name, &m)?;
+            w.remove(INTENTS, name)?;
+            w.event(&event(&actor.name, action, name, detail))?;
+            Ok::<_, db::Error>(())
+        })?;
+        self.view(&m)
+    }
+
+    /// Grow (or, refused today, shrink) a volume.
+    pub async fn resize_volume(&self, actor: &User, name: &str, size: u64) -> ApiResult<VolumeView> {
+        let m = self.visible_volume(actor, name)?;
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(ApiError::bad(format!("size {size} must be a positive multiple of 512 bytes")));
+        }
+        let _g = self.ops.lock().await;
+        let old = self.view(&m)?.size_bytes;
+        if size < old {
+            return Err(ApiError::conflict(format!(
+                "shrinking {name} from {old} to {size} bytes would destroy the data past the new end; Keel only grows volumes online"
+            )));
+        }
+        let owner = self.user(&m.owner)?.ok_or_else(|| vol_not_found(name))?;
+        self.check_quota(&owner, size - old)?;
+        self.pool.resize(name, size, false).await?;
+        self.meta.write(|w| w.event(&event(&actor.name, "volume.resize", name, &format!("{old} -> {size} bytes"))))?;
+        self.view(&m)
+    }
+
+    fn in_use(&self, name: &str, export: &str) -> ApiResult<()> {
+        let sessions = if export == name { self.volume_sessions(name) } else { self.nbd.sessions(export) };
+        if sessions > 0 {
+            return Err(ApiError::conflict(format!(
+                "{export} is in use: {sessions} NBD connection(s) are open on it; disconnect the clients first"
+            )));
+        }
+        let others = self.sessions.on_volume(name);
+        if others > 0 {
+            return Err(ApiError::conflict(format!(
+                "{name} is in use: {others} iSCSI session(s) are logged in to it; log the initiators out first"
+            )));
+        }
+        let vms = self.usage.volume_users(name);
+        if !vms.is_empty() {
+            return Err(ApiError::conflict(format!("{name} is attached to VM(s) {}; detach it first", vms.join(", "))));
+        }
+        Ok(())
+    }
+
+    /// Delete a volume (and its snapshots when `recursive`).
+    pub async fn delete_volume(&self, actor: &User, name: &str, recursive: bool) -> ApiResult<()> {
+        self.visible_volume(actor, name)?;
+        let _g = self.ops.lock().await;
+        self.in_use(name, name)?;
+        let snaps = self.view(&self.visible_volume(actor, name)?)?.snapshots;
+        if !snaps.is_empty() && !recursive {
+            return Err(ApiError::conflict(format!(
+                "volume {name} has snapshot(s) {}: delete them first, or delete recursively (?recursive=true, `--recursive`)",
+                snaps.join(", ")
+            )));
+        }
+        self.meta.put(INTENTS, name, &Intent::Delete { name: name.into() })?;
+        self.crash_point("delete:after-intent");
+        match self.pool.delete_volume(name, recursive).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == keel_blockstore::ErrorKind::NotFound => {}
+            Err(e) => {
+                self.meta.write(|w| w.remove(INTENTS, name))?;
+                return Err(e.into());
+            }
+        }
+        self.crash_point("delete:after-store");
+        self.meta.write(|w| {
+            w.remove(VOLUMES, name)?;
+            w.remove(INTENTS, name)?;
+            w.event(&event(&actor.name, "volume.delete", name, ""))?;
+            Ok::<_, db::Error>(())
+        })?;
+        self.nbd.forget(name);
+        for s in snaps {
+            self.nbd.forget(&format!("{name}@{s}"));
+        }
+        Ok(())
+    }
+
+    /// The snapshots of a volume.
+    pub fn list_snapshots(&self, actor: &User, volume: &str) -> ApiResult<Vec<SnapshotView>> {
+        self.visible_volume(actor, volume)?;
+        let prefix = format!("{volume}@");
+        Ok(self
+            .pool
+            .list()
+            .into_iter()
+            .filter(|d| d.kind == DeviceKind::Snapshot)
+            .filter_map(|d| {
+                let snap = d.name.strip_prefix(&prefix)?.to_string();
+                Some(SnapshotView {
+                    nbd_url: self.nbd_url(&d.name),
+                    name: snap,
+                    volume: volume.into(),
+                    size_bytes: d.size,
+                    allocated_bytes: d.allocated_bytes,
+                    created: d.created,
+                })
+            })
+            .collect())
+    }
+
+    /// Take a snapshot.
+    pub async fn create_snapshot(&self, actor: &User, volume: &str, snap: &str) -> ApiResult<SnapshotView> {
+        self.visible_volume(actor, volume)?;
+        check_volume_name(snap).map_err(|e| ApiError::bad(format!("snapshot {e}")))?;
+        let _g = self.ops.lock().await;
+        self.pool.snapshot(volume, snap).await?;
+        self.meta.write(|w| w.event(&event(&actor.name, "snapshot.create", &format!("{volume}@{snap}"), "")))?;
+        self.list_snapshots(actor, volume)?
+            .into_iter()
+            .find(|s| s.name == snap)
+            .ok_or_else(|| ApiError::internal("the snapshot vanished as it was made"))
+    }
+
+    /// Delete a snapshot.
+    pub async fn delete_snapshot(&self, actor: &User, volume: &str, snap: &str) -> ApiResult<()> {
+        self.visible_volume(actor, volume)?;
+        let full = format!("{volume}@{snap}");
+        let _g = self.ops.lock().await;
+        self.in_use(volume, &full)?;
+        self.pool.delete_snapshot(volume, snap).await.map_err(|e| match e.kind() {
+            keel_blockstore::ErrorKind::NotFound => ApiError::not_found(format!("snapshot {full} not found")),
+            _ => e.into(),
+        })?;
+        self.meta.write(|w| w.event(&event(&actor.name, "snapshot.delete", &full, "")))?;
+        self.nbd.forget(&full);
+        Ok(())
+    }
+
+    /// Make writable volume `name` from snapshot `volume@snap`.
+    pub async fn clone_snapshot(
+        &self,
+        actor: &User,
+        volume: &str,
+        snap: &str,
+        name: &str,
+        owner: Option<&str>,
+    ) -> ApiResult<VolumeView> {
+        self.visible_volume(actor, volume)?;
+        check_volume_name(name).map_err(ApiError::bad)?;
+        let full = format!("{volume}@{snap}");
+        let size = self
+            .pool
+            .list()
+            .into_iter()
+            .find(|d| d.name == full)
+            .map(|d| d.size)
+            .ok_or_else(|| ApiError::not_found(format!("snapshot {full} not found")))?;
+        let _g = self.ops.lock().await;
+        let owner = self.owner_for_new(actor, owner, size)?;
+        self.begin_create(name, &owner.name, Some(&full))?;
+        let r = self.pool.clone_snapshot(&full, name).await;
+        self.finish_create(actor, r.map(drop), name, &owner.name, Some(&full), "volume.clone", &full)
+    }
+
+    /// The exports of a volume.
+    pub fn export(&self, actor: &User, name: &str) -> ApiResult<ExportView> {
+        let m = self.visible_volume(actor, name)?;
+        Ok(self.export_view(&m))
+    }
+
+    fn export_view(&self, m: &VolumeMeta) -> ExportView {
+        ExportView {
+            volume: m.name.clone(),
+            nbd_name: m.name.clone(),
+            nbd_url: self.nbd_url(&m.name),
+            nbd_sessions: self.volume_sessions(&m.name),
+            iqn: format!("{IQN_PREFIX}{}", m.name),
+            iscsi_url: format!("iscsi://{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name),
+            initiators: m.iscsi.initiators.clone(),
+            chap_user: m.iscsi.chap.as_ref().map(|c| c.user.clone()),
+        }
+    }
+
+    /// Set a volume's iSCSI access: initiator ACL and CHAP.
+    pub async fn set_export(&self, actor: &User, name: &str, iscsi: IscsiExport) -> ApiResult<ExportView> {
+        for i in &iscsi.initiators {
+            let ok = (i.starts_with("iqn.") || i.starts_with("eui.") || i.starts_with("naa."))
+                && i.len() <= 223
+                && !i.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase());
+            if !ok {
+                return Err(ApiError::bad(format!(
+                    "initiator {i:?} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain:name (lowercase), eui. or naa."
+                )));
+            }
+        }
+        if let Some(c) = &iscsi.chap {
+            if c.user.is_empty() || c.user.len() > 255 {
+                return Err(ApiError::bad("CHAP user must be 1 to 255 characters"));
+            }
+            if !(12..=16).contains(&c.secret.len()) {
+                return Err(ApiError::bad(
+                    "CHAP secret must be 12 to 16 characters (what Linux and Windows initiators accept)",
+                ));
+            }
+        }
+        let _g = self.ops.lock().await;
+        let mut m = self.visible_volume(actor, name)?;
+        m.iscsi = iscsi;
+        self.meta.write(|w| {
+            w.put(VOLUMES, name, &m)?;
+            w.event(&event(&actor.name, "export.set", name, &format!("{} initiator(s)", m.iscsi.initiators.len())))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(self.export_view(&m))
+    }
+
+    // ----- users -----
+
+    fn user_view(&self, u: &User) -> ApiResult<UserView> {
+        let used = if u.role == Role::Power { Some(self.tenant_usage(&u.name)?) } else { None };
+        Ok(UserView {
+            name: u.name.clone(),
+            role: u.role,
+            parent: u.parent.clone(),
+            quota: u.quota,
+            storage_used_bytes: used,
+            created: u.created,
+        })
+    }
+
+    /// Users `actor` may see.
+    pub fn list_users(&self, actor: &User) -> ApiResult<Vec<UserView>> {
+        self.users()?.iter().filter(|u| auth::can_see_user(actor, u)).map(|u| self.user_view(u)).collect()
+    }
+
+    /// One user.
+    pub fn show_user(&self, actor: &User, name: &str) -> ApiResult<UserView> {
+        let u = self.user(name)?.filter(|u| auth::can_see_user(actor, u));
+        self.user_view(&u.ok_or_else(|| ApiError::not_found(format!("user {name} not found")))?)
+    }
+
+    /// Create a user.
+    pub async fn create_user(&self, actor: &User, req: CreateUser) -> ApiResult<UserView> {
+        let parent = match actor.role {
+            Role::Regular => return Err(ApiError::forbidden("a regular user cannot create users")),
+            Role::Power => {
+                if req.role != Role::Regular {
+                    return Err(ApiError::forbidden(format!(
+                        "a power user can create only regular users, not {} users; ask a manager",
+                        req.role.as_str()
+                    )));
+                }
+                if req.parent.as_deref().is_some_and(|p| p != actor.name) {
+                    return Err(ApiError::forbidden("a power user creates users only under itself"));
+                }
+                Some(actor.name.clone())
+            }
+            Role::Manager => req.parent.clone(),
+        };
+        check_user_name(&req.name).map_err(ApiError::bad)?;
+        if req.password.chars().count() < 8 {
+            return Err(ApiError::bad("password must be at least 8 characters"));
+        }
+        if req.quota.is_some() && req.role != Role::Power {
+            return Err(ApiError::bad("only power users have a quota"));
+        }
+        if let Some(p) = &parent {
+            if req.role != Role::Regular {
+                return Err(ApiError::bad("only regular users are created under a power user"));
+            }
+            let pu = self.user(p)?.ok_or_else(|| ApiError::not_found(format!("user {p} not found")))?;
+            if pu.role != Role::Power {
+                return Err(ApiError::bad(format!(
+                    "{p} is not a power user: users are created only under power users"
+                )));
+            }
+        }
+        let _g = self.ops.lock().await;
+        if self.user(&req.name)?.is_some() {
+            return Err(ApiError::conflict(format!("user {} already exists: pick another name", req.name)));
+        }
+        let u = User {
+            name: req.name.clone(),
+            role: req.role,
+            parent,
+            quota: req.quota,
+            password_hash: auth::hash_password(&req.password),
+            created: now(),
+        };
+        self.meta.write(|w| {
+            w.put(USERS, &u.name, &u)?;
+            w.event(&event(&actor.name, "user.create", &u.name, u.role.as_str()))?;
+            Ok::<_, db::Error>(())
+        })?;
+        self.user_view(&u)
+    }
+
+    /// Delete a user. Refused while it owns volumes or has users under it.
+    pub async fn delete_user(&self, actor: &User, name: &str) -> ApiResult<()> {
+        forbid_regular(actor, "delete users")?;
+        let u = self.user(name)?.filter(|u| auth::can_see_user(actor, u));
+        let u = u.ok_or_else(|| ApiError::not_found(format!("user {name} not found")))?;
+        if u.name == actor.name {
+            return Err(ApiError::conflict("you cannot delete yourself; ask another manager"));
+        }
+        if actor.role == Role::Power && u.role == Role::Power {
+            return Err(ApiError::forbidden("a power user cannot delete power users"));
+        }
+        let _g = self.ops.lock().await;
+        let owned: Vec<String> = self
+            .meta
+            .list::<VolumeMeta>(VOLUMES)?
+            .into_iter()
+            .filter(|(_, v)| v.owner == name)
+            .map(|(k, _)| k)
+            .collect();
+        if !owned.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "user {name} owns volume(s) {}: delete them first",
+                owned.join(", ")
+            )));
+        }
+        let subs: Vec<String> =
+            self.users()?.into_iter().filter(|s| s.parent.as_deref() == Some(name)).map(|s| s.name).collect();
+        if !subs.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "user {name} has users under it ({}): delete them first",
+                subs.join(", ")
+            )));
+        }
+        let tokens: Vec<String> =
+            self.meta.list::<Token>(TOKENS)?.into_iter().filter(|(_, t)| t.user == name).map(|(k, _)| k).collect();
+        self.meta.write(|w| {
+            w.remove(USERS, name)?;
+            for t in &tokens {
+                w.remove(TOKENS, t)?;
+            }
+            w.event(&event(&actor.name, "user.delete", name, ""))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(())
+    }
+
+    // ----- ISOs -----
+
+    /// Directory of the ISO store.
+    pub fn iso_dir(&self) -> PathBuf {
+        self.data.join("isos")
+    }
+
+    /// Every ISO (every role may list them: any VM may use any ISO).
+    pub fn list_isos(&self) -> ApiResult<Vec<IsoMeta>> {
+        Ok(self.meta.list::<IsoMeta>(ISOS)?.into_iter().map(|(_, i)| i).collect())
+    }
+
+    /// Check that `actor` may upload ISO `name` and that the name is free.
+    pub fn check_iso_upload(&self, actor: &User, name: &str) -> ApiResult<()> {
+        forbid_regular(actor, "upload ISOs")?;
+        check_volume_name(name).map_err(|e| ApiError::bad(format!("ISO {e}")))?;
+        if self.meta.get::<IsoMeta>(ISOS, name)?.is_some() {
+            return Err(ApiError::conflict(format!("ISO {name} already exists: ISOs are kept once; delete it first")));
+        }
+        Ok(())
+    }
+
+    /// Record an uploaded ISO (its file is in place, read-only).
+    pub fn record_iso(&self, actor: &User, iso: &IsoMeta) -> ApiResult<()> {
+        self.meta.write(|w| {
+            if w.get::<IsoMeta>(ISOS, &iso.name)?.is_some() {
+                return Err(ApiError::conflict(format!(
+                    "ISO {} was uploaded at the same time by someone else",
+                    iso.name
+                )));
+            }
+            w.put(ISOS, &iso.name, iso)?;
+            w.event(&event(&actor.name, "iso.upload", &iso.name, &format!("{} bytes", iso.size_bytes)))?;
+            Ok(())
+        })
+    }
+
+    /// Delete an ISO: its uploader or a manager, and not while a VM uses it.
+    pub fn delete_iso(&self, actor: &User, name: &str) -> ApiResult<()> {
+        forbid_regular(actor, "delete ISOs")?;
+        let iso: IsoMeta =
+            self.meta.get(ISOS, name)?.ok_or_else(|| ApiError::not_found(format!("ISO {name} not found")))?;
+        if actor.role != Role::Manager && iso.owner != actor.name {
+            return Err(ApiError::forbidden(format!("ISO {name} was uploaded by someone else; ask a manager")));
+        }
+        let vms = self.usage.iso_users(name);
+        if !vms.is_empty() {
+            return Err(ApiError::conflict(format!("ISO {name} is in the CD-ROM of VM(s) {}", vms.join(", "))));
+        }
+        // File first: a crash in between leaves a record without a file,
+        // which the next start drops (never a deleted ISO coming back).
+        let path = self.iso_dir().join(format!("{name}.iso"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ApiError::internal(format!("removing {}: {e}", path.display()))),
+        }
+        self.meta.write(|w| {
+            w.remove(ISOS, name)?;
+            w.event(&event(&actor.name, "iso.delete", name, ""))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(())
+    }
+
+    // ----- jobs, events, pools -----
+
+    /// Jobs `actor` may see (its own; a manager sees all).
+    pub fn list_jobs(&self, actor: &User) -> Vec<JobView> {
+        let mut v: Vec<JobView> = self
+            .jobs
+            .jobs
+            .lock()
+            .values()
+            .filter(|j| actor.role == Role::Manager || j.owner == actor.name)
+            .map(|j| Jobs::view(j))
+            .collect();
+        v.sort_by_key(|j| j.id);
+        v
+    }
+
+    /// One job.
+    pub fn show_job(&self, actor: &User, id: u64) -> ApiResult<JobView> {
+        self.list_jobs(actor)
+            .into_iter()
+            .find(|j| j.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
+    }
+
+    /// Events `actor` may see: a manager all, others those done by users
+    /// it can see.
+    pub fn list_events(&self, actor: &User, after: u64, limit: usize) -> ApiResult<Vec<serde_json::Value>> {
+        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let mut out = Vec::new();
+        for (id, e) in self.meta.events::<Event>(after, if actor.role == Role::Manager { limit } else { 100_000 })? {
+            let ok = actor.role == Role::Manager || users.get(&e.user).is_some_and(|u| auth::can_see_user(actor, u));
+            if ok {
+                let mut v = serde_json::to_value(&e).expect("events serialize");
+                v["id"] = id.into();
+                out.push(v);
+            }
+        }
+        let skip = out.len().saturating_sub(limit);
+        Ok(out.split_off(skip))
+    }
+
+    /// Pool statistics (managers and power users).
+    pub fn pool_view(&self, actor: &User) -> ApiResult<serde_json::Value> {
+        forbid_regular(actor, "see pools")?;
+        let s = self.pool.stats();
+        Ok(serde_json::json!({
+            "name": "default",
+            "path": self.data.join("pool.img"),
+            "total_bytes": s.total_bytes,
+            "allocated_bytes": s.allocated_bytes,
+            "free_bytes": s.free_bytes,
+            "provisioned_bytes": s.provisioned_bytes,
+            "devices": s.devices,
+            "volumes": self.pool.list().iter().filter(|d| d.kind == DeviceKind::Volume).count(),
+        }))
+    }
+
+    /// Record an event done by the daemon itself.
+    pub fn log_event(&self, user: &str, action: &str, target: &str, detail: &str) {
+        if let Err(e) = self.meta.write(|w| w.event(&event(user, action, target, detail))) {
+            tracing::error!("recording event {action} {target}: {e}");
+        }
+    }
+}
+
+/// Open NBD sessions on volume `name` and its snapshots.
+fn sessions_of(counters: &[keel_nbd_server::ExportCounters], name: &str) -> u64 {
+    let prefix = format!("{name}@");
+    counters.iter().filter(|c| c.name == name || c.name.starts_with(&prefix)).map(|c| c.sessions).sum()
+}
+
+fn event(user: &str, action: &str, target: &str, detail: &str) -> Event {
+    tracing::info!(target: "keel::event", user, action, object = target, detail, "event");
+    Event { time: now(), user: user.into(), action: action.into(), target: target.into(), detail: detail.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_blockstore::backend::MemBackend;
+    use keel_blockstore::{AnyBackend, PoolOptions};
+    use keel_nbd_server::Exports;
+
+    use super::*;
+
+    async fn app(dir: &std::path::Path) -> App {
+        let pool = Pool::create(AnyBackend::Mem(MemBackend::new(64 << 20)), PoolOptions::default()).await.unwrap();
+        let (meta, _) = Meta::open(&dir.join("m.redb")).unwrap();
+        let addrs = Addrs {
+            api: "127.0.0.1:7450".parse().unwrap(),
+            nbd: "127.0.0.1:10809".parse().unwrap(),
+            iscsi: "127.0.0.1:3260".parse().unwrap(),
+        };
+        App::new(pool, meta, addrs, dir.to_path_buf())
+    }
+
+    fn admin() -> User {
+        User {
+            name: "admin".into(),
+            role: Role::Manager,
+            parent: None,
+            quota: None,
+            password_hash: String::new(),
+            created: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn iscsi_targets_read_the_export_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        let v = app.create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None }).await.unwrap();
+        assert_eq!(v.iscsi_url, "iscsi://127.0.0.1:3260/iqn.2026-11.io.keel:web/0");
+        assert_eq!(v.nbd_url, "nbd://127.0.0.1:10809/web");
+        let chap = Chap { user: "host".into(), secret: "0123456789abcd".into() };
+        let iscsi = IscsiExport { initiators: vec!["iqn.1993-08.org.debian:01:a".into()], chap: Some(chap.clone()) };
+        let e = app.set_export(&a, "web", iscsi).await.unwrap();
+        assert_eq!(e.chap_user.as_deref(), Some("host"));
+        let t = app.target("iqn.2026-11.io.keel:web").unwrap();
+        assert_eq!(t.volume, "web");
+        assert_eq!(t.chap, Some(chap));
+        assert_eq!(t.initiators, ["iqn.1993-08.org.debian:01:a"]);
+        assert_eq!(app.targets().len(), 1);
+        assert_eq!(app.portal().port(), 3260);
+        assert!(app.target("iqn.2026-11.io.keel:nope").is_none());
+        assert!(app.target("iqn.other:web").is_none());
+        let bad = IscsiExport { initiators: vec!["IQN.UPPER".into()], chap: None };
+        assert_eq!(app.set_export(&a, "web", bad).await.unwrap_err().status.as_u16(), 400);
+    }
+
+    #[tokio::test]
+    async fn an_open_nbd_session_blocks_delete_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        app.create_volume(&a, CreateVolume { name: "v".into(), size: 1 << 20, owner: None }).await.unwrap();
+        app.create_snapshot(&a, "v", "s").await.unwrap();
+        let session = app.nbd.open("v@s").unwrap();
+        assert_eq!(app.show_volume(&a, "v").unwrap().nbd_sessions, 1);
+        assert_eq!(app.delete_snapshot(&a, "v", "s").await.unwrap_err().status.as_u16(), 409);
+        assert_eq!(app.delete_volume(&a, "v", true).await.unwrap_err().status.as_u16(), 409);
+        drop(session);
+        let iscsi = app.sessions.open("iscsi", "v");
+        assert_eq!(app.sessions.of_protocol("iscsi"), 1);
+        assert_eq!(app.delete_volume(&a, "v", true).await.unwrap_err().status.as_u16(), 409);
+        drop(iscsi);
+        assert_eq!(app.sessions.on_volume("v"), 0);
+        app.delete_volume(&a, "v", true).await.unwrap();
+        assert_eq!(app.show_volume(&a, "v").unwrap_err().status.as_u16(), 404);
+        assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty(), "no intent is left behind");
+    }
+
+    struct OneVm;
+    impl UsageHooks for OneVm {
+        fn volume_users(&self, volume: &str) -> Vec<String> {
+            if volume == "boot" { vec!["vm1".into()] } else { Vec::new() }
+        }
+        fn iso_users(&self, iso: &str) -> Vec<String> {
+            if iso == "installer" { vec!["vm1".into()] } else { Vec::new() }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_vm_uses_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app(dir.path()).await;
+        app.usage = Box::new(OneVm);
+        let a = admin();
+        app.meta.put(USERS, "admin", &a).unwrap();
+        app.create_volume(&a, CreateVolume { name: "boot".into(), size: 1 << 20, owner: None }).await.unwrap();
+        let e = app.delete_volume(&a, "boot", false).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 409);
+        assert!(e.message.contains("vm1"), "{}", e.message);
+        std::fs::create_dir_all(app.iso_dir()).unwrap();
+        std::fs::write(app.iso_dir().join("installer.iso"), b"x").unwrap();
+        let iso = IsoMeta { name: "installer".into(), size_bytes: 1, owner: "admin".into(), created: 0 };
+        app.record_iso(&a, &iso).unwrap();
+        assert_eq!(app.delete_iso(&a, "installer").unwrap_err().status.as_u16(), 409);
+        assert!(app.iso_dir().join("installer.iso").exists());
+    }
+
+    #[tokio::test]
+    async fn reconcile_finishes_and_undoes_intents() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        app.meta.put(USERS, "admin", &admin()).unwrap();
+        // A create that reached the store, one that did not, a delete that
+        // did not, a record whose volume is gone, a store volume with no record.
+        app.pool.create_volume("made", 1 << 20).await.unwrap();
+        app.pool.create_volume("doomed", 1 << 20).await.unwrap();
+        app.pool.create_volume("stray", 1 << 20).await.unwrap();
+        let create = |n: &str| Intent::Create { name: n.into(), owner: "admin".into(), origin: None };
+        app.meta.put(INTENTS, "made", &create("made")).unwrap();
+        app.meta.put(INTENTS, "never", &create("never")).unwrap();
+        app.meta.put(INTENTS, "doomed", &Intent::Delete { name: "doomed".into() }).unwrap();
+        let ghost = VolumeMeta {
+            name: "ghost".into(),
+            owner: "admin".into(),
+            created: 0,
+            origin: None,
+            iscsi: IscsiExport::default(),
+        };
+        app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
+        let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();
+        assert_eq!(said.len(), 5, "{said:?}");
+        let mut recorded: Vec<String> =
+            app.meta.list::<VolumeMeta>(VOLUMES).unwrap().into_iter().map(|(k, _)| k).collect();
+        recorded.sort();
+        assert_eq!(recorded, ["made", "stray"]);
+        let mut stored: Vec<String> = app.pool.list().into_iter().map(|d| d.name).collect();
+        stored.sort();
+        assert_eq!(stored, ["made", "stray"]);
+        assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty());
+        // A second pass finds nothing to do.
+        assert!(crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,649 @@
+//! The command line client: the same binary, talking to the HTTP API.
+//!
+//! Finds the API with `--api`/`KEEL_API` (default
+//! `http://127.0.0.1:7450`), the token with `KEEL_TOKEN` or else the
+//! `token` line of the credentials file in the data directory
+//! (`--data`/`KEEL_DATA`, default `./keel-data`). Prints tables, or the
+//! API's JSON with `--json`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::model::human;
+
+/// A connection to the API.
+pub struct Client {
+    api: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+    /// Print JSON instead of tables.
+    pub json: bool,
+}
+
+/// Read `token = "..."` from a credentials file.
+pub fn token_from_credentials(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: toml::Table = toml::from_str(&text).ok()?;
+    v.get("token")?.as_str().map(str::to_string)
+}
+
+impl Client {
+    /// A client for `api`; the token from `token` or the credentials in
+    /// `data`.
+    pub fn new(api: &str, token: Option<String>, data: &Path, json: bool) -> Client {
+        let token = token.filter(|t| !t.is_empty()).or_else(|| token_from_credentials(&data.join("credentials")));
+        Client { api: api.trim_end_matches('/').to_string(), token, agent: ureq::AgentBuilder::new().build(), json }
+    }
+
+    fn req(&self, method: &str, path: &str) -> ureq::Request {
+        let r = self.agent.request(method, &format!("{}/api/v1{path}", self.api));
+        match &self.token {
+            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    fn done(&self, r: Result<ureq::Response, ureq::Error>) -> Result<Value> {
+        match r {
+            Ok(resp) => {
+                if resp.status() == 204 {
+                    return Ok(Value::Null);
+                }
+                let text = resp.into_string().context("reading the API's answer")?;
+                Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(text);
+                let hint = if code == 401 && self.token.is_none() {
+                    " (no token: set KEEL_TOKEN, or run on the appliance where DATA/credentials is readable)"
+                } else {
+                    ""
+                };
+                bail!("{msg}{hint} [HTTP {code}]")
+            }
+            Err(e) => bail!(
+                "cannot reach the Keel API at {}: {e}; is `keel serve` running? (set --api or KEEL_API)",
+                self.api
+            ),
+        }
+    }
+
+    /// GET.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        self.done(self.req("GET", path).call())
+    }
+    /// DELETE.
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        self.done(self.req("DELETE", path).call())
+    }
+    /// A request with a JSON body.
+    pub fn send(&self, method: &str, path: &str, body: Value) -> Result<Value> {
+        self.done(self.req(method, path).send_json(body))
+    }
+
+    /// Upload a file with progress on stderr.
+    pub fn upload(&self, path: &str, file: &Path) -> Result<Value> {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let total = f.metadata()?.len();
+        use std::io::IsTerminal;
+        let tty = !self.json && std::io::stderr().is_terminal();
+        let reader = Progress { inner: f, done: 0, total, last: u64::MAX, tty };
+        let r = self
+            .req("PUT", path)
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Length", &total.to_string())
+            .send(reader);
+        if tty {
+            eprintln!();
+        } else if !self.json {
+            eprintln!("sent {} ({total} bytes)", human(total));
+        }
+        self.done(r)
+    }
+
+    /// Print `v` as JSON, or run `table` for humans.
+    pub fn print(&self, v: &Value, table: impl FnOnce(&Value)) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+        } else {
+            table(v);
+        }
+    }
+}
+
+struct Progress<R> {
+    inner: R,
+    done: u64,
+    total: u64,
+    last: u64,
+    tty: bool,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        if self.tty && pct != self.last {
+            self.last = pct;
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!("\r[{bar:<25}] {pct:>3}% {} of {}", human(self.done), human(self.total));
+        }
+        Ok(n)
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn volume_rows(v: &Value) -> Vec<Vec<String>> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    vec![
+                        s(&x["name"]),
+                        s(&x["owner"]),
+                        human(x["size_bytes"].as_u64().unwrap_or(0)),
+                        human(x["allocated_bytes"].as_u64().unwrap_or(0)),
+                        x["snapshots"].as_array().map_or(0, |a| a.len()).to_string(),
+                        s(&x["nbd_url"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn print_kv(v: &Value, keys: &[&str]) {
+    for k in keys {
+        let val = &v[*k];
+        let shown = match (*k, val) {
+            (k, Value::Number(n)) if k.ends_with("_bytes") => format!("{} ({n})", human(n.as_u64().unwrap_or(0))),
+            (_, Value::Array(a)) => a.iter().map(s).collect::<Vec<_>>().join(", "),
+            _ => s(val),
+        };
+        println!("{k:<16} {shown}");
+    }
+}
+
+/// Split `VOLUME@SNAPSHOT`.
+pub fn split_snap(s: &str) -> Result<(&str, &str)> {
+    match s.split_once('@') {
+        Some((v, sn)) if !v.is_empty() && !sn.is_empty() => Ok((v, sn)),
+        _ => bail!("{s:?} is not VOLUME@SNAPSHOT"),
+    }
+}
+
+/// `keel volume ...`.
+pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size, owner } => {
+            let mut b = json!({"name": name, "size": size});
+            if let Some(o) = owner {
+                b["owner"] = o.into();
+            }
+            let v = c.send("POST", "/volumes", b)?;
+            c.print(&v, |v| {
+                println!(
+                    "created volume {} ({}): {}",
+                    s(&v["name"]),
+                    human(v["size_bytes"].as_u64().unwrap_or(0)),
+                    s(&v["nbd_url"])
+                )
+            });
+        }
+        VolumeCmd::List => {
+            let v = c.get("/volumes")?;
+            c.print(&v, |v| table(&["NAME", "OWNER", "SIZE", "ALLOCATED", "SNAPS", "NBD URL"], volume_rows(v)));
+        }
+        VolumeCmd::Show { name } => {
+            let v = c.get(&format!("/volumes/{name}"))?;
+            c.print(&v, |v| {
+                print_kv(
+                    v,
+                    &[
+                        "name",
+                        "owner",
+                        "size_bytes",
+                        "allocated_bytes",
+                        "origin",
+                        "snapshots",
+                        "nbd_url",
+                        "iscsi_url",
+                        "nbd_sessions",
+                    ],
+                )
+            });
+        }
+        VolumeCmd::Resize { name, size } => {
+            let v = c.send("PATCH", &format!("/volumes/{name}"), json!({"size": size}))?;
+            c.print(&v, |v| {
+                println!("volume {} is now {}", s(&v["name"]), human(v["size_bytes"].as_u64().unwrap_or(0)))
+            });
+        }
+        VolumeCmd::Delete { name, recursive } => {
+            let q = if recursive { "?recursive=true" } else { "" };
+            c.delete(&format!("/volumes/{name}{q}"))?;
+            c.print(&json!({"deleted": name}), |_| println!("deleted volume {name}"));
+        }
+        VolumeCmd::Clone { source, name } => {
+            let (vol, snap) = split_snap(&source)?;
+            let v = c.send("POST", &format!("/volumes/{vol}/snapshots/{snap}/clones"), json!({"name": name}))?;
+            c.print(&v, |v| println!("cloned {source} to volume {}: {}", s(&v["name"]), s(&v["nbd_url"])));
+        }
+    }
+    Ok(())
+}
+
+/// `keel snapshot ...`.
+pub fn snapshot(c: &Client, cmd: SnapshotCmd) -> Result<()> {
+    match cmd {
+        SnapshotCmd::Create { volume, name } => {
+            let v = c.send("POST", &format!("/volumes/{volume}/snapshots"), json!({"name": name}))?;
+            c.print(&v, |v| println!("created snapshot {volume}@{}: {}", s(&v["name"]), s(&v["nbd_url"])));
+        }
+        SnapshotCmd::List { volume } => {
+            let v = c.get(&format!("/volumes/{volume}/snapshots"))?;
+            c.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| {
+                                vec![
+                                    s(&x["name"]),
+                                    human(x["size_bytes"].as_u64().unwrap_or(0)),
+                                    human(x["allocated_bytes"].as_u64().unwrap_or(0)),
+                                    s(&x["nbd_url"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "SIZE", "ALLOCATED", "NBD URL"], rows)
+            });
+        }
+        SnapshotCmd::Delete { volume, name } => {
+            c.delete(&format!("/volumes/{volume}/snapshots/{name}"))?;
+            c.print(&json!({"deleted": format!("{volume}@{name}")}), |_| println!("deleted snapshot {volume}@{name}"));
+        }
+    }
+    Ok(())
+}
+
+/// `keel iso ...`.
+pub fn iso(c: &Client, cmd: IsoCmd) -> Result<()> {
+    match cmd {
+        IsoCmd::Upload { file, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_lowercase())
+                    .context("the file has no name: pass --name")?,
+            };
+            // The server refuses a taken name before reading the body, and
+            // a client still sending a large body then sees the connection
+            // reset instead of the answer: ask first.
+            let taken = c.get("/isos")?.as_array().is_some_and(|a| a.iter().any(|i| i["name"] == name.as_str()));
+            if taken {
+                bail!("ISO {name} already exists in the store: ISOs are kept once; delete it first or pick --name");
+            }
+            let v = c.upload(&format!("/isos/{name}"), &file)?;
+            c.print(&v, |v| {
+                println!("uploaded ISO {} ({})", s(&v["name"]), human(v["size_bytes"].as_u64().unwrap_or(0)))
+            });
+        }
+        IsoCmd::List => {
+            let v = c.get("/isos")?;
+            c.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| vec![s(&x["name"]), human(x["size_bytes"].as_u64().unwrap_or(0)), s(&x["owner"])])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "SIZE", "OWNER"], rows)
+            });
+        }
+        IsoCmd::Delete { name } => {
+            c.delete(&format!("/isos/{name}"))?;
+            c.print(&json!({"deleted": name}), |_| println!("deleted ISO {name}"));
+        }
+    }
+    Ok(())
+}
+
+/// `keel user ...`.
+pub fn user(c: &Client, cmd: UserCmd) -> Result<()> {
+    match cmd {
+        UserCmd::Create { name, role, password_stdin, parent, quota_storage, quota_cpus, quota_memory } => {
+            let password = if password_stdin {
+                let mut p = String::new();
+                std::io::stdin().read_to_string(&mut p).context("reading the password from stdin")?;
+                p.trim_end_matches(['\n', '\r']).to_string()
+            } else {
+                let p = crate::auth::new_password();
+                eprintln!("password for {name}: {p}");
+                p
+            };
+            let mut b = json!({"name": name, "role": role, "password": password});
+            if let Some(p) = parent {
+                b["parent"] = p.into();
+            }
+            if let Some(st) = quota_storage {
+                b["quota"] = json!({"storage": st, "cpus": quota_cpus.unwrap_or(0), "memory": quota_memory.unwrap_or_else(|| "0".into())});
+            }
+            let v = c.send("POST", "/users", b)?;
+            c.print(&v, |v| println!("created {} user {}", s(&v["role"]), s(&v["name"])));
+        }
+        UserCmd::List => {
+            let v = c.get("/users")?;
+            c.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| {
+                                let quota = x["quota"]["storage_bytes"].as_u64().map_or("-".into(), |q| {
+                                    format!("{} of {}", human(x["storage_used_bytes"].as_u64().unwrap_or(0)), human(q))
+                                });
+                                vec![s(&x["name"]), s(&x["role"]), s(&x["parent"]), quota]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "ROLE", "PARENT", "STORAGE"], rows)
+            });
+        }
+        UserCmd::Delete { name } => {
+            c.delete(&format!("/users/{name}"))?;
+            c.print(&json!({"deleted": name}), |_| println!("deleted user {name}"));
+        }
+        UserCmd::Logout => {
+            c.delete("/tokens/current")?;
+            c.print(&json!({"revoked": true}), |_| println!("token revoked"));
+        }
+        UserCmd::Login { name, password_stdin } => {
+            if !password_stdin {
+                bail!("pass the password on stdin with --password-stdin");
+            }
+            let mut p = String::new();
+            std::io::stdin().read_to_string(&mut p)?;
+            let v = c.send("POST", "/tokens", json!({"user": name, "password": p.trim_end_matches(['\n', '\r'])}))?;
+            c.print(&v, |v| println!("{}", s(&v["token"])));
+        }
+    }
+    Ok(())
+}
+
+/// `keel export ...`.
+pub fn export(c: &Client, cmd: ExportCmd) -> Result<()> {
+    let show =
+        |v: &Value| print_kv(v, &["volume", "nbd_url", "nbd_sessions", "iqn", "iscsi_url", "initiators", "chap_user"]);
+    match cmd {
+        ExportCmd::Show { volume } => {
+            let v = c.get(&format!("/volumes/{volume}/export"))?;
+            c.print(&v, show);
+        }
+        ExportCmd::Set { volume, initiator, chap_user, chap_secret_stdin } => {
+            let mut b = json!({"initiators": initiator});
+            if let Some(u) = chap_user {
+                if !chap_secret_stdin {
+                    bail!("--chap-user needs the secret on stdin (--chap-secret-stdin)");
+                }
+                let mut secret = String::new();
+                std::io::stdin().read_to_string(&mut secret).context("reading the CHAP secret from stdin")?;
+                b["chap_user"] = u.into();
+                b["chap_secret"] = secret.trim_end_matches(['\n', '\r']).into();
+            }
+            let v = c.send("PUT", &format!("/volumes/{volume}/export"), b)?;
+            c.print(&v, show);
+        }
+    }
+    Ok(())
+}
+
+/// `keel job list` and `keel event list`.
+pub fn jobs_and_events(c: &Client, events: bool, after: u64, limit: usize) -> Result<()> {
+    if events {
+        let v = c.get(&format!("/events?after={after}&limit={limit}"))?;
+        c.print(&v, |v| {
+            let rows = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            vec![
+                                s(&e["id"]),
+                                s(&e["time"]),
+                                s(&e["user"]),
+                                s(&e["action"]),
+                                s(&e["target"]),
+                                s(&e["detail"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["ID", "TIME", "USER", "ACTION", "TARGET", "DETAIL"], rows)
+        });
+    } else {
+        let v = c.get("/jobs")?;
+        c.print(&v, |v| {
+            let rows = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|j| {
+                            let pct = j["progress_percent"].as_f64().map_or("-".into(), |p| format!("{p:.0}%"));
+                            vec![
+                                s(&j["id"]),
+                                s(&j["kind"]),
+                                s(&j["target"]),
+                                s(&j["owner"]),
+                                s(&j["state"]),
+                                pct,
+                                s(&j["error"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["ID", "KIND", "TARGET", "OWNER", "STATE", "PROGRESS", "ERROR"], rows)
+        });
+    }
+    Ok(())
+}
+
+/// `keel export` subcommands.
+#[derive(clap::Subcommand)]
+pub enum ExportCmd {
+    /// Show a volume's NBD and iSCSI exports.
+    Show {
+        /// Volume.
+        volume: String,
+    },
+    /// Set a volume's iSCSI access (replaces the initiator list and CHAP).
+    Set {
+        /// Volume.
+        volume: String,
+        /// Initiator IQN allowed to log in (repeat; none allows any).
+        #[arg(long)]
+        initiator: Vec<String>,
+        /// CHAP user (the secret is read from stdin).
+        #[arg(long, requires = "chap_secret_stdin")]
+        chap_user: Option<String>,
+        /// Read the CHAP secret (12 to 16 characters) from stdin.
+        #[arg(long)]
+        chap_secret_stdin: bool,
+    },
+}
+
+/// `keel volume` subcommands.
+#[derive(clap::Subcommand)]
+pub enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        /// Name (a-z, 0-9, '.', '-').
+        name: String,
+        /// Size: bytes or with a K/M/G/T suffix.
+        #[arg(long)]
+        size: String,
+        /// Owner (default: you).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// List the volumes you can see.
+    List,
+    /// Show one volume.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Name.
+        name: String,
+        /// New size.
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume.
+    Delete {
+        /// Name.
+        name: String,
+        /// Delete its snapshots too.
+        #[arg(long)]
+        recursive: bool,
+    },
+    /// Make a writable clone of a snapshot.
+    Clone {
+        /// VOLUME@SNAPSHOT.
+        source: String,
+        /// Name of the new volume.
+        name: String,
+    },
+}
+
+/// `keel snapshot` subcommands.
+#[derive(clap::Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a snapshot.
+    Create {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// List a volume's snapshots.
+    List {
+        /// Volume.
+        volume: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// `keel iso` subcommands.
+#[derive(clap::Subcommand)]
+pub enum IsoCmd {
+    /// Upload an ISO (streamed, progress on stderr).
+    Upload {
+        /// The file.
+        file: PathBuf,
+        /// Name in the store (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the ISOs.
+    List,
+    /// Delete an ISO.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// `keel user` subcommands.
+#[derive(clap::Subcommand)]
+pub enum UserCmd {
+    /// Create a user (the password is generated and printed unless
+    /// --password-stdin).
+    Create {
+        /// Name.
+        name: String,
+        /// manager, power or regular.
+        #[arg(long)]
+        role: String,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Power user to create it under (managers only).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Storage quota of a power user (K/M/G/T).
+        #[arg(long)]
+        quota_storage: Option<String>,
+        /// CPU quota of a power user.
+        #[arg(long)]
+        quota_cpus: Option<u32>,
+        /// Memory quota of a power user (K/M/G/T).
+        #[arg(long)]
+        quota_memory: Option<String>,
+    },
+    /// List the users you can see.
+    List,
+    /// Delete a user.
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Revoke the token in use (KEEL_TOKEN or the credentials file's).
+    Logout,
+    /// Get a token for a user (password on stdin); prints it.
+    Login {
+        /// Name.
+        name: String,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}

@@ -1,0 +1,249 @@
+//! The metadata database: an embedded redb file, `DATA/keel.redb`.
+//!
+//! Every record is a JSON document keyed by name (or by a sequence number
+//! for the event log), in one table per kind. The schema version lives in
+//! the `meta` table; [`Meta::open`] runs the migrations from the file's
+//! version up to [`SCHEMA_VERSION`] in one transaction and refuses a file
+//! written by a newer Keel. Writes are redb transactions committed with
+//! immediate durability, so a record is on disk when the call returns.
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Version of the schema this build writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Users by name ([`crate::model::User`]).
+pub const USERS: Table = Table("users");
+/// API tokens by the hex BLAKE2s hash of the token ([`crate::model::Token`]).
+pub const TOKENS: Table = Table("tokens");
+/// Volumes by name ([`crate::model::VolumeMeta`]).
+pub const VOLUMES: Table = Table("volumes");
+/// Store operations begun and not yet recorded ([`crate::model::Intent`]).
+pub const INTENTS: Table = Table("intents");
+/// ISO images by name ([`crate::model::IsoMeta`]).
+pub const ISOS: Table = Table("isos");
+const EVENTS: TableDefinition<u64, &str> = TableDefinition::new("events");
+
+/// A table of JSON documents keyed by name.
+#[derive(Clone, Copy, Debug)]
+pub struct Table(&'static str);
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static str> {
+        TableDefinition::new(self.0)
+    }
+}
+
+/// Metadata failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database file failed.
+    #[error("metadata database: {0}")]
+    Db(#[source] Box<redb::Error>),
+    /// A stored record does not parse.
+    #[error("metadata record {key:?} in {table} is damaged: {source}")]
+    Json {
+        /// Table name.
+        table: &'static str,
+        /// Record key.
+        key: String,
+        /// Parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file was written by a newer Keel.
+    #[error("metadata schema version {found} is newer than this keel supports ({SCHEMA_VERSION}): upgrade keel")]
+    TooNew {
+        /// Version in the file.
+        found: u64,
+    },
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn dbe<E: Into<redb::Error>>(e: E) -> Error {
+    Error::Db(Box::new(e.into()))
+}
+
+/// The open metadata database.
+pub struct Meta {
+    db: Database,
+}
+
+/// One write transaction: every change in it lands together or not at all.
+pub struct Write<'a> {
+    tx: &'a redb::WriteTransaction,
+}
+
+impl Write<'_> {
+    /// Insert or replace `key` in `table`.
+    pub fn put<T: Serialize>(&mut self, table: Table, key: &str, value: &T) -> Result<()> {
+        let json = serde_json::to_string(value).expect("metadata records serialize");
+        self.tx.open_table(table.def()).map_err(dbe)?.insert(key, json.as_str()).map_err(dbe)?;
+        Ok(())
+    }
+
+    /// Remove `key` from `table`; true when it was there.
+    pub fn remove(&mut self, table: Table, key: &str) -> Result<bool> {
+        Ok(self.tx.open_table(table.def()).map_err(dbe)?.remove(key).map_err(dbe)?.is_some())
+    }
+
+    /// Read `key` inside the transaction.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
+        let t = self.tx.open_table(table.def()).map_err(dbe)?;
+        let v = t.get(key).map_err(dbe)?;
+        v.map(|v| parse(table.0, key, v.value())).transpose()
+    }
+
+    /// Append an event; returns its sequence number.
+    pub fn event<T: Serialize>(&mut self, value: &T) -> Result<u64> {
+        let mut t = self.tx.open_table(EVENTS).map_err(dbe)?;
+        let next = t.last().map_err(dbe)?.map_or(1, |(k, _)| k.value() + 1);
+        let json = serde_json::to_string(value).expect("events serialize");
+        t.insert(next, json.as_str()).map_err(dbe)?;
+        Ok(next)
+    }
+}
+
+fn parse<T: DeserializeOwned>(table: &'static str, key: &str, json: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|source| Error::Json { table, key: key.to_string(), source })
+}
+
+/// A migration takes the schema from version `n` to `n + 1`.
+type Migration = fn(&mut Write<'_>) -> Result<()>;
+
+/// `MIGRATIONS[n]` upgrades version `n` to `n + 1`. Version 0 is an empty
+/// file; version 1 creates the tables.
+const MIGRATIONS: [Migration; 1] = [|w| {
+    for t in [USERS, TOKENS, VOLUMES, INTENTS, ISOS] {
+        w.tx.open_table(t.def()).map_err(dbe)?;
+    }
+    w.tx.open_table(EVENTS).map_err(dbe)?;
+    Ok(())
+}];
+
+impl Meta {
+    /// Open (or create) the database at `path` and bring its schema up to
+    /// date. Returns the database and the version it was found at.
+    pub fn open(path: &std::path::Path) -> Result<(Meta, u64)> {
+        let db = Database::create(path).map_err(dbe)?;
+        let meta = Meta { db };
+        let tx = meta.db.begin_write().map_err(dbe)?;
+        let found = {
+            let t = tx.open_table(META).map_err(dbe)?;
+            let v = t.get("schema_version").map_err(dbe)?;
+            v.map(|v| v.value().parse::<u64>().unwrap_or(0)).unwrap_or(0)
+        };
+        if found > SCHEMA_VERSION {
+            return Err(Error::TooNew { found });
+        }
+        {
+            let mut w = Write { tx: &tx };
+            for m in &MIGRATIONS[found as usize..] {
+                m(&mut w)?;
+            }
+            let v = SCHEMA_VERSION.to_string();
+            tx.open_table(META).map_err(dbe)?.insert("schema_version", v.as_str()).map_err(dbe)?;
+        }
+        tx.commit().map_err(dbe)?;
+        Ok((meta, found))
+    }
+
+    /// Run `f` in one write transaction and commit it durably when it
+    /// returns `Ok`; nothing of it is kept when it fails.
+    pub fn write<R, E: From<Error>>(&self, f: impl FnOnce(&mut Write<'_>) -> Result<R, E>) -> Result<R, E> {
+        let tx = self.db.begin_write().map_err(dbe)?;
+        let r = f(&mut Write { tx: &tx })?;
+        tx.commit().map_err(dbe)?;
+        Ok(r)
+    }
+
+    /// One record.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
+        let rx = self.db.begin_read().map_err(dbe)?;
+        let t = rx.open_table(table.def()).map_err(dbe)?;
+        let v = t.get(key).map_err(dbe)?;
+        v.map(|v| parse(table.0, key, v.value())).transpose()
+    }
+
+    /// Every record of `table`, in key order.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>> {
+        let rx = self.db.begin_read().map_err(dbe)?;
+        let t = rx.open_table(table.def()).map_err(dbe)?;
+        let mut out = Vec::with_capacity(t.len().map_err(dbe)? as usize);
+        for r in t.iter().map_err(dbe)? {
+            let (k, v) = r.map_err(dbe)?;
+            out.push((k.value().to_string(), parse(table.0, k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Put one record in its own transaction.
+    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<()> {
+        self.write(|w| w.put(table, key, value))
+    }
+
+    /// The newest `limit` events after sequence number `after`, oldest first.
+    pub fn events<T: DeserializeOwned>(&self, after: u64, limit: usize) -> Result<Vec<(u64, T)>> {
+        let rx = self.db.begin_read().map_err(dbe)?;
+        let t = rx.open_table(EVENTS).map_err(dbe)?;
+        let mut out = Vec::new();
+        for r in t.range(after + 1..).map_err(dbe)?.rev() {
+            let (k, v) = r.map_err(dbe)?;
+            out.push((k.value(), parse("events", &k.value().to_string(), v.value())?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_failed_transactions_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let (m, v) = Meta::open(&path).unwrap();
+        assert_eq!(v, 0);
+        m.put(USERS, "a", &"x".to_string()).unwrap();
+        let r: Result<()> = m.write(|w| {
+            w.put(USERS, "b", &"y".to_string())?;
+            Err(Error::TooNew { found: 9 })
+        });
+        assert!(r.is_err());
+        m.write(|w| w.event(&"e1")).unwrap();
+        m.write(|w| w.event(&"e2")).unwrap();
+        drop(m);
+        let (m, v) = Meta::open(&path).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let users: Vec<(String, String)> = m.list(USERS).unwrap();
+        assert_eq!(users, vec![("a".to_string(), "x".to_string())]);
+        let ev: Vec<(u64, String)> = m.events(0, 10).unwrap();
+        assert_eq!(ev, vec![(1, "e1".to_string()), (2, "e2".to_string())]);
+        let ev: Vec<(u64, String)> = m.events(0, 1).unwrap();
+        assert_eq!(ev, vec![(2, "e2".to_string())]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let (m, _) = Meta::open(&path).unwrap();
+        m.write(|w| {
+            w.tx.open_table(META).map_err(dbe)?.insert("schema_version", "99").map_err(dbe)?;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        drop(m);
+        assert!(matches!(Meta::open(&path), Err(Error::TooNew { found: 99 })));
+    }
+}

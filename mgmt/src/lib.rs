@@ -1,0 +1,22 @@
+//! Keel's appliance: the daemon behind `keel serve` and the CLI that talks
+//! to it.
+//!
+//! - [`serve`] starts everything: the default pool, the metadata database
+//!   ([`db`]), reconciliation after a crash ([`reconcile`]), the NBD server
+//!   and the HTTP API ([`api`]).
+//! - [`app`] holds the operations, typed and free of HTTP, with the tenant
+//!   rules of [`auth`]; [`model`] the records they keep.
+//! - [`cli`] is the command line client.
+//!
+//! The iSCSI target reads its targets through [`app::IscsiTargets`]; VMs
+//! will report what they use through [`app::UsageHooks`].
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod db;
+pub mod error;
+pub mod model;
+pub mod reconcile;
+pub mod serve;

@@ -1,0 +1,268 @@
+//! The records kept in the metadata database, and the names they are keyed
+//! by.
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every iSCSI target name: the target of volume `NAME` is
+/// `iqn.2026-11.io.keel:NAME`.
+pub const IQN_PREFIX: &str = "iqn.2026-11.io.keel:";
+
+/// A tenant role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Manager,
+    /// Owns volumes (and later VMs) within a quota; creates regular users
+    /// under it.
+    Power,
+    /// Owns exactly one VM (when VMs exist); sees its own user record.
+    Regular,
+}
+
+impl Role {
+    /// Parse `manager`, `power` or `regular`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "manager" => Some(Role::Manager),
+            "power" => Some(Role::Power),
+            "regular" => Some(Role::Regular),
+            _ => None,
+        }
+    }
+
+    /// The name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::Power => "power",
+            Role::Regular => "regular",
+        }
+    }
+}
+
+/// What a Power User may own in total (its own and its sub-users').
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Virtual CPUs over all VMs (enforced when VMs exist).
+    pub cpus: u32,
+    /// Guest memory in bytes over all VMs (enforced when VMs exist).
+    pub memory_bytes: u64,
+    /// Provisioned volume bytes (sum of volume sizes).
+    pub storage_bytes: u64,
+}
+
+/// A user.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct User {
+    /// Login name (the key).
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// The Power User this user was created under, if any.
+    pub parent: Option<String>,
+    /// Quota of a Power User.
+    pub quota: Option<Quota>,
+    /// argon2 PHC string.
+    pub password_hash: String,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// An API token (stored by the hash of its secret).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Token {
+    /// Whose token.
+    pub user: String,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// CHAP credentials of an iSCSI target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chap {
+    /// CHAP user name.
+    pub user: String,
+    /// CHAP secret (12 to 16 bytes is what initiators expect).
+    pub secret: String,
+}
+
+/// How a volume is exported over iSCSI.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IscsiExport {
+    /// Initiator IQNs allowed to log in; empty allows every initiator.
+    pub initiators: Vec<String>,
+    /// CHAP credentials; none means no CHAP.
+    pub chap: Option<Chap>,
+}
+
+/// A volume's metadata (its data and size live in the block store).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// Volume name (the key, and its store name).
+    pub name: String,
+    /// Owning user.
+    pub owner: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// `VOLUME@SNAPSHOT` it was cloned from.
+    pub origin: Option<String>,
+    /// iSCSI export settings.
+    #[serde(default)]
+    pub iscsi: IscsiExport,
+}
+
+/// A store operation recorded before it runs, so a restart after `kill -9`
+/// can finish or undo it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Intent {
+    /// A volume is being created (or cloned) for `owner`.
+    Create {
+        /// Volume name.
+        name: String,
+        /// Owner of the new volume.
+        owner: String,
+        /// Clone source, if a clone.
+        origin: Option<String>,
+    },
+    /// A volume is being deleted.
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+}
+
+impl Intent {
+    /// The volume it is about (the key of the intent record).
+    pub fn name(&self) -> &str {
+        match self {
+            Intent::Create { name, .. } | Intent::Delete { name } => name,
+        }
+    }
+}
+
+/// An ISO image in the store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IsoMeta {
+    /// Name (file `DATA/isos/NAME.iso`).
+    pub name: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Who uploaded it.
+    pub owner: String,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// One entry of the event log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix seconds.
+    pub time: u64,
+    /// Who did it (`keel` for the daemon itself).
+    pub user: String,
+    /// What was done, e.g. `volume.create`.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Free-form detail.
+    pub detail: String,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Check a volume name: 1 to 63 characters of `a-z 0-9 . -`, starting with
+/// a letter or digit, so that it is a valid store name, NBD export name and
+/// iSCSI name (RFC 3722 allows only lowercase letters, digits, `.`, `-` and
+/// `:`, and `:` separates the IQN's parts).
+pub fn check_volume_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.is_empty() || name.len() > 63 || !ok_chars || !ok_start {
+        return Err(format!(
+            "name {name:?} is not valid: use 1 to 63 characters of a-z, 0-9, '.' and '-', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Check a user name: 1 to 32 characters of `a-z 0-9 _ . -`, starting with a
+/// letter.
+pub fn check_user_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
+    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    if name.is_empty() || name.len() > 32 || !ok_chars || !ok_start {
+        return Err(format!(
+            "user name {name:?} is not valid: use 1 to 32 characters of a-z, 0-9, '_', '.' and '-', starting with a letter"
+        ));
+    }
+    Ok(())
+}
+
+/// Parse a size: bytes, or a number with a K/M/G/T suffix (powers of 1024),
+/// optionally followed by `B` or `iB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 512, 64M, 10G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Bytes as a short human string (binary units).
+pub fn human(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_volume_name("db-1.disk").is_ok());
+        for bad in ["", "Upper", "a_b", "-x", "a@b", "a:b", &"x".repeat(64)] {
+            assert!(check_volume_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_user_name("alice_2").is_ok());
+        for bad in ["", "2a", "A", "a b", &"x".repeat(33)] {
+            assert!(check_user_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! `keel serve`: configuration, first start, reconciliation, listeners.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
+use serde::Deserialize;
+
+use crate::app::{Addrs, App};
+use crate::db::{ISOS, Meta, TOKENS, USERS};
+use crate::model::{IsoMeta, Role, Token, User, human, now};
+use crate::{auth, reconcile};
+
+/// The settings of `keel serve`, from flags, environment and the TOML
+/// config file, in that order of precedence, over the defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data: Option<PathBuf>,
+    /// HTTP API address.
+    pub api: Option<SocketAddr>,
+    /// NBD address.
+    pub nbd: Option<SocketAddr>,
+    /// iSCSI portal address.
+    pub iscsi: Option<SocketAddr>,
+    /// Size of a new pool file (`64G`).
+    pub pool_size: Option<String>,
+    /// I/O engine: auto, uring, sync.
+    pub engine: Option<String>,
+    /// Map page cache size (`64M`).
+    pub cache: Option<String>,
+    /// NBD TLS certificate (PEM).
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// NBD TLS key (PEM).
+    pub nbd_tls_key: Option<PathBuf>,
+    /// Refuse NBD clients without TLS.
+    pub nbd_require_tls: Option<bool>,
+}
+
+impl FileConfig {
+    /// Read a config file.
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+    }
+}
+
+/// Resolved settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// Data directory.
+    pub data: PathBuf,
+    /// Addresses.
+    pub addrs: Addrs,
+    /// Size of a new pool file.
+    pub pool_size: u64,
+    /// I/O engine.
+    pub engine: Engine,
+    /// Map page cache bytes.
+    pub cache: u64,
+    /// NBD TLS (cert, key).
+    pub nbd_tls: Option<(PathBuf, PathBuf)>,
+    /// Refuse NBD clients without TLS.
+    pub nbd_require_tls: bool,
+}
+
+/// Parse an engine name.
+pub fn parse_engine(s: &str) -> Result<Engine, String> {
+    match s {
+        "auto" => Ok(Engine::Auto),
+        "uring" | "io_uring" => Ok(Engine::Uring),
+        "sync" => Ok(Engine::Sync),
+        _ => Err(format!("unknown engine {s:?}: use auto, uring or sync")),
+    }
+}
+
+/// The pool file in a data directory.
+pub fn pool_path(data: &Path) -> PathBuf {
+    data.join("pool.img")
+}
+
+/// The first Manager's credentials file in a data directory.
+pub fn credentials_path(data: &Path) -> PathBuf {
+    data.join("credentials")
+}
+
+/// Open (or create) the default pool.
+pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions) -> Result<Pool<AnyBackend>> {
+    if !data.exists() {
+        // The data directory holds the credentials and the metadata: only
+        // its owner gets in.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data)
+            .with_context(|| format!("creating data directory {}", data.display()))?;
+    }
+    let path = pool_path(data);
+    let fresh = !path.exists();
+    if fresh {
+        // Create under a temporary name and rename once formatted, so a
+        // crash while formatting leaves no half-made pool behind.
+        let tmp = data.join("pool.img.new");
+        let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
+        drop(f);
+        let backend = AnyBackend::open(&tmp, engine).with_context(|| format!("opening {}", tmp.display()))?;
+        let engine_name = backend.engine_name();
+        let pool = Pool::create(backend, opts.clone()).await?;
+        pool.close().await?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        println!("created pool {} ({}, engine {engine_name})", path.display(), human(size));
+    }
+    let backend = AnyBackend::open(&path, engine).with_context(|| format!("opening {}", path.display()))?;
+    let engine_name = backend.engine_name();
+    let (pool, report) = Pool::open(backend, opts).await?;
+    if !fresh {
+        println!("opened pool {} at generation {} (engine {engine_name})", path.display(), report.generation);
+    }
+    if let Some(why) = report.superblock_fallback {
+        println!("recovered: the newest superblock copy was unusable ({why}); opened the previous commit");
+    }
+    Ok(pool)
+}
+
+/// Make the first Manager when there is none: `admin` with a random
+/// password and a token, written to `DATA/credentials` (mode 0600) before
+/// the database, so a crash in between leaves a file, never a manager
+/// nobody knows the password of.
+fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<PathBuf>> {
+    let users: Vec<(String, User)> = meta.list(USERS)?;
+    if users.iter().any(|(_, u)| u.role == Role::Manager) {
+        return Ok(None);
+    }
+    let (password, token) = (auth::new_password(), auth::new_token());
+    let path = credentials_path(data);
+    let tmp = data.join("credentials.new");
+    let text = format!(
+        "# The first Keel manager, made at the first start (unix time {}).\n# The CLI reads `token` from this file when KEEL_TOKEN is not set.\nuser = \"admin\"\npassword = \"{password}\"\ntoken = \"{token}\"\napi = \"http://{api}\"\n",
+        now()
+    );
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    let admin = User {
+        name: "admin".into(),
+        role: Role::Manager,
+        parent: None,
+        quota: None,
+        password_hash: auth::hash_password(&password),
+        created: now(),
+    };
+    meta.write(|w| {
+        w.put(USERS, "admin", &admin)?;
+        w.put(TOKENS, &auth::token_key(&token), &Token { user: "admin".into(), created: now() })?;
+        Ok::<_, crate::db::Error>(())
+    })?;
+    Ok(Some(path))
+}
+
+/// Bring the ISO store in step with its records after a crash: remove
+/// unfinished uploads and `.iso` files whose upload was never recorded
+/// (the client never got a success), and drop records whose file is gone
+/// (a delete removes the file first).
+fn reconcile_isos(meta: &Meta, data: &Path) -> Result<Vec<String>> {
+    let mut said = Vec::new();
+    let dir = data.join("isos");
+    let records: Vec<(String, IsoMeta)> = meta.list(ISOS)?;
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let unfinished = name.starts_with('.') && name.contains(".upload-");
+            let unrecorded = name
+                .strip_suffix(".iso")
+                .is_some_and(|stem| !name.starts_with('.') && !records.iter().any(|(k, _)| k == stem));
+            if (unfinished || unrecorded) && std::fs::remove_file(e.path()).is_ok() {
+                said.push(format!("removed {name} from the ISO store: its upload never completed"));
+            }
+        }
+    }
+    for (name, _) in records {
+        if !dir.join(format!("{name}.iso")).exists() {
+            meta.write(|w| w.remove(ISOS, &name))?;
+            said.push(format!("dropped the record of ISO {name}: its file is gone"));
+        }
+    }
+    Ok(said)
+}
+
+/// Run the appliance until SIGINT or SIGTERM.
+pub async fn serve(s: Settings) -> Result<()> {
+    let opts = PoolOptions { cache_bytes: s.cache as usize, ..Default::default() };
+    let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
+    let (meta, found) = Meta::open(&s.data.join("keel.redb")).context("opening the metadata database")?;
+    if found < crate::db::SCHEMA_VERSION {
+        println!("metadata: schema migrated from version {found} to {}", crate::db::SCHEMA_VERSION);
+    }
+    let made = first_manager(&meta, &s.data, s.addrs.api)?;
+    let mut said = reconcile::reconcile(&pool, &meta).await.context("reconciling metadata with the block store")?;
+    said.extend(reconcile_isos(&meta, &s.data)?);
+    if said.is_empty() {
+        println!("reconciled: metadata and the block store agree");
+    }
+    for line in &said {
+        println!("reconciled: {line}");
+        tracing::info!(target: "keel::reconcile", "{line}");
+    }
+
+    let app = Arc::new(App::new(pool.clone(), meta, s.addrs, s.data.clone()));
+    for line in &said {
+        app.log_event("keel", "reconcile", "", line);
+    }
+
+    let tls = match &s.nbd_tls {
+        Some((c, k)) => Some(keel_nbd_server::tls::acceptor_from_pem(c, k)?),
+        None => None,
+    };
+    let config = keel_nbd_server::ServerConfig { tls, require_tls: s.nbd_require_tls, ..Default::default() };
+    let nbd_listener = tokio::net::TcpListener::bind(s.addrs.nbd)
+        .await
+        .with_context(|| format!("binding the NBD server to {}", s.addrs.nbd))?;
+    let api_listener = tokio::net::TcpListener::bind(s.addrs.api)
+        .await
+        .with_context(|| format!("binding the HTTP API to {}", s.addrs.api))?;
+    let nbd = tokio::spawn(keel_nbd_server::serve(nbd_listener, app.nbd.clone(), Arc::new(config)));
+    let router = crate::api::router(app.clone());
+    let api = tokio::spawn(async move { axum::serve(api_listener, router).await });
+
+    let st = pool.stats();
+    println!(
+        "pool: {} total, {} allocated, {} free, {} provisioned in {} device(s)",
+        human(st.total_bytes),
+        human(st.allocated_bytes),
+        human(st.free_bytes),
+        human(st.provisioned_bytes),
+        st.devices
+    );
+    println!("HTTP API on http://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
+    println!("NBD on nbd://{}/VOLUME{}", s.addrs.nbd, if s.nbd_require_tls { " (TLS required)" } else { "" });
+    println!(
+        "iSCSI portal {} (targets iqn.2026-11.io.keel:VOLUME; the target server is not wired in yet)",
+        s.addrs.iscsi
+    );
+    match made {
+        Some(p) => println!("first start: manager credentials written to {}", p.display()),
+        None => println!("manager credentials of the first start: {}", credentials_path(&s.data).display()),
+    }
+    println!("keel is up; Ctrl-C or SIGTERM stops it");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        r = api => { r?.context("the HTTP API stopped")?; }
+    }
+    // Let a catalog change in flight finish (an interrupted one would be
+    // reconciled at the next start anyway), then commit and stop.
+    let quiet = app.quiesce().await;
+    nbd.abort();
+    pool.close().await?;
+    drop(quiet);
+    println!("pool committed; bye");
+    Ok(())
+}

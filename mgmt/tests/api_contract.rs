@@ -1,0 +1,285 @@
+//! The running server against its OpenAPI document: every documented path
+//! and method exists and answers with a documented status, every secured
+//! one answers 401 without a token, and every error status the document
+//! promises is produced by some bad request, with a JSON message. Bad input
+//! of every request field is refused with 400.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn documented(doc: &Value, path: &str, method: &str) -> BTreeSet<u16> {
+    doc["paths"][path][method]["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect()
+}
+
+#[test]
+fn every_documented_operation_answers_with_a_documented_status() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let (st, doc) = d.call_as("", "GET", "/api/v1/openapi.json", None);
+    assert_eq!(st, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+
+    // Fixtures the happy paths use.
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx", "size": "16M"}))).0, 201);
+    assert_eq!(d.call("POST", "/api/v1/volumes/fx/snapshots", Some(json!({"name": "s1"}))).0, 201);
+    assert_eq!(
+        d.call("POST", "/api/v1/users", Some(json!({"name": "u1", "role": "regular", "password": "password-1"}))).0,
+        201
+    );
+    let iso_up = ureq::put(&format!("{}/api/v1/isos/first", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .send_bytes(b"an iso")
+        .unwrap();
+    assert_eq!(iso_up.status(), 201);
+
+    let mut checked = 0;
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().unwrap() {
+            let m = method.to_uppercase();
+            let concrete = path
+                .replace(
+                    "{name}",
+                    if path.starts_with("/api/v1/users") {
+                        "u1"
+                    } else if path.starts_with("/api/v1/pools") {
+                        "default"
+                    } else if path.starts_with("/api/v1/isos") {
+                        "second"
+                    } else {
+                        "fx"
+                    },
+                )
+                .replace("{snap}", "s1")
+                .replace("{id}", "1");
+            let body = match (m.as_str(), path.as_str()) {
+                ("POST", "/api/v1/tokens") => {
+                    let text = std::fs::read_to_string(dir.path().join("credentials")).unwrap();
+                    let pw = text
+                        .lines()
+                        .find(|l| l.starts_with("password"))
+                        .unwrap()
+                        .split('"')
+                        .nth(1)
+                        .unwrap()
+                        .to_string();
+                    Some(json!({"user": "admin", "password": pw}))
+                }
+                ("POST", "/api/v1/volumes") => Some(json!({"name": "fx2", "size": 1048576})),
+                ("PATCH", _) => Some(json!({"size": "32M"})),
+                ("POST", "/api/v1/volumes/{name}/snapshots") => Some(json!({"name": "s2"})),
+                ("POST", "/api/v1/volumes/{name}/snapshots/{snap}/clones") => Some(json!({"name": "fx-clone"})),
+                ("PUT", "/api/v1/volumes/{name}/export") => Some(
+                    json!({"initiators": ["iqn.1993-08.org.debian:01:abc"], "chap_user": "host", "chap_secret": "0123456789abcd"}),
+                ),
+                ("POST", "/api/v1/users") => {
+                    Some(json!({"name": "u2", "role": "power", "password": "password-2", "quota": {"storage": "1G"}}))
+                }
+                _ => None,
+            };
+            let (st, v) = if path == "/api/v1/isos/{name}" && m == "PUT" {
+                let r = ureq::put(&format!("{}{concrete}", d.url()))
+                    .set("Authorization", &format!("Bearer {}", d.token))
+                    .send_bytes(&[7u8; 4096])
+                    .unwrap();
+                (r.status(), r.into_json::<Value>().unwrap())
+            } else if path == "/api/v1/users/{name}" && m == "DELETE" {
+                // Delete a throwaway user, not the fixture others use.
+                d.call(
+                    "POST",
+                    "/api/v1/users",
+                    Some(json!({"name": "u3", "role": "regular", "password": "password-3"})),
+                );
+                d.call("DELETE", "/api/v1/users/u3", None)
+            } else if path == "/api/v1/volumes/{name}" && m == "DELETE" {
+                d.call("POST", "/api/v1/volumes", Some(json!({"name": "gone", "size": "1M"})));
+                d.call("DELETE", "/api/v1/volumes/gone", None)
+            } else if path == "/api/v1/volumes/{name}/snapshots/{snap}" && m == "DELETE" {
+                d.call("POST", "/api/v1/volumes/fx/snapshots", Some(json!({"name": "tmp"})));
+                d.call("DELETE", "/api/v1/volumes/fx/snapshots/tmp", None)
+            } else if path == "/api/v1/tokens/current" {
+                // Revoke a fresh token, not the one the test uses; it stops working.
+                let text = std::fs::read_to_string(dir.path().join("credentials")).unwrap();
+                let pw =
+                    text.lines().find(|l| l.starts_with("password")).unwrap().split('"').nth(1).unwrap().to_string();
+                let t = d.login("admin", &pw);
+                let r = d.call_as(&t, "DELETE", &concrete, None);
+                assert_error(d.call_as(&t, "GET", "/api/v1/whoami", None), 401);
+                r
+            } else if path == "/api/v1/isos/{name}" && m == "DELETE" {
+                d.call("DELETE", "/api/v1/isos/first", None)
+            } else {
+                d.call(&m, &concrete, body)
+            };
+            let allowed = documented(&doc, path, method);
+            assert!(allowed.contains(&st), "{m} {concrete}: {st} is not documented ({allowed:?}): {v}");
+            assert!(st < 300, "{m} {concrete}: the happy path failed with {st}: {v}");
+            // The document's success schema names required fields; check them.
+            let code = st.to_string();
+            if let Some(schema) = op["responses"][&code]["content"]["application/json"]["schema"].as_object() {
+                let resolve = |s: &Value| -> Value {
+                    match s["$ref"].as_str() {
+                        Some(r) => doc["components"]["schemas"][r.rsplit('/').next().unwrap()].clone(),
+                        None => s.clone(),
+                    }
+                };
+                let s = Value::Object(schema.clone());
+                let (obj, items) =
+                    if s["type"] == "array" { (resolve(&s["items"]), true) } else { (resolve(&s), false) };
+                let samples: Vec<&Value> = if items { v.as_array().unwrap().iter().collect() } else { vec![&v] };
+                for sample in samples {
+                    for req in obj["required"].as_array().into_iter().flatten() {
+                        let k = req.as_str().unwrap();
+                        assert!(sample.get(k).is_some(), "{m} {concrete}: field {k} missing in {sample}");
+                    }
+                }
+            }
+            // Without a token a secured operation is 401, and documents it.
+            if op.get("security").is_none() {
+                assert!(allowed.contains(&401), "{m} {path} does not document 401");
+                assert_error(d.call_as("", &m, &concrete, None), 401);
+                assert_error(d.call_as("keel_bogus", &m, &concrete, None), 401);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "only {checked} operations documented");
+
+    // Every status an operation documents is one the server gives somewhere:
+    // the error statuses are exercised below and in tenants.rs.
+    let mut all = BTreeSet::new();
+    for ops in paths.values() {
+        for op in ops.as_object().unwrap().values() {
+            all.extend(op["responses"].as_object().unwrap().keys().map(|k| k.parse::<u16>().unwrap()));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut see = |got: (u16, Value), status: u16| {
+        assert_error(got, status);
+        seen.insert(status);
+    };
+    see(d.call("POST", "/api/v1/volumes", Some(json!({"name": "Bad Name", "size": "1G"}))), 400);
+    see(d.call_as("", "GET", "/api/v1/volumes", None), 401);
+    let u1 = d.login("u1", "password-1");
+    see(d.call_as(&u1, "GET", "/api/v1/volumes", None), 403);
+    see(d.call("GET", "/api/v1/volumes/nope", None), 404);
+    see(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx", "size": "1G"}))), 409);
+    let p = d.login("u2", "password-2");
+    see(d.call_as(&p, "POST", "/api/v1/volumes", Some(json!({"name": "huge", "size": "2G"}))), 507);
+    let success: BTreeSet<u16> = all.iter().copied().filter(|s| *s < 300).collect();
+    let errors: BTreeSet<u16> = all.difference(&success).copied().collect();
+    // Unknown endpoints and methods answer JSON too.
+    see(d.call("GET", "/api/v1/nothing", None), 404);
+    assert_eq!(errors, seen, "documented error statuses vs. those produced");
+    let (st, v) = d.call("PUT", "/api/v1/volumes", None);
+    assert_eq!(st, 405);
+    assert!(v["error"].is_string());
+}
+
+#[test]
+fn bad_input_of_every_field_is_refused_with_400() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "v", "size": "16M"}))).0, 201);
+    let cases: Vec<(&str, &str, Option<Value>)> = vec![
+        // POST /volumes
+        ("POST", "/api/v1/volumes", None),
+        ("POST", "/api/v1/volumes", Some(json!("not an object"))),
+        ("POST", "/api/v1/volumes", Some(json!({"size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "", "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "UPPER", "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a/b", "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a@b", "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "x".repeat(64), "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": 7, "size": "1G"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "1Q"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "lots"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": 0}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": 1000}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": -5}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "99999999999T"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "2048T"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "1G", "colour": "red"}))),
+        ("POST", "/api/v1/volumes", Some(json!({"name": "a", "size": "1G", "owner": 5}))),
+        // PATCH /volumes/{name}
+        ("PATCH", "/api/v1/volumes/v", Some(json!({}))),
+        ("PATCH", "/api/v1/volumes/v", Some(json!({"size": "big"}))),
+        ("PATCH", "/api/v1/volumes/v", Some(json!({"size": 513}))),
+        ("PATCH", "/api/v1/volumes/v", Some(json!({"size": "32M", "force": true}))),
+        // DELETE query
+        ("DELETE", "/api/v1/volumes/v?recursive=maybe", None),
+        ("DELETE", "/api/v1/volumes/v?force=true", None),
+        // snapshots and clones
+        ("POST", "/api/v1/volumes/v/snapshots", Some(json!({}))),
+        ("POST", "/api/v1/volumes/v/snapshots", Some(json!({"name": "Bad"}))),
+        ("POST", "/api/v1/volumes/v/snapshots", Some(json!({"name": "s", "owner": "admin"}))),
+        // export
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"initiators": ["not-an-iqn"]}))),
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"initiators": "iqn.x"}))),
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"chap_user": "u"}))),
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"chap_user": "u", "chap_secret": "short"}))),
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"chap_user": "", "chap_secret": "0123456789abc"}))),
+        ("PUT", "/api/v1/volumes/v/export", Some(json!({"acl": []}))),
+        // users
+        ("POST", "/api/v1/users", Some(json!({"name": "a1", "role": "god", "password": "password-1"}))),
+        ("POST", "/api/v1/users", Some(json!({"name": "a1", "role": "regular", "password": "short"}))),
+        ("POST", "/api/v1/users", Some(json!({"name": "1a", "role": "regular", "password": "password-1"}))),
+        ("POST", "/api/v1/users", Some(json!({"name": "a1", "role": "regular"}))),
+        (
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "a1", "role": "regular", "password": "password-1", "quota": {"storage": "1G"}})),
+        ),
+        (
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "a1", "role": "power", "password": "password-1", "quota": {"storage": "x"}})),
+        ),
+        ("POST", "/api/v1/users", Some(json!({"name": "a1", "role": "power", "password": "password-1", "quota": {}}))),
+        (
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "a1", "role": "regular", "password": "password-1", "parent": "admin"})),
+        ),
+        // tokens
+        ("POST", "/api/v1/tokens", Some(json!({"user": "admin"}))),
+        ("POST", "/api/v1/tokens", Some(json!({"user": "admin", "password": "x", "otp": 1}))),
+        // jobs and events
+        ("GET", "/api/v1/jobs/abc", None),
+        ("GET", "/api/v1/events?limit=0", None),
+        ("GET", "/api/v1/events?limit=lots", None),
+        ("GET", "/api/v1/events?since=3", None),
+    ];
+    for (m, path, body) in cases {
+        let token = d.token.clone();
+        let got = d.call_as(&token, m, path, body.clone());
+        assert_eq!(got.0, 400, "{m} {path} {body:?}: {}", got.1);
+        assert!(got.1["error"].as_str().is_some_and(|s| !s.is_empty()), "{m} {path}: {}", got.1);
+    }
+    // ISO names and bodies.
+    let put = |name: &str, body: &[u8]| match ureq::put(&format!("{}/api/v1/isos/{name}", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .send_bytes(body)
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(put("Bad%20Name", b"x"), 400);
+    assert_eq!(put("empty", b""), 400);
+    assert_eq!(put("ok", b"x"), 201);
+    // Nothing of the refused requests was created.
+    let (_, vols) = d.call("GET", "/api/v1/volumes", None);
+    assert_eq!(vols.as_array().unwrap().len(), 1);
+    let (_, users) = d.call("GET", "/api/v1/users", None);
+    assert_eq!(users.as_array().unwrap().len(), 1);
+    // The CLI refuses a bad size before it sends anything... or the API does: either way, an error.
+    let out = d.cli(&["volume", "create", "c", "--size", "10X"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("size"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,252 @@
+//! Starting the real `keel` daemon for end-to-end tests, and talking to it
+//! through the HTTP API and the CLI.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `keel` binary under test.
+pub const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+
+/// A free loopback port (bound and released; good enough on a test box).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A data directory under /var/tmp (O_DIRECT needs a real file system).
+pub fn data_dir() -> tempfile::TempDir {
+    let base = std::env::var("KEEL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    tempfile::Builder::new().prefix("keel-mgmt-test-").tempdir_in(base).unwrap()
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub data: PathBuf,
+    pub api: u16,
+    pub nbd: u16,
+    pub iscsi: u16,
+    pub token: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start on fresh ports in `data`.
+    pub fn start(data: &Path) -> Daemon {
+        Daemon::start_with(data, &[], (free_port(), free_port(), free_port()))
+    }
+
+    /// Start with extra environment and given ports (api, nbd, iscsi).
+    pub fn start_with(data: &Path, env: &[(&str, &str)], ports: (u16, u16, u16)) -> Daemon {
+        let (api, nbd, iscsi) = ports;
+        let log = data.join(format!("daemon-{}.log", free_port()));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(KEEL);
+        cmd.args(["serve", "--data"])
+            .arg(data)
+            .args(["--pool-size", "2G", "--cache", "16M"])
+            .args(["--api", &format!("127.0.0.1:{api}")])
+            .args(["--nbd", &format!("127.0.0.1:{nbd}")])
+            .args(["--iscsi", &format!("127.0.0.1:{iscsi}")])
+            .env_remove("KEEL_DATA")
+            .env_remove("KEEL_CRASH_POINT")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon { child: Some(child), data: data.to_path_buf(), api, nbd, iscsi, token: String::new(), log };
+        d.wait_ready();
+        d.token = read_token(data);
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keel serve exited with {st} before it was up:\n{}", self.output());
+            }
+            if self.output().contains("keel is up") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "keel serve did not come up:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the daemon printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The API base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api)
+    }
+
+    /// A request with the manager's token.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(&self.token.clone(), method, path, body)
+    }
+
+    /// A request with `token` ("" for none).
+    pub fn call_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(&self.url(), token, method, path, body)
+    }
+
+    /// Run the CLI against this daemon with the manager's token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.token.clone(), args, None)
+    }
+
+    /// Run the CLI with `token` and optional stdin.
+    pub fn cli_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(KEEL);
+        cmd.args(args).env("KEEL_API", self.url()).env("KEEL_TOKEN", token).env_remove("KEEL_DATA");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut si = child.stdin.take().unwrap();
+            if let Some(s) = stdin {
+                si.write_all(s.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Log in as `user`; returns the token.
+    pub fn login(&self, user: &str, password: &str) -> String {
+        let (st, v) =
+            self.call_as("", "POST", "/api/v1/tokens", Some(serde_json::json!({"user": user, "password": password})));
+        assert_eq!(st, 201, "login {user}: {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait for the daemon to die on its own (a crash point).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        c.wait().unwrap()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "keel serve did not stop cleanly ({st}):\n{}", self.output());
+        }
+    }
+
+    /// Restart on the same data directory and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Daemon::start_with(&self.data.clone(), &[], (self.api, self.nbd, self.iscsi));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The token in DATA/credentials.
+pub fn read_token(data: &Path) -> String {
+    let text = std::fs::read_to_string(data.join("credentials")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("token")).unwrap();
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+/// One HTTP request; returns the status and the JSON body (Null if none).
+pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = ureq::request(method, &format!("{base}{path}"));
+    if !token.is_empty() {
+        r = r.set("Authorization", &format!("Bearer {token}"));
+    }
+    let res = match body {
+        Some(b) => r.send_json(b),
+        None => r.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let status = resp.status();
+    let mut text = String::new();
+    resp.into_reader().read_to_string(&mut text).unwrap();
+    let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    (status, v)
+}
+
+/// Assert a JSON error with `status` whose message is not empty.
+#[track_caller]
+pub fn assert_error(got: (u16, Value), status: u16) -> String {
+    assert_eq!(got.0, status, "expected {status}, got {} {}", got.0, got.1);
+    let msg = got.1["error"].as_str().unwrap_or_else(|| panic!("no error message in {}", got.1));
+    assert!(!msg.is_empty());
+    msg.to_string()
+}
+
+/// Run a command; panic with its output unless it succeeds.
+#[track_caller]
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-io` on an NBD URL with one command.
+pub fn qemu_io(url: &str, cmd: &str) -> Output {
+    Command::new("qemu-io").args(["-f", "raw", "-c", cmd, url]).output().unwrap()
+}
+
+/// `qemu-io -c "read -P PATTERN OFF LEN"` succeeded and verified.
+#[track_caller]
+pub fn assert_reads(url: &str, pattern: u8, off: &str, len: &str) {
+    let cmd = format!("read -P {pattern:#x} {off} {len}");
+    let out = Command::new("qemu-io").args(["-r", "-f", "raw", "-c", &cmd, url]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("read ") && !text.to_lowercase().contains("fail"),
+        "{url}: reading pattern {pattern:#x} at {off}+{len}: {text}"
+    );
+}
+
+/// Volume names in the store, read from a stopped daemon's pool with
+/// `keel pool`.
+pub fn store_volumes(data: &Path) -> Vec<String> {
+    let out = run_ok(Command::new(KEEL).args(["pool", "--data"]).arg(data));
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| !n.contains('@'))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
