@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cli;
 pub mod db;
 pub mod error;
+pub mod iscsi;
 pub mod model;
 pub mod reconcile;
 pub mod serve;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of every iSCSI target name: the target of volume `NAME` is
 /// `iqn.2026-11.io.keel:NAME`.
-pub const IQN_PREFIX: &str = "iqn.2026-11.io.keel:";
+pub const IQN_PREFIX: &str = keel_iscsi_target::IQN_PREFIX;
 
 /// A tenant role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

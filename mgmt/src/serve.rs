@@ -237,7 +237,13 @@ pub async fn serve(s: Settings) -> Result<()> {
     let api_listener = tokio::net::TcpListener::bind(s.addrs.api)
         .await
         .with_context(|| format!("binding the HTTP API to {}", s.addrs.api))?;
+    let iscsi_listener = tokio::net::TcpListener::bind(s.addrs.iscsi)
+        .await
+        .with_context(|| format!("binding the iSCSI target to {}", s.addrs.iscsi))?;
     let nbd = tokio::spawn(keel_nbd_server::serve(nbd_listener, app.nbd.clone(), Arc::new(config)));
+    let targets = Arc::new(crate::iscsi::AppTargets::new(app.clone()));
+    let iscsi_server = keel_iscsi_target::Server::new(targets, keel_iscsi_target::ServerConfig::default());
+    let iscsi = tokio::spawn(iscsi_server.serve(iscsi_listener));
     let router = crate::api::router(app.clone());
     let api = tokio::spawn(async move { axum::serve(api_listener, router).await });
 
@@ -252,10 +258,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     );
     println!("HTTP API on http://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
     println!("NBD on nbd://{}/VOLUME{}", s.addrs.nbd, if s.nbd_require_tls { " (TLS required)" } else { "" });
-    println!(
-        "iSCSI portal {} (targets iqn.2026-11.io.keel:VOLUME; the target server is not wired in yet)",
-        s.addrs.iscsi
-    );
+    println!("iSCSI on iscsi://{}/{}VOLUME/0", s.addrs.iscsi, crate::model::IQN_PREFIX);
     match made {
         Some(p) => println!("first start: manager credentials written to {}", p.display()),
         None => println!("manager credentials of the first start: {}", credentials_path(&s.data).display()),
@@ -272,6 +275,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     // reconciled at the next start anyway), then commit and stop.
     let quiet = app.quiesce().await;
     nbd.abort();
+    iscsi.abort();
     pool.close().await?;
     drop(quiet);
     println!("pool committed; bye");

@@ -156,6 +156,14 @@ impl<D: BlockDevice> BlockDevice for Counted<D> {
         self.stats.write_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.dev.write(offset, data, fua).await
     }
+    async fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.dev.write_atomic(offset, data, fua).await
+    }
+    fn atomic_max(&self) -> u32 {
+        self.dev.atomic_max()
+    }
     async fn flush(&self) -> Result<()> {
         self.dev.flush().await
     }
@@ -208,6 +216,12 @@ mod tests {
         }
         async fn write(&self, _: u64, _: &[u8], _: bool) -> Result<()> {
             Ok(())
+        }
+        async fn write_atomic(&self, _: u64, _: &[u8], _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn atomic_max(&self) -> u32 {
+            4096
         }
         async fn flush(&self) -> Result<()> {
             Ok(())

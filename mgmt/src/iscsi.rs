@@ -1,0 +1,96 @@
+//! The appliance's iSCSI targets: every volume in the metadata is a target
+//! `iqn.2026-11.io.keel:VOLUME` with LUN 0, under the initiator ACL and
+//! CHAP secret kept in its export settings. A logged-in LUN holds a session
+//! on its volume, so the API refuses to delete a volume in use.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use keel_blockstore::{AnyBackend, BlockDevice, Extent, Result, Volume};
+use keel_iscsi_target::{Access, Chap, Targets};
+
+use crate::app::{App, IscsiTargets, SessionGuard};
+
+/// [`Targets`] over the appliance's metadata and pool.
+pub struct AppTargets {
+    app: Arc<App>,
+}
+
+impl AppTargets {
+    /// The targets of `app`.
+    pub fn new(app: Arc<App>) -> AppTargets {
+        AppTargets { app }
+    }
+}
+
+/// A volume served as a LUN, counted as a session while it is open.
+pub struct InUse {
+    vol: Volume<AnyBackend>,
+    _guard: SessionGuard,
+}
+
+impl Targets for AppTargets {
+    type Device = InUse;
+
+    fn names(&self) -> Vec<String> {
+        self.app.targets().into_iter().map(|t| t.iqn).collect()
+    }
+
+    fn open(&self, name: &str) -> Option<Arc<InUse>> {
+        let t = self.app.target(name)?;
+        let vol = self.app.pool.volume(&t.volume).ok()?;
+        let guard = self.app.sessions.open("iscsi", &t.volume);
+        Some(Arc::new(InUse { vol, _guard: guard }))
+    }
+
+    fn access(&self, name: &str) -> Access {
+        match self.app.target(name) {
+            Some(t) => Access {
+                initiators: t.initiators,
+                chap: t.chap.map(|c| Chap { user: c.user, secret: c.secret }),
+                mutual: None,
+            },
+            // Gone since it was listed: nobody may log in.
+            None => Access { initiators: vec![String::from("\u{0}none")], chap: None, mutual: None },
+        }
+    }
+}
+
+impl BlockDevice for InUse {
+    fn size(&self) -> u64 {
+        self.vol.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.vol.block_size()
+    }
+    fn read_only(&self) -> bool {
+        self.vol.read_only()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.vol.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.vol.write(offset, data, fua).await
+    }
+    async fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.vol.write_atomic(offset, data, fua).await
+    }
+    fn atomic_max(&self) -> u32 {
+        BlockDevice::atomic_max(&self.vol)
+    }
+    async fn flush(&self) -> Result<()> {
+        self.vol.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.vol.discard(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.vol.write_zeroes(offset, len, fua).await
+    }
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.vol.allocation(offset, len).await
+    }
+    async fn changed_since(&self, snapshot: &str) -> Result<Vec<Range<u64>>> {
+        self.vol.changed_since(snapshot).await
+    }
+}

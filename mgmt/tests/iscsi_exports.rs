@@ -1,0 +1,106 @@
+//! Volumes over the `iscsi_url` the API hands out: QEMU's iSCSI client
+//! writes and compares through it, libiscsi's tools discover and inquire,
+//! the export's initiator ACL and CHAP secret (set through the CLI) are
+//! enforced, and a volume with a logged-in initiator cannot be deleted.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn cli_json(d: &Daemon, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = d.cli(&a);
+    assert!(out.status.success(), "keel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn output(cmd: &mut Command) -> (bool, String) {
+    let o = cmd.output().unwrap();
+    (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+#[test]
+fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    assert!(d.output().contains(&format!("iSCSI on iscsi://127.0.0.1:{}/", d.iscsi)), "{}", d.output());
+    let v = cli_json(&d, &["volume", "create", "lun1", "--size", "64M"]);
+    let iscsi_url = v["iscsi_url"].as_str().unwrap().to_string();
+    let nbd_url = v["nbd_url"].as_str().unwrap().to_string();
+
+    // QEMU copies a file in over iSCSI; the same bytes read back over iSCSI
+    // and over NBD.
+    let src = dir.path().join("src.raw");
+    let mut x: u64 = 0x9e37_79b9;
+    let data: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    let src = src.to_str().unwrap();
+    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", src, &iscsi_url]));
+    for url in [&iscsi_url, &nbd_url] {
+        let (ok, out) = output(Command::new("qemu-img").args(["compare", "-f", "raw", src, url]));
+        assert!(ok && out.contains("Images are identical"), "{url}: {out}");
+    }
+
+    // Discovery lists it; INQUIRY answers.
+    let portal = format!("iscsi://127.0.0.1:{}", d.iscsi);
+    let (ok, out) = output(Command::new("iscsi-ls").arg(&portal));
+    assert!(ok && out.contains("iqn.2026-11.io.keel:lun1"), "{out}");
+    let (ok, out) = output(Command::new("iscsi-inq").arg(&iscsi_url));
+    assert!(ok && out.contains("Vendor:KEEL"), "{out}");
+
+    // A volume with a logged-in initiator is in use.
+    let mut busy = Command::new("iscsi-perf")
+        .args(["-t", "8", &iscsi_url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let (status, body) = d.call("DELETE", "/api/v1/volumes/lun1", None);
+    assert_eq!(status, 409, "deleting a volume with an iSCSI session: {body}");
+    busy.wait().unwrap();
+
+    // ACL and CHAP set through the CLI are enforced at login.
+    let out = d.cli_as(
+        &d.token,
+        &[
+            "export",
+            "set",
+            "lun1",
+            "--initiator",
+            "iqn.2026-11.test:good",
+            "--chap-user",
+            "alice",
+            "--chap-secret-stdin",
+        ],
+        Some("alice-secret-12\n"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let with = |secret: &str| iscsi_url.replace("iscsi://", &format!("iscsi://alice%{secret}@"));
+    let (ok, out) = output(Command::new("iscsi-inq").args(["-i", "iqn.2026-11.test:good", &with("alice-secret-12")]));
+    assert!(ok, "right initiator and secret refused: {out}");
+    let (ok, out) = output(Command::new("iscsi-inq").args(["-i", "iqn.2026-11.test:good", &with("wrong-secret-99")]));
+    assert!(!ok, "wrong secret accepted: {out}");
+    let (ok, out) = output(Command::new("iscsi-inq").args(["-i", "iqn.2026-11.test:bad", &with("alice-secret-12")]));
+    assert!(!ok, "initiator off the ACL accepted: {out}");
+    let (ok, out) = output(Command::new("iscsi-inq").args(["-i", "iqn.2026-11.test:good", &iscsi_url]));
+    assert!(!ok, "login without CHAP accepted: {out}");
+
+    // No session left: the delete goes through, and the target is gone.
+    let (status, body) = d.call("DELETE", "/api/v1/volumes/lun1", None);
+    assert!(status == 200 || status == 204, "delete: {status} {body}");
+    let (ok, out) = output(Command::new("iscsi-inq").arg(&iscsi_url));
+    assert!(!ok, "deleted volume still served: {out}");
+}
