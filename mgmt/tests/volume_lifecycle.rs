@@ -215,10 +215,11 @@ fn config_file_sets_addresses_and_flags_win() {
     )
     .unwrap();
     let log = dir.path().join("log");
+    let flag_iscsi = free_port();
     let mut child = Command::new(KEEL)
         .args(["serve", "--config"])
         .arg(&cfg)
-        .args(["--iscsi", "127.0.0.1:3999"])
+        .args(["--iscsi", &format!("127.0.0.1:{flag_iscsi}")])
         .env_remove("KEEL_DATA")
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::null())
@@ -242,7 +243,7 @@ fn config_file_sets_addresses_and_flags_win() {
     assert!(up, "{out}");
     assert!(out.contains(&format!("http://127.0.0.1:{api}/api/v1")), "{out}");
     assert!(out.contains(&format!("nbd://127.0.0.1:{nbd}/")), "{out}");
-    assert!(out.contains("iSCSI portal 127.0.0.1:3999"), "{out}");
+    assert!(out.contains(&format!("iSCSI on iscsi://127.0.0.1:{flag_iscsi}/")), "the flag wins over the file: {out}");
     assert!(out.contains("1.0 GiB"), "{out}");
     assert!(token.starts_with("keel_"));
 
