@@ -5,7 +5,10 @@
 # Servers (both run at once, each on its own port, so every test runs them
 # back to back and drift in the disk's speed hits both alike):
 #   tgt   tgtd serving a raw file of SIZE as LUN 1 (backing store rdwr,
-#         tgt's default: buffered pread/pwrite from a thread pool)
+#         tgt's default: buffered pread/pwrite from a thread pool, so its
+#         reads come from the page cache once warm and its writes land in
+#         it; TGT_DIRECT=1 opens the file with O_DIRECT instead, as Keel's
+#         store does)
 #   keel  keel-nbd-bench-server --iscsi: a pool file of 3 x SIZE holding one
 #         thin volume of SIZE (written once sequentially before the run, no
 #         snapshots), io_uring + O_DIRECT, served as LUN 0 of
@@ -32,6 +35,7 @@
 #   THREADS      Keel's tokio worker threads [2]
 #   REPEAT       rounds; the table shows medians [3]
 #   PORT         first of two TCP ports on 127.0.0.1 [3270]
+#   TGT_DIRECT   1 to run tgt's backing store with O_DIRECT [0]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -43,6 +47,7 @@ SEQ_COUNT=${SEQ_COUNT:-2048}
 THREADS=${THREADS:-2}
 REPEAT=${REPEAT:-3}
 PORT=${PORT:-3270}
+TGT_DIRECT=${TGT_DIRECT:-0}
 TGT_PORT=$((PORT + 1))
 
 for tool in tgtd tgtadm iscsi-perf qemu-img; do
@@ -81,7 +86,9 @@ tgtd -f --iscsi "portal=127.0.0.1:$TGT_PORT" >"$BENCH_DIR/tgt.log" 2>&1 &
 pids+=($!)
 sleep 1
 tgtadm --lld iscsi --op new --mode target --tid 1 -T iqn.2026-11.test:tgt
-tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$tgt_file"
+tgt_flags=()
+if [[ $TGT_DIRECT == 1 ]]; then tgt_flags=(--bsoflags direct); fi
+tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$tgt_file" "${tgt_flags[@]}"
 tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
 sync
 echo 3 >/proc/sys/vm/drop_caches || true
@@ -136,4 +143,4 @@ for test in randread randwrite seqwrite; do
     esac
     printf '%-28s %12s %12s %8s\n' "$label" "$k" "$t" "$(awk -v a="$k" -v b="$t" 'BEGIN { printf "%.2f", a / b }')"
 done
-echo "(medians of $REPEAT rounds; target keel/tgt >= 1.5)"
+echo "(medians of $REPEAT rounds; tgt O_DIRECT: $TGT_DIRECT; target keel/tgt >= 1.5)"

@@ -103,7 +103,11 @@ struct LoginIn {
 async fn login(State(app): State<Arc<App>>, b: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let r: LoginIn = body(&b)?;
     let app2 = app.clone();
-    // argon2 is deliberately slow: keep it off the async workers.
+    // argon2 is deliberately slow and takes ~19 MiB per check: keep it off
+    // the async workers, and run at most a few at once, so a flood of
+    // logins queues instead of exhausting memory.
+    static LOGINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let _permit = LOGINS.acquire().await.map_err(|e| ApiError::internal(format!("login failed: {e}")))?;
     let (token, user) = tokio::task::spawn_blocking(move || app2.login(&r.user, &r.password))
         .await
         .map_err(|e| ApiError::internal(format!("login failed: {e}")))??;

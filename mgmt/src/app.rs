@@ -458,9 +458,15 @@ impl App {
     /// Exchange a name and password for a new token.
     pub fn login(&self, name: &str, password: &str) -> ApiResult<(String, User)> {
         let user: Option<User> = self.meta.get(USERS, name)?;
-        let user = user
-            .filter(|u| auth::verify_password(password, &u.password_hash))
-            .ok_or_else(|| ApiError::unauthorized("wrong user name or password"))?;
+        // An unknown name costs the same argon2 check as a known one, so the
+        // answer's timing does not tell which names exist.
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let hash = match &user {
+            Some(u) => u.password_hash.clone(),
+            None => DUMMY.get_or_init(|| auth::hash_password("not a password of anyone")).clone(),
+        };
+        let ok = auth::verify_password(password, &hash);
+        let user = user.filter(|_| ok).ok_or_else(|| ApiError::unauthorized("wrong user name or password"))?;
         let token = auth::new_token();
         self.meta.write(|w| {
             w.put(TOKENS, &auth::token_key(&token), &Token { user: user.name.clone(), created: now() })?;
@@ -708,6 +714,11 @@ impl App {
                 "{export} is in use: {sessions} NBD connection(s) are open on it; disconnect the clients first"
             )));
         }
+        if export != name {
+            // A snapshot is exported only over NBD (read-only); the
+            // volume's iSCSI sessions and VMs do not use it.
+            return Ok(());
+        }
         let others = self.sessions.on_volume(name);
         if others > 0 {
             return Err(ApiError::conflict(format!(
@@ -858,7 +869,7 @@ impl App {
         for i in &iscsi.initiators {
             let ok = (i.starts_with("iqn.") || i.starts_with("eui.") || i.starts_with("naa."))
                 && i.len() <= 223
-                && !i.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase());
+                && !i.chars().any(|c| c.is_whitespace() || c.is_control() || c.is_ascii_uppercase() || c == '=');
             if !ok {
                 return Err(ApiError::bad(format!(
                     "initiator {i:?} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain:name (lowercase), eui. or naa."
@@ -868,6 +879,13 @@ impl App {
         if let Some(c) = &iscsi.chap {
             if c.user.is_empty() || c.user.len() > 255 {
                 return Err(ApiError::bad("CHAP user must be 1 to 255 characters"));
+            }
+            // Both travel as iSCSI text keys (key=value, NUL-separated).
+            let printable = |t: &str| t.chars().all(|ch| ch.is_ascii_graphic() && ch != '=');
+            if !printable(&c.user) || !printable(&c.secret) {
+                return Err(ApiError::bad(
+                    "CHAP user and secret must be printable ASCII without spaces or '=' (they travel as iSCSI text keys)",
+                ));
             }
             if !(12..=16).contains(&c.secret.len()) {
                 return Err(ApiError::bad(

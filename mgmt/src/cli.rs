@@ -227,7 +227,7 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             c.print(&v, |v| table(&["NAME", "OWNER", "SIZE", "ALLOCATED", "SNAPS", "NBD URL"], volume_rows(v)));
         }
         VolumeCmd::Show { name } => {
-            let v = c.get(&format!("/volumes/{name}"))?;
+            let v = c.get(&format!("/volumes/{}", seg(&name)?))?;
             c.print(&v, |v| {
                 print_kv(
                     v,
@@ -246,19 +246,23 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             });
         }
         VolumeCmd::Resize { name, size } => {
-            let v = c.send("PATCH", &format!("/volumes/{name}"), json!({"size": size}))?;
+            let v = c.send("PATCH", &format!("/volumes/{}", seg(&name)?), json!({"size": size}))?;
             c.print(&v, |v| {
                 println!("volume {} is now {}", s(&v["name"]), human(v["size_bytes"].as_u64().unwrap_or(0)))
             });
         }
         VolumeCmd::Delete { name, recursive } => {
             let q = if recursive { "?recursive=true" } else { "" };
-            c.delete(&format!("/volumes/{name}{q}"))?;
+            c.delete(&format!("/volumes/{}{}", seg(&name)?, q))?;
             c.print(&json!({"deleted": name}), |_| println!("deleted volume {name}"));
         }
         VolumeCmd::Clone { source, name } => {
             let (vol, snap) = split_snap(&source)?;
-            let v = c.send("POST", &format!("/volumes/{vol}/snapshots/{snap}/clones"), json!({"name": name}))?;
+            let v = c.send(
+                "POST",
+                &format!("/volumes/{}/snapshots/{}/clones", seg(vol)?, seg(snap)?),
+                json!({"name": name}),
+            )?;
             c.print(&v, |v| println!("cloned {source} to volume {}: {}", s(&v["name"]), s(&v["nbd_url"])));
         }
     }
@@ -269,11 +273,11 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
 pub fn snapshot(c: &Client, cmd: SnapshotCmd) -> Result<()> {
     match cmd {
         SnapshotCmd::Create { volume, name } => {
-            let v = c.send("POST", &format!("/volumes/{volume}/snapshots"), json!({"name": name}))?;
+            let v = c.send("POST", &format!("/volumes/{}/snapshots", seg(&volume)?), json!({"name": name}))?;
             c.print(&v, |v| println!("created snapshot {volume}@{}: {}", s(&v["name"]), s(&v["nbd_url"])));
         }
         SnapshotCmd::List { volume } => {
-            let v = c.get(&format!("/volumes/{volume}/snapshots"))?;
+            let v = c.get(&format!("/volumes/{}/snapshots", seg(&volume)?))?;
             c.print(&v, |v| {
                 let rows = v
                     .as_array()
@@ -294,7 +298,7 @@ pub fn snapshot(c: &Client, cmd: SnapshotCmd) -> Result<()> {
             });
         }
         SnapshotCmd::Delete { volume, name } => {
-            c.delete(&format!("/volumes/{volume}/snapshots/{name}"))?;
+            c.delete(&format!("/volumes/{}/snapshots/{}", seg(&volume)?, seg(&name)?))?;
             c.print(&json!({"deleted": format!("{volume}@{name}")}), |_| println!("deleted snapshot {volume}@{name}"));
         }
     }
@@ -319,7 +323,7 @@ pub fn iso(c: &Client, cmd: IsoCmd) -> Result<()> {
             if taken {
                 bail!("ISO {name} already exists in the store: ISOs are kept once; delete it first or pick --name");
             }
-            let v = c.upload(&format!("/isos/{name}"), &file)?;
+            let v = c.upload(&format!("/isos/{}", seg(&name)?), &file)?;
             c.print(&v, |v| {
                 println!("uploaded ISO {} ({})", s(&v["name"]), human(v["size_bytes"].as_u64().unwrap_or(0)))
             });
@@ -339,7 +343,7 @@ pub fn iso(c: &Client, cmd: IsoCmd) -> Result<()> {
             });
         }
         IsoCmd::Delete { name } => {
-            c.delete(&format!("/isos/{name}"))?;
+            c.delete(&format!("/isos/{}", seg(&name)?))?;
             c.print(&json!({"deleted": name}), |_| println!("deleted ISO {name}"));
         }
     }
@@ -389,7 +393,7 @@ pub fn user(c: &Client, cmd: UserCmd) -> Result<()> {
             });
         }
         UserCmd::Delete { name } => {
-            c.delete(&format!("/users/{name}"))?;
+            c.delete(&format!("/users/{}", seg(&name)?))?;
             c.print(&json!({"deleted": name}), |_| println!("deleted user {name}"));
         }
         UserCmd::Logout => {
@@ -415,7 +419,7 @@ pub fn export(c: &Client, cmd: ExportCmd) -> Result<()> {
         |v: &Value| print_kv(v, &["volume", "nbd_url", "nbd_sessions", "iqn", "iscsi_url", "initiators", "chap_user"]);
     match cmd {
         ExportCmd::Show { volume } => {
-            let v = c.get(&format!("/volumes/{volume}/export"))?;
+            let v = c.get(&format!("/volumes/{}/export", seg(&volume)?))?;
             c.print(&v, show);
         }
         ExportCmd::Set { volume, initiator, chap_user, chap_secret_stdin } => {
@@ -429,7 +433,7 @@ pub fn export(c: &Client, cmd: ExportCmd) -> Result<()> {
                 b["chap_user"] = u.into();
                 b["chap_secret"] = secret.trim_end_matches(['\n', '\r']).into();
             }
-            let v = c.send("PUT", &format!("/volumes/{volume}/export"), b)?;
+            let v = c.send("PUT", &format!("/volumes/{}/export", seg(&volume)?), b)?;
             c.print(&v, show);
         }
     }
@@ -646,4 +650,21 @@ pub enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
+}
+
+/// A name as one URL path segment. Names that would change the path's
+/// meaning (`..`, `/`, `?`, `#`, `%`, control characters) are refused here,
+/// before a request goes out: `keel snapshot delete vol ../../other` must
+/// not become a request about volume `other`.
+fn seg(name: &str) -> Result<&str> {
+    let bad = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.chars().any(|c| matches!(c, '/' | '?' | '#' | '%' | '\\') || c.is_control() || c == ' ');
+    if bad {
+        anyhow::bail!(
+            "{name:?} is not a valid name (no '/', '?', '#', '%', spaces or control characters, not '.' or '..')"
+        );
+    }
+    Ok(name)
 }

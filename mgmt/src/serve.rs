@@ -99,6 +99,13 @@ pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions
             .create(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
     }
+    // Also when it existed: the pool, the metadata (CHAP secrets) and the
+    // credentials are for the owner alone, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to its owner", data.display()))?;
+    }
     let path = pool_path(data);
     let fresh = !path.exists();
     if fresh {

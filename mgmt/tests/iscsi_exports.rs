@@ -60,7 +60,9 @@ fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
     let (ok, out) = output(Command::new("iscsi-inq").arg(&iscsi_url));
     assert!(ok && out.contains("Vendor:KEEL"), "{out}");
 
-    // A volume with a logged-in initiator is in use.
+    // A volume with a logged-in initiator is in use (but its snapshots,
+    // which iSCSI does not serve, can still go).
+    cli_json(&d, &["snapshot", "create", "lun1", "s1"]);
     let mut busy = Command::new("iscsi-perf")
         .args(["-t", "8", &iscsi_url])
         .stdout(Stdio::null())
@@ -70,7 +72,17 @@ fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
     std::thread::sleep(Duration::from_millis(2000));
     let (status, body) = d.call("DELETE", "/api/v1/volumes/lun1", None);
     assert_eq!(status, 409, "deleting a volume with an iSCSI session: {body}");
+    let out = d.cli(&["snapshot", "delete", "lun1", "s1"]);
+    assert!(out.status.success(), "snapshot delete refused: {}", String::from_utf8_lossy(&out.stderr));
     busy.wait().unwrap();
+
+    // CHAP values travel as iSCSI text keys: '=' or spaces are refused.
+    let out = d.cli_as(
+        &d.token,
+        &["export", "set", "lun1", "--chap-user", "al=ice", "--chap-secret-stdin"],
+        Some("alice-secret-12\n"),
+    );
+    assert!(!out.status.success(), "a CHAP user with '=' was accepted");
 
     // ACL and CHAP set through the CLI are enforced at login.
     let out = d.cli_as(
