@@ -16,6 +16,8 @@ set -euo pipefail
 # comes from the default suites.
 # ---------------------------------------------------------------------------
 PACKAGES=(
+    # HTTP client in the appliance tests (/metrics)
+    curl
     # block store benchmarks (benches/store-vs-fio.sh)
     fio
     # QEMU / VMs. From backports: QEMU 10, never bookworm's 7.2.

@@ -542,6 +542,29 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "counter",
         c.iter().map(|c| (label("export", &c.name), c.write_ops)).collect(),
     );
+    let io: Vec<(String, [u64; 4])> = {
+        let m = app.iscsi_io.lock();
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|(name, s)| {
+                let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                (name.clone(), [g(&s.read_bytes), g(&s.write_bytes), g(&s.read_ops), g(&s.write_ops)])
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (i, (metric, help)) in [
+        ("keel_iscsi_read_bytes_total", "Bytes read over iSCSI per volume."),
+        ("keel_iscsi_written_bytes_total", "Bytes written over iSCSI per volume."),
+        ("keel_iscsi_read_ops_total", "iSCSI reads per volume."),
+        ("keel_iscsi_write_ops_total", "iSCSI writes per volume."),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        gauge(metric, help, "counter", io.iter().map(|(n, c)| (label("volume", n), c[i])).collect());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -123,6 +123,8 @@ pub struct App {
     pub usage: Box<dyn UsageHooks>,
     /// Sessions of the iSCSI target (and any other protocol server).
     pub sessions: SessionRegistry,
+    /// iSCSI I/O counters per volume (for /metrics).
+    pub iscsi_io: Mutex<HashMap<String, Arc<keel_nbd_server::ExportStats>>>,
     /// Catalog changes run one at a time, so quota checks and intents see
     /// a stable state.
     ops: tokio::sync::Mutex<()>,
@@ -425,6 +427,7 @@ impl App {
             data,
             usage: Box::new(NoVms),
             sessions: SessionRegistry::default(),
+            iscsi_io: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
             jobs: Jobs::default(),
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),

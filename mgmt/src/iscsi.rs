@@ -5,9 +5,11 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use keel_blockstore::{AnyBackend, BlockDevice, Extent, Result, Volume};
 use keel_iscsi_target::{Access, Chap, Targets};
+use keel_nbd_server::ExportStats;
 
 use crate::app::{App, IscsiTargets, SessionGuard};
 
@@ -26,6 +28,7 @@ impl AppTargets {
 /// A volume served as a LUN, counted as a session while it is open.
 pub struct InUse {
     vol: Volume<AnyBackend>,
+    stats: Arc<ExportStats>,
     _guard: SessionGuard,
 }
 
@@ -40,7 +43,8 @@ impl Targets for AppTargets {
         let t = self.app.target(name)?;
         let vol = self.app.pool.volume(&t.volume).ok()?;
         let guard = self.app.sessions.open("iscsi", &t.volume);
-        Some(Arc::new(InUse { vol, _guard: guard }))
+        let stats = self.app.iscsi_io.lock().entry(t.volume.clone()).or_default().clone();
+        Some(Arc::new(InUse { vol, stats, _guard: guard }))
     }
 
     fn access(&self, name: &str) -> Access {
@@ -56,6 +60,13 @@ impl Targets for AppTargets {
     }
 }
 
+impl InUse {
+    fn count_write(&self, bytes: usize) {
+        self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
 impl BlockDevice for InUse {
     fn size(&self) -> u64 {
         self.vol.size()
@@ -67,12 +78,16 @@ impl BlockDevice for InUse {
         self.vol.read_only()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.stats.read_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.vol.read(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.count_write(data.len());
         self.vol.write(offset, data, fua).await
     }
     async fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.count_write(data.len());
         self.vol.write_atomic(offset, data, fua).await
     }
     fn atomic_max(&self) -> u32 {

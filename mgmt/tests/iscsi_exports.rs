@@ -53,6 +53,16 @@ fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
         assert!(ok && out.contains("Images are identical"), "{url}: {out}");
     }
 
+    // The writes show in /metrics, per volume.
+    let metrics = run_ok(Command::new("curl").args(["-sf", &format!("{}/metrics", d.url())]));
+    let written: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keel_iscsi_written_bytes_total{volume=\"lun1\"} "))
+        .unwrap_or_else(|| panic!("no iSCSI write counter for lun1:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(written >= data.len() as u64, "{written} bytes counted, {} written", data.len());
+
     // Discovery lists it; INQUIRY answers.
     let portal = format!("iscsi://127.0.0.1:{}", d.iscsi);
     let (ok, out) = output(Command::new("iscsi-ls").arg(&portal));
