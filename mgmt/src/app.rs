@@ -1136,6 +1136,11 @@ impl App {
                 out.push(v);
             }
         }
+        if after > 0 {
+            // Following the log: the next `limit` after the cursor.
+            out.truncate(limit);
+            return Ok(out);
+        }
         let skip = out.len().saturating_sub(limit);
         Ok(out.split_off(skip))
     }

@@ -187,11 +187,23 @@ impl Meta {
         self.write(|w| w.put(table, key, value))
     }
 
-    /// The newest `limit` events after sequence number `after`, oldest first.
+    /// Events oldest first: with `after` 0, the newest `limit`; with a
+    /// cursor, the next `limit` after sequence number `after` (so a client
+    /// following the log by its last sequence number misses nothing).
     pub fn events<T: DeserializeOwned>(&self, after: u64, limit: usize) -> Result<Vec<(u64, T)>> {
         let rx = self.db.begin_read().map_err(dbe)?;
         let t = rx.open_table(EVENTS).map_err(dbe)?;
         let mut out = Vec::new();
+        if after > 0 {
+            for r in t.range(after + 1..).map_err(dbe)? {
+                let (k, v) = r.map_err(dbe)?;
+                out.push((k.value(), parse("events", &k.value().to_string(), v.value())?));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            return Ok(out);
+        }
         for r in t.range(after + 1..).map_err(dbe)?.rev() {
             let (k, v) = r.map_err(dbe)?;
             out.push((k.value(), parse("events", &k.value().to_string(), v.value())?));
@@ -231,6 +243,12 @@ mod tests {
         assert_eq!(ev, vec![(1, "e1".to_string()), (2, "e2".to_string())]);
         let ev: Vec<(u64, String)> = m.events(0, 1).unwrap();
         assert_eq!(ev, vec![(2, "e2".to_string())]);
+        // With a cursor: the next ones, not the newest.
+        m.write(|w| w.event(&"e3")).unwrap();
+        let ev: Vec<(u64, String)> = m.events(1, 1).unwrap();
+        assert_eq!(ev, vec![(2, "e2".to_string())]);
+        let ev: Vec<(u64, String)> = m.events(1, 10).unwrap();
+        assert_eq!(ev, vec![(2, "e2".to_string()), (3, "e3".to_string())]);
     }
 
     #[test]
