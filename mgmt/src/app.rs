@@ -599,14 +599,27 @@ impl App {
 
     /// Provisioned bytes of every volume owned in Power User `tenant`'s
     /// tenant.
+    /// A tenant's storage: the size of each of its volumes, plus the data
+    /// each of their snapshots maps (a snapshot keeps old blocks alive, so
+    /// snapshots cannot be used to grow past the quota; blocks a snapshot
+    /// still shares with its volume count twice, erring on the safe side).
     fn tenant_usage(&self, tenant: &str) -> ApiResult<u64> {
         let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
-        let sizes: HashMap<String, u64> =
-            self.pool.list().into_iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| (d.name, d.size)).collect();
-        let mut used = 0;
+        let devices = self.pool.list();
+        let sizes: HashMap<&str, u64> =
+            devices.iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| (d.name.as_str(), d.size)).collect();
+        let mut snaps: HashMap<&str, u64> = HashMap::new();
+        for d in devices.iter().filter(|d| d.kind == DeviceKind::Snapshot) {
+            if let Some((vol, _)) = d.name.split_once('@') {
+                *snaps.entry(vol).or_default() += d.allocated_bytes;
+            }
+        }
+        let mut used = 0u64;
         for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
             if users.get(&m.owner).and_then(auth::tenant_of) == Some(tenant) {
-                used += sizes.get(&m.name).copied().unwrap_or(0);
+                used = used
+                    .saturating_add(sizes.get(m.name.as_str()).copied().unwrap_or(0))
+                    .saturating_add(snaps.get(m.name.as_str()).copied().unwrap_or(0));
             }
         }
         Ok(used)
@@ -796,9 +809,14 @@ impl App {
 
     /// Take a snapshot.
     pub async fn create_snapshot(&self, actor: &User, volume: &str, snap: &str) -> ApiResult<SnapshotView> {
-        self.visible_volume(actor, volume)?;
+        let m = self.visible_volume(actor, volume)?;
         check_volume_name(snap).map_err(|e| ApiError::bad(format!("snapshot {e}")))?;
         let _g = self.ops.lock().await;
+        // The snapshot will hold what the volume maps now.
+        if let Some(owner) = self.user(&m.owner)? {
+            let mapped = self.pool.volume(volume).map(|v| v.allocated_bytes()).unwrap_or(0);
+            self.check_quota(&owner, mapped)?;
+        }
         self.pool.snapshot(volume, snap).await?;
         self.meta.write(|w| w.event(&event(&actor.name, "snapshot.create", &format!("{volume}@{snap}"), "")))?;
         self.list_snapshots(actor, volume)?

@@ -37,3 +37,28 @@ fn an_existing_data_directory_is_restricted_to_its_owner() {
     let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data directory left at {mode:o}");
 }
+
+#[test]
+fn snapshots_count_against_the_storage_quota() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let (st, v) = d.call(
+        "POST",
+        "/api/v1/users",
+        Some(serde_json::json!({"name": "p", "role": "power", "password": "password-1", "quota": {"storage": "64M"}})),
+    );
+    assert_eq!(st, 201, "{v}");
+    let p = d.login("p", "password-1");
+    let (st, v) = d.call_as(&p, "POST", "/api/v1/volumes", Some(serde_json::json!({"name": "pv", "size": "32M"})));
+    assert_eq!(st, 201, "{v}");
+    let url = v["nbd_url"].as_str().unwrap().to_string();
+    assert!(qemu_io(&url, "write -P 0x1 0 20M").status.success());
+    // 32M provisioned + 20M the snapshot will hold: fits in 64M.
+    let snap =
+        |name: &str| d.call_as(&p, "POST", "/api/v1/volumes/pv/snapshots", Some(serde_json::json!({ "name": name })));
+    assert_eq!(snap("s1").0, 201);
+    // Another 20M held by a second snapshot would not.
+    assert!(qemu_io(&url, "write -P 0x2 0 20M").status.success());
+    let msg = assert_error(snap("s2"), 507);
+    assert!(msg.contains("quota"), "{msg}");
+}
