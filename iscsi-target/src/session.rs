@@ -302,7 +302,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                     op::SCSI_CMD if self.s.lu.is_some() && self.accept_cmdsn(&bhs) => {
                         let ctl = TaskCtl { lun: bhs.lun(), ..TaskCtl::default() };
                         let resp = crate::scsi_sense::crc_error();
-                        self.finish(bhs.itt(), bhs.immediate(), bhs.lun(), resp, false, (0, 0), &ctl);
+                        complete(&self.shared, Done::failed(bhs.itt(), bhs.immediate(), bhs.lun(), resp), &ctl);
                     }
                     op::NOP_OUT | op::TEXT_REQ if bhs.itt() != RESERVED_TAG && self.accept_cmdsn(&bhs) => {
                         self.complete_now(&bhs)
@@ -390,7 +390,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             // follows for it is for an unknown task and is dropped.
             self.shared.tasks.lock().insert(itt, ctl.clone());
             let resp = crate::scsi_sense::invalid_field_in_cdb();
-            self.finish(itt, bhs.immediate(), bhs.lun(), resp, false, (0, 0), &ctl);
+            complete(&self.shared, Done::failed(itt, bhs.immediate(), bhs.lun(), resp), &ctl);
             return Ok(());
         }
         let p = &self.s.params;
@@ -481,7 +481,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             // within-command recovery) and the session goes on.
             tracing::debug!(itt, datasn, offset, "unexpected Data-Out: failing the command");
             let resp = crate::scsi_sense::data_phase_error();
-            self.finish(itt, g.immediate, g.lun, resp, false, (0, 0), &g.ctl);
+            complete(&self.shared, Done::failed(itt, g.immediate, g.lun, resp), &g.ctl);
             return Ok(());
         }
         g.buf[offset as usize..(offset + len) as usize].copy_from_slice(data);
@@ -503,28 +503,13 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
 
     fn fail_gather(&mut self, itt: u32) {
         if let Some(g) = self.gathers.remove(&itt) {
-            self.finish(itt, g.immediate, g.lun, crate::scsi_sense::crc_error(), false, (0, 0), &g.ctl);
+            complete(&self.shared, Done::failed(itt, g.immediate, g.lun, crate::scsi_sense::crc_error()), &g.ctl);
         }
     }
 
     fn launch(&mut self, itt: u32, g: Gather) {
         let Gather { cdb, lun, edtl, buf, read, ctl, immediate, .. } = g;
         self.spawn(itt, immediate, cdb, lun, edtl, read, buf, ctl);
-    }
-
-    /// Queue a completion now (no execution).
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        itt: u32,
-        immediate: bool,
-        lun: u64,
-        resp: Response,
-        send_data: bool,
-        residual: (u8, u32),
-        ctl: &TaskCtl,
-    ) {
-        complete(&self.shared, itt, immediate, lun, resp, send_data, residual, ctl);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -544,7 +529,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let (resp, residual) = execute(&lu, &nexus, &cdb, lun, edtl, read, data_out).await;
-            complete(&shared, itt, immediate, lun, resp, read, residual, &ctl);
+            complete(&shared, Done { itt, immediate, lun, resp, send_data: read, residual }, &ctl);
         });
     }
 
@@ -714,18 +699,29 @@ fn tmf_response(req: &Bhs, response: u8) -> Bhs {
     b
 }
 
-/// Queue a task's completion unless it was aborted, and open the window.
-#[allow(clippy::too_many_arguments)]
-fn complete(
-    shared: &Shared,
+/// A finished command, ready to be answered.
+struct Done {
     itt: u32,
+    /// Immediate commands do not move the CmdSN window.
     immediate: bool,
     lun: u64,
     resp: Response,
+    /// Send `resp.data_in` as Data-In (the command had the R bit).
     send_data: bool,
+    /// Residual flag (OVERFLOW/UNDERFLOW) and count.
     residual: (u8, u32),
-    ctl: &TaskCtl,
-) {
+}
+
+impl Done {
+    /// A command that fails before it runs.
+    fn failed(itt: u32, immediate: bool, lun: u64, resp: Response) -> Done {
+        Done { itt, immediate, lun, resp, send_data: false, residual: (0, 0) }
+    }
+}
+
+/// Queue a task's completion unless it was aborted, and open the window.
+fn complete(shared: &Shared, done: Done, ctl: &TaskCtl) {
+    let Done { itt, immediate, lun, resp, send_data, residual } = done;
     {
         let mut tasks = shared.tasks.lock();
         if tasks.get(&itt).is_some_and(|t| std::ptr::eq(Arc::as_ptr(t), ctl)) {

@@ -36,15 +36,7 @@ fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
     // QEMU copies a file in over iSCSI; the same bytes read back over iSCSI
     // and over NBD.
     let src = dir.path().join("src.raw");
-    let mut x: u64 = 0x9e37_79b9;
-    let data: Vec<u8> = (0..8 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = keel_tests::data::pseudo_random(7, 8 << 20);
     std::fs::write(&src, &data).unwrap();
     let src = src.to_str().unwrap();
     run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", src, &iscsi_url]));

@@ -63,12 +63,7 @@ impl Drop for Harness {
     }
 }
 
-/// A directory on a real disk (O_DIRECT does not work on tmpfs).
-pub fn scratch() -> PathBuf {
-    let p = PathBuf::from(std::env::var("KEEL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
+pub use keel_tests::data::scratch;
 
 /// Run a command off the async runtime (the server runs on it) and return
 /// its output; panics if it cannot start.
@@ -91,15 +86,7 @@ pub fn text(o: &Output) -> String {
 }
 
 pub fn write_random(path: &Path, bytes: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..bytes)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = keel_tests::data::pseudo_random(seed, bytes);
     std::fs::write(path, &data).unwrap();
     data
 }

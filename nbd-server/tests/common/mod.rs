@@ -54,12 +54,7 @@ impl Drop for Harness {
     }
 }
 
-/// A directory on a real disk (O_DIRECT does not work on tmpfs).
-pub fn scratch() -> PathBuf {
-    let p = PathBuf::from(std::env::var("KEEL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
+pub use keel_tests::data::scratch;
 
 /// Run a client program to completion; panics with its output when it
 /// fails (unless `allow_fail`).
@@ -98,16 +93,8 @@ pub fn patterned_file(path: &Path, len: u64, seed: u64) {
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::File::create(path).unwrap();
     f.set_len(len).unwrap();
-    let mut x = seed | 1;
     for mib in (0..len / MIB).step_by(2) {
-        let buf: Vec<u8> = (0..MIB)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let buf = keel_tests::data::pseudo_random(seed ^ mib, MIB as usize);
         f.seek(SeekFrom::Start(mib * MIB)).unwrap();
         f.write_all(&buf).unwrap();
     }

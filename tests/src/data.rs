@@ -1,0 +1,25 @@
+//! Test data and scratch space shared by every crate's integration tests.
+
+use std::path::PathBuf;
+
+/// `len` pseudo-random bytes (xorshift64) from `seed`: distinct for each
+/// seed, the same on every run.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A directory on a real disk for pool files (`KEEL_TEST_DIR`, default
+/// `/var/tmp`): O_DIRECT does not work on tmpfs.
+pub fn scratch() -> PathBuf {
+    let p = PathBuf::from(std::env::var("KEEL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
