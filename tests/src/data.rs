@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
+
 /// `len` pseudo-random bytes (xorshift64) from `seed`: distinct for each
 /// seed, the same on every run.
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
@@ -22,4 +24,16 @@ pub fn scratch() -> PathBuf {
     let p = PathBuf::from(std::env::var("KEEL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()));
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// A fresh pool on a sparse file of `bytes` in a new directory under
+/// [`scratch`] (removed when the returned directory is dropped), on the best
+/// engine the machine has.
+pub async fn temp_pool(prefix: &str, bytes: u64) -> (tempfile::TempDir, Pool<AnyBackend>) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(scratch()).unwrap();
+    let path = dir.path().join("pool.img");
+    std::fs::File::create(&path).unwrap().set_len(bytes).unwrap();
+    let backend = AnyBackend::open(&path, Engine::Auto).unwrap();
+    let pool = Pool::create(backend, PoolOptions::default()).await.unwrap();
+    (dir, pool)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
+use keel_blockstore::{AnyBackend, Pool};
 use keel_iscsi_target::{IQN_PREFIX, PoolTargets, Server, ServerConfig};
 
 pub mod wire;
@@ -28,11 +28,7 @@ impl Harness {
     }
 
     pub async fn with_config(pool_bytes: u64, config: ServerConfig) -> Harness {
-        let dir = tempfile::Builder::new().prefix("keel-iscsi").tempdir_in(scratch()).unwrap();
-        let path = dir.path().join("pool.img");
-        std::fs::File::create(&path).unwrap().set_len(pool_bytes).unwrap();
-        let backend = AnyBackend::open(&path, Engine::Auto).unwrap();
-        let pool = Pool::create(backend, PoolOptions::default()).await.unwrap();
+        let (dir, pool) = keel_tests::data::temp_pool("keel-iscsi", pool_bytes).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let targets = Arc::new(PoolTargets::new(pool.clone()));
@@ -62,8 +58,6 @@ impl Drop for Harness {
         self.task.abort();
     }
 }
-
-pub use keel_tests::data::scratch;
 
 /// Run a command off the async runtime (the server runs on it) and return
 /// its output; panics if it cannot start.

@@ -100,15 +100,7 @@ pub fn write16(lba: u64, blocks: u32) -> Vec<u8> {
 
 /// A block of bytes derived from a seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    keel_tests::data::pseudo_random(seed, len)
 }
 
 /// PERSISTENT RESERVE OUT with a 24-byte parameter list.

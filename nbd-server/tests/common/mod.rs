@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
-use keel_blockstore::{AnyBackend, Engine, Pool, PoolOptions};
+use keel_blockstore::{AnyBackend, Pool};
 use keel_nbd_server::{PoolExports, ServerConfig, serve};
 
 pub const MIB: u64 = 1 << 20;
@@ -25,11 +25,7 @@ impl Harness {
     }
 
     pub async fn with_config(pool_bytes: u64, config: ServerConfig) -> Harness {
-        let dir = tempfile::Builder::new().prefix("keel-nbd").tempdir_in(scratch()).unwrap();
-        let path = dir.path().join("pool.img");
-        std::fs::File::create(&path).unwrap().set_len(pool_bytes).unwrap();
-        let backend = AnyBackend::open(&path, Engine::Auto).unwrap();
-        let pool = Pool::create(backend, PoolOptions::default()).await.unwrap();
+        let (dir, pool) = keel_tests::data::temp_pool("keel-nbd", pool_bytes).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let exports = Arc::new(PoolExports::new(pool.clone()));
@@ -53,8 +49,6 @@ impl Drop for Harness {
         self.task.abort();
     }
 }
-
-pub use keel_tests::data::scratch;
 
 /// Run a client program to completion; panics with its output when it
 /// fails (unless `allow_fail`).
