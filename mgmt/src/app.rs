@@ -975,6 +975,11 @@ impl App {
         if req.quota.is_some() && req.role != Role::Power {
             return Err(ApiError::bad("only power users have a quota"));
         }
+        if req.role == Role::Power && req.quota.is_none() {
+            return Err(ApiError::bad(
+                "a power user works within a quota: give one, e.g. \"quota\": {\"storage\": \"100G\"} (CLI: --quota-storage 100G)",
+            ));
+        }
         if let Some(p) = &parent {
             if req.role != Role::Regular {
                 return Err(ApiError::bad("only regular users are created under a power user"));

@@ -48,6 +48,16 @@ fn snapshots_count_against_the_storage_quota() {
         Some(serde_json::json!({"name": "p", "role": "power", "password": "password-1", "quota": {"storage": "64M"}})),
     );
     assert_eq!(st, 201, "{v}");
+    // A power user without a quota would be unlimited: refused.
+    let msg = assert_error(
+        d.call(
+            "POST",
+            "/api/v1/users",
+            Some(serde_json::json!({"name": "q", "role": "power", "password": "password-1"})),
+        ),
+        400,
+    );
+    assert!(msg.contains("quota"), "{msg}");
     let p = d.login("p", "password-1");
     let (st, v) = d.call_as(&p, "POST", "/api/v1/volumes", Some(serde_json::json!({"name": "pv", "size": "32M"})));
     assert_eq!(st, 201, "{v}");
