@@ -145,7 +145,6 @@ pub struct Login {
     first: bool,
     isid: [u8; 6],
     tsih: u16,
-    itt: u32,
     statsn: u32,
     cmdsn: u32,
     pending_text: Vec<u8>,
@@ -195,7 +194,6 @@ impl Login {
             first: true,
             isid: [0; 6],
             tsih: 0,
-            itt: 0,
             statsn: 0,
             cmdsn: 0,
             pending_text: Vec::new(),
@@ -249,7 +247,6 @@ impl Login {
             }
             self.isid.copy_from_slice(&req.0[8..14]);
             self.tsih = req.u16_at(14);
-            self.itt = req.itt();
             self.cmdsn = req.cmdsn();
             self.statsn = req.exp_statsn();
             self.first = false;

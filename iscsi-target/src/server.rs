@@ -30,9 +30,11 @@ pub trait Targets: Send + Sync + 'static {
     fn names(&self) -> Vec<String>;
     /// The device behind target `name`'s LUN 0.
     fn open(&self, name: &str) -> Option<Arc<Self::Device>>;
-    /// Who may log in to `name` (default: anyone, no CHAP).
-    fn access(&self, _name: &str) -> Access {
-        Access::default()
+    /// Who may log in to `name`, or `None` when there is no such target.
+    /// The default opens the device to find out and lets anyone in, with
+    /// no CHAP.
+    fn access(&self, name: &str) -> Option<Access> {
+        self.open(name).map(|_| Access::default())
     }
     /// Who may open discovery sessions (default: anyone, no CHAP).
     fn discovery_access(&self) -> Access {
@@ -78,9 +80,10 @@ impl<B: Backend> Targets for PoolTargets<B> {
         self.pool.volume(vol).ok().map(Arc::new)
     }
 
-    fn access(&self, name: &str) -> Access {
-        let vol = name.strip_prefix(IQN_PREFIX).unwrap_or(name);
-        self.access.lock().get(vol).cloned().unwrap_or_default()
+    fn access(&self, name: &str) -> Option<Access> {
+        let vol = name.strip_prefix(IQN_PREFIX).filter(|v| !v.contains('@'))?;
+        self.pool.volume(vol).ok()?;
+        Some(self.access.lock().get(vol).cloned().unwrap_or_default())
     }
 }
 
@@ -131,7 +134,7 @@ struct Dir<'a, T: Targets>(&'a T);
 
 impl<T: Targets> Directory for Dir<'_, T> {
     fn access(&self, target: &str) -> Option<Access> {
-        self.0.open(target).map(|_| self.0.access(target))
+        self.0.access(target)
     }
     fn discovery_access(&self) -> Access {
         self.0.discovery_access()
@@ -310,7 +313,7 @@ impl<T: Targets> SessionHost for Server<T> {
             .names()
             .into_iter()
             .filter(|n| only.is_none_or(|o| o == n))
-            .filter(|n| self.targets.access(n).allows(initiator))
+            .filter(|n| self.targets.access(n).is_some_and(|a| a.allows(initiator)))
             .map(|n| (n, portal.clone()))
             .collect()
     }

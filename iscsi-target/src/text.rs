@@ -47,14 +47,6 @@ pub struct Params {
     pub immediate_data: bool,
     /// MaxOutstandingR2T.
     pub max_outstanding_r2t: u32,
-    /// DataPDUInOrder.
-    pub data_pdu_in_order: bool,
-    /// DataSequenceInOrder.
-    pub data_sequence_in_order: bool,
-    /// ErrorRecoveryLevel (we support 0).
-    pub error_recovery_level: u32,
-    /// MaxConnections.
-    pub max_connections: u32,
     /// DefaultTime2Wait.
     pub time2wait: u32,
     /// DefaultTime2Retain.
@@ -74,10 +66,6 @@ impl Default for Params {
             initial_r2t: true,
             immediate_data: true,
             max_outstanding_r2t: 1,
-            data_pdu_in_order: true,
-            data_sequence_in_order: true,
-            error_recovery_level: 0,
-            max_connections: 1,
             time2wait: 2,
             time2retain: 20,
         }
@@ -191,17 +179,13 @@ impl Params {
                 None => bad(),
             },
             "ErrorRecoveryLevel" => match numeric(value, 0, 2) {
-                Some(_) => {
-                    self.error_recovery_level = 0;
-                    Answer::Reply("0".into())
-                }
+                // Min function: we do level 0 only.
+                Some(_) => Answer::Reply("0".into()),
                 None => bad(),
             },
             "MaxConnections" => match numeric(value, 1, 65535) {
-                Some(_) => {
-                    self.max_connections = 1;
-                    Answer::Reply("1".into())
-                }
+                // Min function: one connection per session.
+                Some(_) => Answer::Reply("1".into()),
                 None => bad(),
             },
             "DefaultTime2Wait" => match numeric(value, 0, 3600) {

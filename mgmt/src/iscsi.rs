@@ -47,16 +47,13 @@ impl Targets for AppTargets {
         Some(Arc::new(InUse { vol, stats, _guard: guard }))
     }
 
-    fn access(&self, name: &str) -> Access {
-        match self.app.target(name) {
-            Some(t) => Access {
-                initiators: t.initiators,
-                chap: t.chap.map(|c| Chap { user: c.user, secret: c.secret }),
-                mutual: None,
-            },
-            // Gone since it was listed: nobody may log in.
-            None => Access { initiators: vec![String::from("\u{0}none")], chap: None, mutual: None },
-        }
+    fn access(&self, name: &str) -> Option<Access> {
+        let t = self.app.target(name)?;
+        Some(Access {
+            initiators: t.initiators,
+            chap: t.chap.map(|c| Chap { user: c.user, secret: c.secret }),
+            mutual: None,
+        })
     }
 }
 

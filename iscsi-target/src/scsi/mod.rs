@@ -325,8 +325,8 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::ReadCapacity10 => Ok(self.read_capacity10()),
             Cdb::ReadCapacity16 { alloc } => Ok(self.read_capacity16(*alloc)),
             Cdb::Read { range, .. } => self.read(*range).await,
-            Cdb::Write { range, fua, .. } => self.write(*range, *fua, data).await,
-            Cdb::WriteVerify { range, .. } => self.write(*range, true, data).await,
+            Cdb::Write { range, fua, .. } => self.write(*range, *fua, data, false).await,
+            Cdb::WriteVerify { range, .. } => self.write(*range, true, data, false).await,
             Cdb::Verify { range, bytchk, .. } => self.verify(*range, *bytchk, data).await,
             Cdb::PreFetch { range, .. } => self.check_range(*range).map(|_| Vec::new()).map_err(Fail::from),
             Cdb::SyncCache { range, .. } => self.sync_cache(*range).await,
@@ -337,7 +337,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::GetLbaStatus { lba, alloc } => self.get_lba_status(*lba, *alloc).await,
             Cdb::CompareAndWrite { range, fua } => self.compare_and_write(*range, *fua, data).await,
             Cdb::OrWrite { range, fua } => self.orwrite(*range, *fua, data).await,
-            Cdb::WriteAtomic { range, fua } => self.write_atomic(*range, *fua, data).await,
+            Cdb::WriteAtomic { range, fua } => self.write(*range, *fua, data, true).await,
             Cdb::PrIn { action, alloc } => self.pr_in(*action, *alloc),
             Cdb::PrOut { action, scope, rtype, param_len } => {
                 self.pr_out(nexus, port, *action, *scope, *rtype, *param_len, data)

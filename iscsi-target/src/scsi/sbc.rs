@@ -70,17 +70,39 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(buf)
     }
 
-    pub(super) async fn write(&self, r: Range, fua: bool, data: &[u8]) -> Outcome {
+    /// WRITE and WRITE AND VERIFY; with `atomic`, WRITE ATOMIC(16): whole
+    /// store blocks (aligned to and a multiple of [`ATOMIC_BLOCKS`]) through
+    /// the store's all-or-nothing write.
+    pub(super) async fn write(&self, r: Range, fua: bool, data: &[u8], atomic: bool) -> Outcome {
         let (off, len) = self.check_transfer(r)?;
         self.check_writable()?;
         if len == 0 {
             return Ok(Vec::new());
         }
+        if atomic {
+            if !r.lba.is_multiple_of(ATOMIC_BLOCKS as u64) {
+                return Err(SenseError::invalid_field_in_cdb(2, None).into());
+            }
+            if !r.blocks.is_multiple_of(ATOMIC_BLOCKS) || len > self.dev.atomic_max() as u64 {
+                return Err(SenseError::invalid_field_in_cdb(12, None).into());
+            }
+        }
         let payload = Self::block_payload(data, len)?;
-        let fua = fua || !self.state.lock().modes.wce;
+        let fua = self.durable(fua);
         let _g = self.io.read().await;
-        self.dev.write(off, payload, fua).await.map_err(dev_err)?;
+        let done = if atomic {
+            self.dev.write_atomic(off, payload, fua).await
+        } else {
+            self.dev.write(off, payload, fua).await
+        };
+        done.map_err(dev_err)?;
         Ok(Vec::new())
+    }
+
+    /// A write is durable when acknowledged with FUA, or always when the
+    /// caching mode page turned the write cache off (WCE=0).
+    fn durable(&self, fua: bool) -> bool {
+        fua || !self.state.lock().modes.wce
     }
 
     pub(super) async fn verify(&self, r: Range, bytchk: bool, data: &[u8]) -> Outcome {
@@ -248,7 +270,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             return Err(SenseError::param_list_length().into());
         }
         let (verify, write) = data.split_at(len as usize);
-        let fua = fua || !self.state.lock().modes.wce;
+        let fua = self.durable(fua);
         let _g = self.io.write().await;
         let mut cur = vec![0u8; len as usize];
         self.dev.read(off, &mut cur).await.map_err(dev_err)?;
@@ -259,27 +281,6 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
-    /// WRITE ATOMIC(16): whole store blocks (aligned to and a multiple of
-    /// [`ATOMIC_BLOCKS`]), through the store's all-or-nothing write.
-    pub(super) async fn write_atomic(&self, r: Range, fua: bool, data: &[u8]) -> Outcome {
-        let (off, len) = self.check_transfer(r)?;
-        self.check_writable()?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        if !r.lba.is_multiple_of(ATOMIC_BLOCKS as u64) {
-            return Err(SenseError::invalid_field_in_cdb(2, None).into());
-        }
-        if !r.blocks.is_multiple_of(ATOMIC_BLOCKS) || len > self.dev.atomic_max() as u64 {
-            return Err(SenseError::invalid_field_in_cdb(12, None).into());
-        }
-        let payload = Self::block_payload(data, len)?;
-        let fua = fua || !self.state.lock().modes.wce;
-        let _g = self.io.read().await;
-        self.dev.write_atomic(off, payload, fua).await.map_err(dev_err)?;
-        Ok(Vec::new())
-    }
-
     pub(super) async fn orwrite(&self, r: Range, fua: bool, data: &[u8]) -> Outcome {
         let (off, len) = self.check_transfer(r)?;
         self.check_writable()?;
@@ -287,7 +288,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             return Ok(Vec::new());
         }
         let payload = Self::block_payload(data, len)?;
-        let fua = fua || !self.state.lock().modes.wce;
+        let fua = self.durable(fua);
         let _g = self.io.write().await;
         let mut cur = vec![0u8; len as usize];
         self.dev.read(off, &mut cur).await.map_err(dev_err)?;

@@ -24,15 +24,7 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 /// `len` bytes of a pattern that differs per seed and per offset.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed as u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    keel_tests::data::pseudo_random(seed as u64, len)
 }
 
 /// One option reply.
