@@ -790,7 +790,8 @@ async fn execute<D: BlockDevice + 'static>(
     } else if need == 0 && !resp.data_in.is_empty() {
         // The initiator expects no Data-In (no R bit): report what it
         // missed as overflow.
-        (resp, (OVERFLOW, 0))
+        let n = resp.data_in.len() as u32;
+        (resp, (OVERFLOW, n))
     } else {
         (resp, (0, 0))
     }
