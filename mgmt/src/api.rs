@@ -23,7 +23,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::app::{App, CreateUser, CreateVolume, ExportView, JobView, SnapshotView, UserView, VolumeView};
 use crate::error::{ApiError, ApiResult};
-use crate::model::{Chap, IscsiExport, IsoMeta, Quota, Role, User, now, parse_size};
+use crate::model::{Chap, IscsiExport, IsoMeta, KernelBoot, Quota, Role, User, now, parse_size};
+use crate::vms::{CreateVm, VmView};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -471,6 +472,253 @@ async fn events(
     Ok(Json(app.list_events(&a, q.after.unwrap_or(0), limit)?))
 }
 
+// ----- VMs -----
+
+/// A NIC's network: `"user"`, `{"tap": "IF"}` or `{"bridge": "BR"}`.
+type NetworkIn = crate::model::Network;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVmIn {
+    name: String,
+    #[serde(default)]
+    cpus: Option<u32>,
+    #[serde(default)]
+    memory: Option<SizeIn>,
+    #[serde(default)]
+    disks: Vec<String>,
+    #[serde(default)]
+    blank_disk: Option<SizeIn>,
+    #[serde(default)]
+    iso: Option<String>,
+    #[serde(default)]
+    nics: Option<Vec<NetworkIn>>,
+    #[serde(default)]
+    boot: Option<Vec<String>>,
+    #[serde(default)]
+    kernel: Option<KernelIn>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    start: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KernelIn {
+    kernel: String,
+    #[serde(default)]
+    initrd: Option<String>,
+    #[serde(default)]
+    append: String,
+}
+
+async fn list_vms(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<VmView>>> {
+    Ok(Json(app.list_vms(&a)?))
+}
+
+async fn create_vm(State(app): State<Arc<App>>, Actor(a): Actor, b: Bytes) -> ApiResult<(StatusCode, Json<VmView>)> {
+    let r: CreateVmIn = body(&b)?;
+    let req = CreateVm {
+        name: r.name.clone(),
+        cpus: r.cpus.unwrap_or(1),
+        memory_bytes: r.memory.map(|m| m.bytes()).transpose()?.unwrap_or(512 << 20),
+        disks: r.disks,
+        blank_disk: r.blank_disk.map(|s| s.bytes()).transpose()?,
+        iso: r.iso,
+        nics: r.nics,
+        boot: r.boot,
+        kernel: r.kernel.map(|k| KernelBoot { kernel: k.kernel, initrd: k.initrd, append: k.append }),
+        owner: r.owner,
+    };
+    let v = app.create_vm(&a, req).await?;
+    if r.start {
+        return Ok((StatusCode::CREATED, Json(app.start_vm(&a, &r.name).await?)));
+    }
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn show_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    Ok(Json(app.show_vm(&a, &name)?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeleteVmQ {
+    disks: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_vm(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    let q: DeleteVmQ = query(q)?;
+    let delete_disks = match q.disks.as_deref() {
+        Some("delete") => true,
+        Some("keep") => false,
+        _ => {
+            return Err(ApiError::bad(
+                "say what happens to the VM's disks: ?disks=delete or ?disks=keep (`keel vm delete --disks` / `--keep-disks`)",
+            ));
+        }
+    };
+    app.delete_vm(&a, &name, delete_disks, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    Ok(Json(app.start_vm(&a, &name).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StopQ {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn stop_vm(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<VmView>> {
+    let q: StopQ = query(q)?;
+    Ok(Json(app.stop_vm(&a, &name, q.force).await?))
+}
+
+async fn reset_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+    Ok(Json(app.reset_vm(&a, &name).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CdromIn {
+    /// Required, `null` to eject.
+    iso: serde_json::Value,
+}
+
+async fn set_cdrom(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<VmView>> {
+    let r: CdromIn = body(&b)?;
+    let iso = match &r.iso {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.as_str()),
+        _ => return Err(ApiError::bad("iso must be an ISO name, or null to eject")),
+    };
+    Ok(Json(app.set_cdrom(&a, &name, iso).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskIn {
+    volume: String,
+}
+
+async fn attach_disk(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<VmView>> {
+    let r: DiskIn = body(&b)?;
+    Ok(Json(app.attach_disk(&a, &name, &r.volume).await?))
+}
+
+async fn detach_disk(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path((name, volume)): Path<(String, String)>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(app.detach_disk(&a, &name, &volume).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NicIn {
+    #[serde(default)]
+    network: Option<NetworkIn>,
+}
+
+async fn add_nic(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<VmView>> {
+    let r: NicIn = if b.is_empty() { NicIn { network: None } } else { body(&b)? };
+    Ok(Json(app.add_nic(&a, &name, r.network.unwrap_or(NetworkIn::User)).await?))
+}
+
+async fn remove_nic(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Json<VmView>> {
+    Ok(Json(app.remove_nic(&a, &name, &id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneVmIn {
+    name: String,
+    #[serde(default)]
+    owner: Option<String>,
+}
+
+async fn clone_vm(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let r: CloneVmIn = body(&b)?;
+    let (vm, stats) = app.clone_vm(&a, &name, &r.name, r.owner.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "vm": vm, "stats": stats }))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQ {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn console(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<serde_json::Value>> {
+    let q: ConsoleQ = query(q)?;
+    let (bytes, next) = app.console(&a, &name, q.offset, 1 << 20)?;
+    Ok(Json(serde_json::json!({ "offset": next, "text": String::from_utf8_lossy(&bytes) })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UsageQ {
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn usage(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<crate::model::UsageRow>>> {
+    let q: UsageQ = query(q)?;
+    Ok(Json(app.usage(&a, q.user.as_deref())?))
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -617,6 +865,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(show_job))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/api/v1/vms/{name}/start", post(start_vm))
+        .route("/api/v1/vms/{name}/stop", post(stop_vm))
+        .route("/api/v1/vms/{name}/reset", post(reset_vm))
+        .route("/api/v1/vms/{name}/cdrom", put(set_cdrom))
+        .route("/api/v1/vms/{name}/disks", post(attach_disk))
+        .route("/api/v1/vms/{name}/disks/{volume}", axum::routing::delete(detach_disk))
+        .route("/api/v1/vms/{name}/nics", post(add_nic))
+        .route("/api/v1/vms/{name}/nics/{id}", axum::routing::delete(remove_nic))
+        .route("/api/v1/vms/{name}/clones", post(clone_vm))
+        .route("/api/v1/vms/{name}/console", get(console))
+        .route("/api/v1/usage", get(usage))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -41,27 +41,6 @@ pub struct Addrs {
     pub iscsi: SocketAddr,
 }
 
-/// Something that may hold a volume or an ISO in use besides NBD: the VMs,
-/// when they exist. Today nothing does.
-pub trait UsageHooks: Send + Sync {
-    /// VMs that have `volume` attached.
-    fn volume_users(&self, volume: &str) -> Vec<String>;
-    /// VMs that have ISO `iso` in their CD-ROM.
-    fn iso_users(&self, iso: &str) -> Vec<String>;
-}
-
-/// No VMs yet: nothing uses volumes or ISOs but NBD clients.
-pub struct NoVms;
-
-impl UsageHooks for NoVms {
-    fn volume_users(&self, _: &str) -> Vec<String> {
-        Vec::new()
-    }
-    fn iso_users(&self, _: &str) -> Vec<String> {
-        Vec::new()
-    }
-}
-
 /// Sessions of protocol servers other than NBD (the iSCSI target): each
 /// login holds a [`SessionGuard`] on its volume for as long as it lasts, and
 /// a volume with sessions is in use.
@@ -119,15 +98,15 @@ pub struct App {
     pub addrs: Addrs,
     /// Data directory.
     pub data: PathBuf,
-    /// Who else uses volumes and ISOs.
-    pub usage: Box<dyn UsageHooks>,
+    /// The VMs' runtime state.
+    pub vms: crate::vms::VmRuntime,
     /// Sessions of the iSCSI target (and any other protocol server).
     pub sessions: SessionRegistry,
     /// iSCSI I/O counters per volume (for /metrics).
     pub iscsi_io: Mutex<HashMap<String, Arc<keel_nbd_server::ExportStats>>>,
     /// Catalog changes run one at a time, so quota checks and intents see
     /// a stable state.
-    ops: tokio::sync::Mutex<()>,
+    pub(crate) ops: tokio::sync::Mutex<()>,
     /// Long-running operations.
     pub jobs: Jobs,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
@@ -402,7 +381,7 @@ pub struct CreateUser {
     pub quota: Option<Quota>,
 }
 
-fn forbid_regular(actor: &User, what: &str) -> ApiResult<()> {
+pub(crate) fn forbid_regular(actor: &User, what: &str) -> ApiResult<()> {
     if actor.role == Role::Regular {
         return Err(ApiError::forbidden(format!(
             "a regular user cannot {what}: regular users manage only their own VM; ask your power user or a manager"
@@ -425,7 +404,7 @@ impl App {
             nbd,
             addrs,
             data,
-            usage: Box::new(NoVms),
+            vms: crate::vms::VmRuntime::new(crate::vms::VmSettings::default()),
             sessions: SessionRegistry::default(),
             iscsi_io: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
@@ -489,11 +468,11 @@ impl App {
         Ok(())
     }
 
-    fn user(&self, name: &str) -> ApiResult<Option<User>> {
+    pub(crate) fn user(&self, name: &str) -> ApiResult<Option<User>> {
         Ok(self.meta.get(USERS, name)?)
     }
 
-    fn users(&self) -> ApiResult<Vec<User>> {
+    pub(crate) fn users(&self) -> ApiResult<Vec<User>> {
         Ok(self.meta.list::<User>(USERS)?.into_iter().map(|(_, u)| u).collect())
     }
 
@@ -542,7 +521,7 @@ impl App {
 
     /// The volume `name` if `actor` may see it (else 404; 403 for regular
     /// users, who have no volume rights).
-    fn visible_volume(&self, actor: &User, name: &str) -> ApiResult<VolumeMeta> {
+    pub(crate) fn visible_volume(&self, actor: &User, name: &str) -> ApiResult<VolumeMeta> {
         forbid_regular(actor, "use volumes")?;
         let m: VolumeMeta = self.meta.get(VOLUMES, name)?.ok_or_else(|| vol_not_found(name))?;
         if actor.role == Role::Manager {
@@ -625,7 +604,7 @@ impl App {
         Ok(used)
     }
 
-    fn check_quota(&self, owner: &User, extra: u64) -> ApiResult<()> {
+    pub(crate) fn check_quota(&self, owner: &User, extra: u64) -> ApiResult<()> {
         let Some(tenant) = auth::tenant_of(owner) else { return Ok(()) };
         let Some(t) = self.user(tenant)? else { return Ok(()) };
         let Some(q) = t.quota else { return Ok(()) };
@@ -661,7 +640,7 @@ impl App {
         )
     }
 
-    fn begin_create(&self, name: &str, owner: &str, origin: Option<&str>) -> ApiResult<()> {
+    pub(crate) fn begin_create(&self, name: &str, owner: &str, origin: Option<&str>) -> ApiResult<()> {
         if self.meta.get::<VolumeMeta>(VOLUMES, name)?.is_some() {
             return Err(ApiError::conflict(format!("volume {name} already exists: pick another name")));
         }
@@ -672,7 +651,7 @@ impl App {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn finish_create(
+    pub(crate) fn finish_create(
         &self,
         actor: &User,
         r: keel_blockstore::Result<()>,
@@ -741,7 +720,7 @@ impl App {
                 "{name} is in use: {others} iSCSI session(s) are logged in to it; log the initiators out first"
             )));
         }
-        let vms = self.usage.volume_users(name);
+        let vms = self.volume_vms(name)?;
         if !vms.is_empty() {
             return Err(ApiError::conflict(format!("{name} is attached to VM(s) {}; detach it first", vms.join(", "))));
         }
@@ -752,6 +731,11 @@ impl App {
     pub async fn delete_volume(&self, actor: &User, name: &str, recursive: bool) -> ApiResult<()> {
         self.visible_volume(actor, name)?;
         let _g = self.ops.lock().await;
+        self.delete_volume_locked(actor, name, recursive).await
+    }
+
+    /// [`App::delete_volume`] with the catalog lock held.
+    pub(crate) async fn delete_volume_locked(&self, actor: &User, name: &str, recursive: bool) -> ApiResult<()> {
         self.in_use(name, name)?;
         let snaps = self.view(&self.visible_volume(actor, name)?)?.snapshots;
         if !snaps.is_empty() && !recursive {
@@ -1102,7 +1086,7 @@ impl App {
         if actor.role != Role::Manager && iso.owner != actor.name {
             return Err(ApiError::forbidden(format!("ISO {name} was uploaded by someone else; ask a manager")));
         }
-        let vms = self.usage.iso_users(name);
+        let vms = self.iso_vms(name)?;
         if !vms.is_empty() {
             return Err(ApiError::conflict(format!("ISO {name} is in the CD-ROM of VM(s) {}", vms.join(", "))));
         }
@@ -1198,7 +1182,7 @@ fn sessions_of(counters: &[keel_nbd_server::ExportCounters], name: &str) -> u64 
     counters.iter().filter(|c| c.name == name || c.name.starts_with(&prefix)).map(|c| c.sessions).sum()
 }
 
-fn event(user: &str, action: &str, target: &str, detail: &str) -> Event {
+pub(crate) fn event(user: &str, action: &str, target: &str, detail: &str) -> Event {
     tracing::info!(target: "keel::event", user, action, object = target, detail, "event");
     Event { time: now(), user: user.into(), action: action.into(), target: target.into(), detail: detail.into() }
 }
@@ -1281,31 +1265,29 @@ mod tests {
         assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty(), "no intent is left behind");
     }
 
-    struct OneVm;
-    impl UsageHooks for OneVm {
-        fn volume_users(&self, volume: &str) -> Vec<String> {
-            if volume == "boot" { vec!["vm1".into()] } else { Vec::new() }
-        }
-        fn iso_users(&self, iso: &str) -> Vec<String> {
-            if iso == "installer" { vec!["vm1".into()] } else { Vec::new() }
-        }
-    }
-
     #[tokio::test]
     async fn what_a_vm_uses_cannot_be_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut app = app(dir.path()).await;
-        app.usage = Box::new(OneVm);
+        let app = app(dir.path()).await;
         let a = admin();
         app.meta.put(USERS, "admin", &a).unwrap();
         app.create_volume(&a, CreateVolume { name: "boot".into(), size: 1 << 20, owner: None }).await.unwrap();
-        let e = app.delete_volume(&a, "boot", false).await.unwrap_err();
-        assert_eq!(e.status.as_u16(), 409);
-        assert!(e.message.contains("vm1"), "{}", e.message);
         std::fs::create_dir_all(app.iso_dir()).unwrap();
         std::fs::write(app.iso_dir().join("installer.iso"), b"x").unwrap();
         let iso = IsoMeta { name: "installer".into(), size_bytes: 1, owner: "admin".into(), created: 0 };
         app.record_iso(&a, &iso).unwrap();
+        let req = crate::vms::CreateVm {
+            name: "vm1".into(),
+            cpus: 1,
+            memory_bytes: 64 << 20,
+            disks: vec!["boot".into()],
+            iso: Some("installer".into()),
+            ..Default::default()
+        };
+        app.create_vm(&a, req).await.unwrap();
+        let e = app.delete_volume(&a, "boot", false).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 409);
+        assert!(e.message.contains("vm1"), "{}", e.message);
         assert_eq!(app.delete_iso(&a, "installer").unwrap_err().status.as_u16(), 409);
         assert!(app.iso_dir().join("installer.iso").exists());
     }

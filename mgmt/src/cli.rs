@@ -140,7 +140,7 @@ impl<R: Read> Read for Progress<R> {
     }
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -148,7 +148,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -184,7 +184,7 @@ fn volume_rows(v: &Value) -> Vec<Vec<String>> {
         .unwrap_or_default()
 }
 
-fn print_kv(v: &Value, keys: &[&str]) {
+pub(crate) fn print_kv(v: &Value, keys: &[&str]) {
     for k in keys {
         let val = &v[*k];
         let shown = match (*k, val) {
@@ -656,7 +656,7 @@ pub enum UserCmd {
 /// meaning (`..`, `/`, `?`, `#`, `%`, control characters) are refused here,
 /// before a request goes out: `keel snapshot delete vol ../../other` must
 /// not become a request about volume `other`.
-fn seg(name: &str) -> Result<&str> {
+pub(crate) fn seg(name: &str) -> Result<&str> {
     let bad = name.is_empty()
         || name == "."
         || name == ".."

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Version of the schema this build writes.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Users by name ([`crate::model::User`]).
@@ -25,6 +25,10 @@ pub const VOLUMES: Table = Table("volumes");
 pub const INTENTS: Table = Table("intents");
 /// ISO images by name ([`crate::model::IsoMeta`]).
 pub const ISOS: Table = Table("isos");
+/// Virtual machines by name ([`crate::model::VmMeta`]).
+pub const VMS: Table = Table("vms");
+/// VM running time by `OWNER/HOUR/VM` ([`crate::model::UsageRow`]).
+pub const USAGE: Table = Table("usage");
 const EVENTS: TableDefinition<u64, &str> = TableDefinition::new("events");
 
 /// A table of JSON documents keyed by name.
@@ -117,14 +121,22 @@ fn parse<T: DeserializeOwned>(table: &'static str, key: &str, json: &str) -> Res
 type Migration = fn(&mut Write<'_>) -> Result<()>;
 
 /// `MIGRATIONS[n]` upgrades version `n` to `n + 1`. Version 0 is an empty
-/// file; version 1 creates the tables.
-const MIGRATIONS: [Migration; 1] = [|w| {
-    for t in [USERS, TOKENS, VOLUMES, INTENTS, ISOS] {
-        w.tx.open_table(t.def()).map_err(dbe)?;
-    }
-    w.tx.open_table(EVENTS).map_err(dbe)?;
-    Ok(())
-}];
+/// file; version 1 creates the tables; version 2 adds VMs and usage.
+const MIGRATIONS: [Migration; 2] = [
+    |w| {
+        for t in [USERS, TOKENS, VOLUMES, INTENTS, ISOS] {
+            w.tx.open_table(t.def()).map_err(dbe)?;
+        }
+        w.tx.open_table(EVENTS).map_err(dbe)?;
+        Ok(())
+    },
+    |w| {
+        for t in [VMS, USAGE] {
+            w.tx.open_table(t.def()).map_err(dbe)?;
+        }
+        Ok(())
+    },
+];
 
 impl Meta {
     /// Open (or create) the database at `path` and bring its schema up to

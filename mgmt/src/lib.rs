@@ -8,16 +8,20 @@
 //!   rules of [`auth`]; [`model`] the records they keep.
 //! - [`cli`] is the command line client.
 //!
-//! The iSCSI target reads its targets through [`app::IscsiTargets`]; VMs
-//! will report what they use through [`app::UsageHooks`].
+//! - [`vms`] runs virtual machines on QEMU over the volumes (through
+//!   `keel-vmm-glue`).
+//!
+//! The iSCSI target reads its targets through [`app::IscsiTargets`].
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod cli_vm;
 pub mod db;
 pub mod error;
 pub mod iscsi;
 pub mod model;
 pub mod reconcile;
 pub mod serve;
+pub mod vms;

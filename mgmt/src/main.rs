@@ -15,6 +15,7 @@ use keel_blockstore::{Engine, PoolOptions};
 use keel_mgmt::cli::{self, Client, ExportCmd, IsoCmd, SnapshotCmd, UserCmd, VolumeCmd};
 use keel_mgmt::model::{human, parse_size};
 use keel_mgmt::serve::{self, FileConfig, Settings, parse_engine, pool_path};
+use keel_vmm_glue::Accel;
 
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: a storage-centric virtualization appliance")]
@@ -55,6 +56,15 @@ enum Command {
     /// Exports: show, set (iSCSI initiator ACL and CHAP).
     #[command(subcommand)]
     Export(ExportCmd),
+    /// Virtual machines: create, start, stop, clone, console, CD, disks.
+    #[command(subcommand)]
+    Vm(keel_mgmt::cli_vm::VmCmd),
+    /// VM running time per user and hour (for billing).
+    Usage {
+        /// Only this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Long-running operations of the running daemon.
     #[command(subcommand)]
     Job(ListCmd),
@@ -80,7 +90,8 @@ enum ListCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
-    /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls); flags win.
+    /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu, accel,
+    /// vm_stop_timeout); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
@@ -110,6 +121,17 @@ struct ServeArgs {
     /// Refuse NBD clients that do not negotiate TLS.
     #[arg(long)]
     nbd_require_tls: bool,
+    /// QEMU binary for VMs [default: qemu-system-x86_64].
+    #[arg(long, env = "KEEL_QEMU")]
+    qemu: Option<String>,
+    /// VM accelerator: kvm, tcg, or auto (KVM when it really boots a
+    /// guest here, else TCG) [default: auto].
+    #[arg(long, env = "KEEL_ACCEL", value_parser = parse_accel)]
+    accel: Option<Accel>,
+}
+
+fn parse_accel(s: &str) -> Result<Accel, String> {
+    Accel::parse(s).ok_or_else(|| format!("unknown accelerator {s:?}: use kvm, tcg or auto"))
 }
 
 fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
@@ -148,6 +170,18 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
     if nbd_require_tls && nbd_tls.is_none() {
         bail!("--nbd-require-tls needs --nbd-tls-cert and --nbd-tls-key");
     }
+    let accel = match (a.accel, &f.accel) {
+        (Some(x), _) => x,
+        (None, Some(s)) => parse_accel(s).map_err(|e| anyhow::anyhow!("config accel: {e}"))?,
+        (None, None) => Accel::Auto,
+    };
+    let mut vms = keel_mgmt::vms::VmSettings { accel, ..Default::default() };
+    if let Some(q) = a.qemu.or(f.qemu) {
+        vms.qemu = q;
+    }
+    if let Some(t) = f.vm_stop_timeout {
+        vms.stop_timeout = std::time::Duration::from_secs(t);
+    }
     let d = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(Settings {
         data: a.data.or(f.data).unwrap_or_else(|| PathBuf::from("keel-data")),
@@ -161,6 +195,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         cache: size(a.cache, &f.cache, "cache", 64 << 20)?,
         nbd_tls,
         nbd_require_tls,
+        vms,
     })
 }
 
@@ -200,6 +235,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Iso(v) => tokio::task::spawn_blocking(move || cli::iso(&c, v)).await??,
         Command::User(v) => tokio::task::spawn_blocking(move || cli::user(&c, v)).await??,
         Command::Export(v) => tokio::task::spawn_blocking(move || cli::export(&c, v)).await??,
+        Command::Vm(v) => tokio::task::spawn_blocking(move || keel_mgmt::cli_vm::vm(&c, v)).await??,
+        Command::Usage { user } => tokio::task::spawn_blocking(move || keel_mgmt::cli_vm::usage(&c, user)).await??,
         Command::Job(ListCmd::List) => {
             tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, false, 0, 0)).await??
         }

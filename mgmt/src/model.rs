@@ -155,6 +155,187 @@ pub struct IsoMeta {
     pub created: u64,
 }
 
+/// The state of a VM. Transitions ([`VmState::next`]):
+///
+/// ```text
+/// stopped/crashed --start--> starting --qemu up--> running --stop--> stopping --exit--> stopped
+///        starting --qemu failed--> stopped        running --qemu died--> crashed
+///        running --guest powered off--> stopped   stopping --timeout--> (forced) stopped
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// No QEMU.
+    Stopped,
+    /// QEMU is being started.
+    Starting,
+    /// QEMU runs the guest.
+    Running,
+    /// Shutdown asked; QEMU still runs.
+    Stopping,
+    /// QEMU exited without being asked to (killed, crashed).
+    Crashed,
+}
+
+/// What happens to a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// Start asked.
+    Start,
+    /// QEMU is up.
+    Started,
+    /// QEMU could not be started.
+    StartFailed,
+    /// Stop asked.
+    Stop,
+    /// QEMU exited after a stop, or the guest powered itself off.
+    Exited,
+    /// QEMU exited unasked.
+    Died,
+}
+
+impl VmState {
+    /// The state after `e`, or why `e` is not possible now.
+    pub fn next(self, e: VmEvent) -> Result<VmState, String> {
+        use VmEvent as E;
+        use VmState as S;
+        match (self, e) {
+            (S::Stopped | S::Crashed, E::Start) => Ok(S::Starting),
+            (S::Starting, E::Started) => Ok(S::Running),
+            (S::Starting, E::StartFailed) => Ok(S::Stopped),
+            (S::Running | S::Starting, E::Stop) => Ok(S::Stopping),
+            (S::Stopping, E::Stop) => Ok(S::Stopping),
+            (S::Running | S::Stopping, E::Exited) => Ok(S::Stopped),
+            (S::Running | S::Starting, E::Died) => Ok(S::Crashed),
+            (S::Stopping, E::Died) => Ok(S::Stopped),
+            (S::Running | S::Starting | S::Stopping, E::Start) => Err("it is already running".into()),
+            (S::Stopped | S::Crashed, E::Stop) => Err("it is not running".into()),
+            (s, e) => Err(format!("{e:?} cannot happen in state {}", s.as_str())),
+        }
+    }
+
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a QEMU process exists (or may).
+    pub fn has_qemu(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+/// A disk of a VM: a Keel volume, under a device id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDiskMeta {
+    /// Device id in QEMU (`disk0`, `disk1`, ...).
+    pub id: String,
+    /// The volume.
+    pub volume: String,
+}
+
+/// How a NIC is connected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// QEMU user-mode networking (NAT).
+    User,
+    /// An existing tap interface.
+    Tap(String),
+    /// A host bridge.
+    Bridge(String),
+}
+
+/// A NIC of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNicMeta {
+    /// Device id in QEMU (`nic0`, ...).
+    pub id: String,
+    /// MAC address.
+    pub mac: String,
+    /// Connection.
+    pub network: Network,
+}
+
+/// Direct kernel boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelBoot {
+    /// Kernel image path on the host.
+    pub kernel: String,
+    /// Initrd path on the host.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub append: String,
+}
+
+/// A VM's record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmMeta {
+    /// Name (the key).
+    pub name: String,
+    /// Owning user.
+    pub owner: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// Disks in order.
+    pub disks: Vec<VmDiskMeta>,
+    /// ISO in the CD-ROM.
+    pub cdrom: Option<String>,
+    /// NICs in order.
+    pub nics: Vec<VmNicMeta>,
+    /// Boot order: `cdrom`, `disk`, `network`.
+    pub boot: Vec<String>,
+    /// Direct kernel boot.
+    pub kernel: Option<KernelBoot>,
+    /// Last known state.
+    pub state: VmState,
+    /// QEMU's pid while it runs.
+    pub pid: Option<i32>,
+    /// Why it last failed or crashed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// When the current run started (unix seconds).
+    pub started: Option<u64>,
+    /// Running time is recorded in [`crate::db::USAGE`] up to here.
+    pub metered_until: Option<u64>,
+}
+
+/// Running time of one VM of one owner in one hour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// Owner charged.
+    pub user: String,
+    /// The VM.
+    pub vm: String,
+    /// Start of the hour (unix seconds, a multiple of 3600).
+    pub hour: u64,
+    /// Seconds the VM ran in that hour.
+    pub seconds: u64,
+}
+
+/// Split `[from, to)` at hour boundaries: `(hour start, seconds)` pairs.
+pub fn split_hours(from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t < to {
+        let hour = t - t % 3600;
+        let end = (hour + 3600).min(to);
+        out.push((hour, end - t));
+        t = end;
+    }
+    out
+}
+
 /// One entry of the event log.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
@@ -252,6 +433,30 @@ mod tests {
         assert!(parse_size("G").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn vm_state_machine() {
+        use VmEvent as E;
+        use VmState as S;
+        let run = S::Stopped.next(E::Start).and_then(|s| s.next(E::Started)).unwrap();
+        assert_eq!(run, S::Running);
+        assert_eq!(run.next(E::Stop).and_then(|s| s.next(E::Exited)), Ok(S::Stopped));
+        assert_eq!(run.next(E::Died), Ok(S::Crashed));
+        assert_eq!(run.next(E::Exited), Ok(S::Stopped), "the guest powered itself off");
+        assert_eq!(S::Starting.next(E::StartFailed), Ok(S::Stopped));
+        assert_eq!(S::Crashed.next(E::Start), Ok(S::Starting));
+        assert!(run.next(E::Start).unwrap_err().contains("already running"));
+        assert!(S::Stopped.next(E::Stop).unwrap_err().contains("not running"));
+        assert!(S::Stopped.next(E::Started).is_err());
+        assert!(S::Stopped.next(E::Died).is_err());
+    }
+
+    #[test]
+    fn hours_split() {
+        assert_eq!(split_hours(3500, 3700), vec![(0, 100), (3600, 100)]);
+        assert_eq!(split_hours(7200, 7200), vec![]);
+        assert_eq!(split_hours(10, 7300), vec![(0, 3590), (3600, 3600), (7200, 100)]);
     }
 
     #[test]

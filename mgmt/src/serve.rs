@@ -38,6 +38,12 @@ pub struct FileConfig {
     pub nbd_tls_key: Option<PathBuf>,
     /// Refuse NBD clients without TLS.
     pub nbd_require_tls: Option<bool>,
+    /// The QEMU binary for VMs.
+    pub qemu: Option<String>,
+    /// VM accelerator: kvm, tcg or auto.
+    pub accel: Option<String>,
+    /// Seconds a graceful VM stop waits before forcing.
+    pub vm_stop_timeout: Option<u64>,
 }
 
 impl FileConfig {
@@ -65,6 +71,8 @@ pub struct Settings {
     pub nbd_tls: Option<(PathBuf, PathBuf)>,
     /// Refuse NBD clients without TLS.
     pub nbd_require_tls: bool,
+    /// How VMs run.
+    pub vms: crate::vms::VmSettings,
 }
 
 /// Parse an engine name.
@@ -228,7 +236,9 @@ pub async fn serve(s: Settings) -> Result<()> {
         tracing::info!(target: "keel::reconcile", "{line}");
     }
 
-    let app = Arc::new(App::new(pool.clone(), meta, s.addrs, s.data.clone()));
+    let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone());
+    app.vms = crate::vms::VmRuntime::new(s.vms.clone());
+    let app = Arc::new(app);
     for line in &said {
         app.log_event("keel", "reconcile", "", line);
     }
@@ -251,6 +261,19 @@ pub async fn serve(s: Settings) -> Result<()> {
     let targets = Arc::new(crate::iscsi::AppTargets::new(app.clone()));
     let iscsi_server = keel_iscsi_target::Server::new(targets, keel_iscsi_target::ServerConfig::default());
     let iscsi = tokio::spawn(iscsi_server.serve(iscsi_listener));
+    // VMs that ran while keel was down: adopt their QEMUs or record them
+    // crashed. QEMU's NBD client reconnects to the server started above.
+    for line in app.adopt_vms().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+        println!("vms: {line}");
+        tracing::info!(target: "keel::vm", "{line}");
+        app.log_event("keel", "vm.adopt", "", &line);
+    }
+    app.spawn_metering();
+    {
+        // Probe the accelerator now, not at the first VM start.
+        let app = app.clone();
+        tokio::spawn(async move { app.accel().await });
+    }
     let router = crate::api::router(app.clone());
     let api = tokio::spawn(async move { axum::serve(api_listener, router).await });
 
@@ -266,6 +289,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     println!("HTTP API on http://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
     println!("NBD on nbd://{}/VOLUME{}", s.addrs.nbd, if s.nbd_require_tls { " (TLS required)" } else { "" });
     println!("iSCSI on iscsi://{}/{}VOLUME/0", s.addrs.iscsi, crate::model::IQN_PREFIX);
+    println!("VMs: QEMU {}, accelerator {}", s.vms.qemu, s.vms.accel);
     match made {
         Some(p) => println!("first start: manager credentials written to {}", p.display()),
         None => println!("manager credentials of the first start: {}", credentials_path(&s.data).display()),
@@ -279,8 +303,10 @@ pub async fn serve(s: Settings) -> Result<()> {
         r = api => { r?.context("the HTTP API stopped")?; }
     }
     // Let a catalog change in flight finish (an interrupted one would be
-    // reconciled at the next start anyway), then commit and stop.
+    // reconciled at the next start anyway), then commit and stop. VMs keep
+    // running; the next start adopts them.
     let quiet = app.quiesce().await;
+    app.meter_all();
     nbd.abort();
     iscsi.abort();
     pool.close().await?;

@@ -35,6 +35,12 @@ fn every_documented_operation_answers_with_a_documented_status() {
         .send_bytes(b"an iso")
         .unwrap();
     assert_eq!(iso_up.status(), 201);
+    // A VM with an empty disk: the firmware finds nothing to boot and
+    // waits, which is all the power operations need. Kept stopped between
+    // operations that need it stopped.
+    let vm = json!({"name": "fx", "blank_disk": "16M", "memory": "64M", "nics": []});
+    assert_eq!(d.call("POST", "/api/v1/vms", Some(vm)).0, 201);
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx-spare", "size": "16M"}))).0, 201);
 
     let mut checked = 0;
     let paths = doc["paths"].as_object().unwrap();
@@ -55,6 +61,8 @@ fn every_documented_operation_answers_with_a_documented_status() {
                     },
                 )
                 .replace("{snap}", "s1")
+                .replace("{volume}", "fx-spare")
+                .replace("/nics/{id}", "/nics/nic0")
                 .replace("{id}", "1");
             let body = match (m.as_str(), path.as_str()) {
                 ("POST", "/api/v1/tokens") => {
@@ -76,6 +84,11 @@ fn every_documented_operation_answers_with_a_documented_status() {
                 ("PUT", "/api/v1/volumes/{name}/export") => Some(
                     json!({"initiators": ["iqn.1993-08.org.debian:01:abc"], "chap_user": "host", "chap_secret": "0123456789abcd"}),
                 ),
+                ("POST", "/api/v1/vms") => Some(json!({"name": "fx2", "blank_disk": "1M", "memory": "64M"})),
+                ("PUT", "/api/v1/vms/{name}/cdrom") => Some(json!({"iso": "second"})),
+                ("POST", "/api/v1/vms/{name}/disks") => Some(json!({"volume": "fx-spare"})),
+                ("POST", "/api/v1/vms/{name}/nics") => Some(json!({"network": "user"})),
+                ("POST", "/api/v1/vms/{name}/clones") => Some(json!({"name": "fx-copy"})),
                 ("POST", "/api/v1/users") => {
                     Some(json!({"name": "u2", "role": "power", "password": "password-2", "quota": {"storage": "1G"}}))
                 }
@@ -110,6 +123,20 @@ fn every_documented_operation_answers_with_a_documented_status() {
                 let r = d.call_as(&t, "DELETE", &concrete, None);
                 assert_error(d.call_as(&t, "GET", "/api/v1/whoami", None), 401);
                 r
+            } else if path == "/api/v1/vms/{name}" && m == "DELETE" {
+                d.call("POST", "/api/v1/vms", Some(json!({"name": "gone", "blank_disk": "1M", "memory": "64M"})));
+                d.call("DELETE", "/api/v1/vms/gone?disks=delete", None)
+            } else if path == "/api/v1/vms/{name}/reset" {
+                let started = d.call("POST", "/api/v1/vms/fx/start", None);
+                assert_eq!(started.0, 200, "{}", started.1);
+                let r = d.call("POST", &concrete, None);
+                assert_eq!(d.call("POST", "/api/v1/vms/fx/stop?force=true", None).0, 200);
+                r
+            } else if path == "/api/v1/vms/{name}/stop" {
+                if d.call("GET", "/api/v1/vms/fx", None).1["state"] != "running" {
+                    assert_eq!(d.call("POST", "/api/v1/vms/fx/start", None).0, 200);
+                }
+                d.call("POST", "/api/v1/vms/fx/stop?force=true", None)
             } else if path == "/api/v1/isos/{name}" && m == "DELETE" {
                 d.call("DELETE", "/api/v1/isos/first", None)
             } else {
@@ -170,6 +197,17 @@ fn every_documented_operation_answers_with_a_documented_status() {
     see(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx", "size": "1G"}))), 409);
     let p = d.login("u2", "password-2");
     see(d.call_as(&p, "POST", "/api/v1/volumes", Some(json!({"name": "huge", "size": "2G"}))), 507);
+    // QEMU failing: a VM whose kernel file vanished after it was created.
+    let kernel = dir.path().join("vanishing-kernel");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let vm = json!({"name": "broken", "memory": "64M", "kernel": {"kernel": kernel}});
+    assert_eq!(d.call("POST", "/api/v1/vms", Some(vm)).0, 201);
+    std::fs::remove_file(&kernel).unwrap();
+    let got = d.call("POST", "/api/v1/vms/broken/start", None);
+    let msg = got.1["error"].as_str().unwrap_or_default().to_string();
+    see(got, 500);
+    assert!(msg.contains("kernel"), "{msg}");
+    assert_eq!(d.call("GET", "/api/v1/vms/broken", None).1["state"], "stopped", "a failed start leaves it stopped");
     let success: BTreeSet<u16> = all.iter().copied().filter(|s| *s < 300).collect();
     let errors: BTreeSet<u16> = all.difference(&success).copied().collect();
     // Unknown endpoints and methods answer JSON too.
@@ -185,6 +223,8 @@ fn bad_input_of_every_field_is_refused_with_400() {
     let dir = data_dir();
     let d = Daemon::start(dir.path());
     assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "v", "size": "16M"}))).0, 201);
+    let m0 = json!({"name": "m0", "memory": "64M", "kernel": {"kernel": "/proc/self/exe"}, "nics": []});
+    assert_eq!(d.call("POST", "/api/v1/vms", Some(m0)).0, 201);
     let cases: Vec<(&str, &str, Option<Value>)> = vec![
         // POST /volumes
         ("POST", "/api/v1/volumes", None),
@@ -254,6 +294,29 @@ fn bad_input_of_every_field_is_refused_with_400() {
         ("GET", "/api/v1/events?limit=0", None),
         ("GET", "/api/v1/events?limit=lots", None),
         ("GET", "/api/v1/events?since=3", None),
+        // VMs
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "cpus": 0}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "cpus": 1000}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "memory": "1K"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "memory": "1000T"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1000"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "Bad", "blank_disk": "1M"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "boot": ["floppy"]}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "nics": ["wifi"]}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "nics": [{"tap": "a b"}]}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "blank_disk": "1M", "colour": "red"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "kernel": {"kernel": "/nonexistent"}}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "disks": ["v", "v"]}))),
+        ("PUT", "/api/v1/vms/m0/cdrom", Some(json!({}))),
+        ("POST", "/api/v1/vms/m0/disks", Some(json!({"vol": "v"}))),
+        ("POST", "/api/v1/vms/m0/clones", Some(json!({"name": "Bad"}))),
+        ("POST", "/api/v1/vms/m0/nics", Some(json!({"network": "wifi"}))),
+        ("POST", "/api/v1/vms/m0/stop?force=maybe", None),
+        ("DELETE", "/api/v1/vms/m0", None),
+        ("DELETE", "/api/v1/vms/m0?disks=perhaps", None),
+        ("GET", "/api/v1/vms/m0/console?offset=-1", None),
+        ("GET", "/api/v1/usage?who=x", None),
     ];
     for (m, path, body) in cases {
         let token = d.token.clone();
@@ -278,6 +341,8 @@ fn bad_input_of_every_field_is_refused_with_400() {
     assert_eq!(vols.as_array().unwrap().len(), 1);
     let (_, users) = d.call("GET", "/api/v1/users", None);
     assert_eq!(users.as_array().unwrap().len(), 1);
+    let (_, vms) = d.call("GET", "/api/v1/vms", None);
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
     // The CLI refuses a bad size before it sends anything... or the API does: either way, an error.
     let out = d.cli(&["volume", "create", "c", "--size", "10X"]);
     assert!(!out.status.success());

@@ -2,15 +2,49 @@
 //! (built by `tests/guest/build-guest.sh`), booted under QEMU TCG.
 //!
 //! The guest's `/init` does what `keel.action=` on the kernel command line
-//! asks and powers off, so QEMU exits and [`boot`] returns the serial
-//! console. Actions:
+//! asks and (except for `vm`) powers off, so QEMU exits and [`boot`] returns
+//! the serial console. Actions:
 //!
 //! * `write-marker`: write `KEEL-GUEST-MARKER <uptime>` (NUL-padded to one
 //!   sector) at sector [`MARKER_SECTOR`] of `/dev/vda` with `dd conv=fsync`,
 //!   read it back past the page cache and print [`OK`]. The exact marker is
 //!   echoed on a `KEEL-GUEST WROTE ...` line ([`Output::marker`]).
 //! * `shell`: a busybox shell on the console (for people, not tests).
+//! * [`VM_ACTION`] (`vm`): runs until powered off, for VM lifecycle tests
+//!   where the VM manager starts QEMU itself (use [`BootArgs::cmdline`] of
+//!   `BootArgs::new(VM_ACTION)` and the files in [`ensure_guest`]'s
+//!   directory) and tests read the console file. In order, the guest
+//!   - loads the VM-only modules too: ACPI power button and evdev, and PIIX
+//!     IDE plus SCSI CD-ROM for an `ide-cd` on the default `pc` machine;
+//!   - waits up to 10 s for `/dev/vda` and reads sector [`MARKER_SECTOR`]:
+//!     a marker there is reported as `KEEL-GUEST SAW <marker>`
+//!     ([`saw_marker`]), otherwise it writes `KEEL-GUEST-MARKER <uptime>
+//!     <random>` like `write-marker` and prints `KEEL-GUEST WROTE <marker>`
+//!     ([`wrote_marker`]); the random word makes every boot's marker unique,
+//!     so a clone that SAW its source's marker got it from shared data
+//!     (without `/dev/vda`: `KEEL-GUEST FAIL no /dev/vda`, and it goes on);
+//!   - prints `KEEL-GUEST MAC <iface> <address>` for each `ethN` ([`macs`]);
+//!   - opens the ACPI power button's input device and watches it in the
+//!     background: QMP `system_powerdown` (even right after [`READY`]) makes
+//!     it print [`ACPI_POWEROFF`] and `poweroff -f`, so QEMU exits;
+//!   - prints [`READY`];
+//!   - every ~0.3 s prints whichever of these changed (each once at start):
+//!     `KEEL-GUEST DISKS vda vdb ...` (the `/sys/block/vd*` names, sorted;
+//!     [`last_disks`]), `KEEL-GUEST CD <label>` (the ISO 9660 volume
+//!     identifier of the medium in `/dev/sr0`, trailing spaces dropped; `none`
+//!     without drive or medium, `?` for a medium that is not ISO 9660;
+//!     [`last_cd`]) and `KEEL-GUEST NICS eth0 ...` ([`last_nics`]). It leaves
+//!     the CD-ROM tray alone (no auto-close, no door lock), so QMP `eject`,
+//!     `blockdev-open-tray` and friends are not undone by the guest.
+//!     Hot-(un)plugged `virtio-blk-pci` and `virtio-net-pci` devices show up
+//!     within a second; `device_del` completes (ACPI PCI hotplug).
 //! * none: print [`BOOTED`].
+//!
+//! The console parsers ([`saw_marker`], [`last_disks`], ...) take the
+//! console text as read so far and ignore its last line until it is
+//! complete (ends with a newline), so they can poll a file QEMU is still
+//! writing. Each reports the last matching line, so a console that spans
+//! several boots gives the newest state.
 //!
 //! ```no_run
 //! use keel_tests::guest::{self, BootArgs};
@@ -40,6 +74,15 @@ use std::time::{Duration, Instant};
 pub const OK: &str = "KEEL-GUEST-OK";
 /// Printed by the guest when booted without an action.
 pub const BOOTED: &str = "KEEL-GUEST-BOOTED";
+/// The long-running action for VM lifecycle tests (`keel.action=vm`).
+pub const VM_ACTION: &str = "vm";
+/// Printed by the `vm` action once it is set up (marker, MACs, power button).
+pub const READY: &str = "KEEL-GUEST-READY";
+/// Printed by the `vm` action when the ACPI power button was pressed (QMP
+/// `system_powerdown`), just before it powers off.
+pub const ACPI_POWEROFF: &str = "KEEL-GUEST ACPI-POWEROFF";
+/// What the `vm` action reports as the CD label without a drive or medium.
+pub const NO_CD: &str = "none";
 /// Prefix of every failure line the guest prints.
 pub const FAIL: &str = "KEEL-GUEST FAIL";
 /// The sector (512 bytes) of `/dev/vda` that `write-marker` writes.
@@ -226,7 +269,7 @@ impl Output {
     /// Whether some console line ends with `line` (ignoring surrounding
     /// whitespace and carriage returns; firmware escape codes can precede it).
     pub fn has_line(&self, line: &str) -> bool {
-        self.console.lines().any(|l| l.trim().ends_with(line))
+        has_line(&self.console, line)
     }
 
     /// Panics with the whole console unless [`Output::ok`].
@@ -237,11 +280,7 @@ impl Output {
     /// The marker `write-marker` wrote (without padding), from its
     /// `KEEL-GUEST WROTE ...` line.
     pub fn marker(&self) -> Option<String> {
-        self.console
-            .lines()
-            .find_map(|l| l.trim().split_once("KEEL-GUEST WROTE ").map(|(_, m)| m))
-            .filter(|m| m.starts_with(MARKER_PREFIX))
-            .map(str::to_string)
+        wrote_marker(&self.console)
     }
 
     /// The guest's uptime (seconds) when init started, from its
@@ -266,6 +305,69 @@ impl fmt::Display for Output {
         writeln!(f, "--- console ---\n{}", self.console)?;
         write!(f, "--- qemu stderr ---\n{}", self.stderr)
     }
+}
+
+/// Whether some console line ends with `line` (ignoring surrounding
+/// whitespace and carriage returns; firmware escape codes can precede it).
+pub fn has_line(console: &str, line: &str) -> bool {
+    console.lines().any(|l| l.trim().ends_with(line))
+}
+
+/// The rest of each complete console line that carries `KEEL-GUEST <tag>`
+/// (the tag followed by a space or the line's end), without that space or
+/// the line end. Anything before the prefix (firmware escape codes) is
+/// skipped; an unterminated last line is not looked at.
+fn tagged<'a>(console: &'a str, tag: &'a str) -> impl DoubleEndedIterator<Item = &'a str> + 'a {
+    console.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(move |l| {
+        let l = l.trim_end();
+        let (_, rest) = l.split_once("KEEL-GUEST ")?;
+        let rest = rest.strip_prefix(tag)?;
+        if rest.is_empty() { Some(rest) } else { rest.strip_prefix(' ') }
+    })
+}
+
+/// The marker the guest wrote (`write-marker` or `vm`), from the last
+/// `KEEL-GUEST WROTE <marker>` line.
+pub fn wrote_marker(console: &str) -> Option<String> {
+    tagged(console, "WROTE").rev().find(|m| m.starts_with(MARKER_PREFIX)).map(str::to_string)
+}
+
+/// The marker the `vm` action found already on `/dev/vda`, from the last
+/// `KEEL-GUEST SAW <marker>` line.
+pub fn saw_marker(console: &str) -> Option<String> {
+    tagged(console, "SAW").rev().find(|m| m.starts_with(MARKER_PREFIX)).map(str::to_string)
+}
+
+/// The last `KEEL-GUEST DISKS ...` report of the `vm` action: the guest's
+/// virtio disks (`vda`, `vdb`, ...), sorted; empty when it has none.
+pub fn last_disks(console: &str) -> Option<Vec<String>> {
+    tagged(console, "DISKS").next_back().map(|r| r.split_whitespace().map(str::to_string).collect())
+}
+
+/// The last `KEEL-GUEST CD ...` report of the `vm` action: the ISO 9660
+/// volume identifier of the medium in the CD-ROM drive, [`NO_CD`] without a
+/// drive or medium, `?` for a medium that is not ISO 9660. `None` when the
+/// guest has not reported yet.
+pub fn last_cd(console: &str) -> Option<String> {
+    tagged(console, "CD").next_back().map(str::to_string)
+}
+
+/// The last `KEEL-GUEST NICS ...` report of the `vm` action: the guest's
+/// `ethN` interfaces, sorted.
+pub fn last_nics(console: &str) -> Option<Vec<String>> {
+    tagged(console, "NICS").next_back().map(|r| r.split_whitespace().map(str::to_string).collect())
+}
+
+/// Every `KEEL-GUEST MAC <iface> <address>` line of the `vm` action, in
+/// order, as (interface, lower-case MAC address).
+pub fn macs(console: &str) -> Vec<(String, String)> {
+    tagged(console, "MAC")
+        .filter_map(|r| {
+            let mut w = r.split_whitespace();
+            let (iface, mac) = (w.next()?, w.next()?);
+            Some((iface.to_string(), mac.to_ascii_lowercase()))
+        })
+        .collect()
 }
 
 /// Boot the guest (building it first if needed) and wait, at most
@@ -362,6 +464,49 @@ mod tests {
         assert!(!output(console, None).ok());
         let out = output("KEEL-GUEST FAIL no /dev/vda\r\n", Some(success()));
         assert!(!out.ok() && out.marker().is_none());
+    }
+
+    #[test]
+    fn parses_the_vm_console() {
+        let console = "\x1bc\x1b[?7l\x1b[2J\r\nKEEL-GUEST INIT 6.1.0-56-cloud-amd64 uptime=4.45\r\n\
+                       KEEL-GUEST ACTION vm\r\n\
+                       KEEL-GUEST SAW KEEL-GUEST-MARKER 5.74 2162a255\r\n\
+                       KEEL-GUEST MAC eth0 52:54:00:12:34:56\r\n\
+                       KEEL-GUEST-READY\r\n\
+                       KEEL-GUEST DISKS vda\r\n\
+                       KEEL-GUEST CD none\r\n\
+                       KEEL-GUEST NICS eth0\r\n\
+                       KEEL-GUEST CD KEEL_CD_ONE\r\n\
+                       [    7.722276] I/O error, dev sr0, sector 64 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2\r\n\
+                       KEEL-GUEST CD SECOND LABEL\r\n\
+                       KEEL-GUEST DISKS vda vdb\r\n\
+                       KEEL-GUEST NICS eth0 eth1\r\n\
+                       KEEL-GUEST DISKS vda\r\n\
+                       KEEL-GUEST CD none\r\n\
+                       KEEL-GUEST CD KEEL_CD_ONE\r\n\
+                       KEEL-GUEST ACPI-POWEROFF\r\n\
+                       [   13.148466] reboot: Power down\r\n";
+        assert!(has_line(console, READY) && has_line(console, ACPI_POWEROFF));
+        assert_eq!(saw_marker(console).as_deref(), Some("KEEL-GUEST-MARKER 5.74 2162a255"));
+        assert_eq!(wrote_marker(console), None);
+        assert_eq!(macs(console), [("eth0".to_string(), "52:54:00:12:34:56".to_string())]);
+        assert_eq!(last_disks(console), Some(vec!["vda".to_string()]));
+        assert_eq!(last_cd(console).as_deref(), Some("KEEL_CD_ONE"));
+        assert_eq!(last_nics(console), Some(vec!["eth0".to_string(), "eth1".to_string()]));
+
+        // Nothing reported yet; a line still being written does not count.
+        let early = "KEEL-GUEST INIT 6.1.0-56-cloud-amd64 uptime=2.88\r\nKEEL-GUEST WROTE KEEL-GUEST-MARKER 4.92 2878f336\r\n\
+                     KEEL-GUEST DISKS\r\nKEEL-GUEST CD none\r\nKEEL-GUEST CD SECOND LA";
+        assert_eq!(wrote_marker(early).as_deref(), Some("KEEL-GUEST-MARKER 4.92 2878f336"));
+        assert_eq!(saw_marker(early), None);
+        assert_eq!(last_disks(early), Some(vec![]));
+        assert_eq!(last_cd(early).as_deref(), Some(NO_CD));
+        assert_eq!(last_nics(early), None);
+        assert!(macs(early).is_empty());
+        assert_eq!(last_cd(""), None);
+        // Only whole tags: "CD" is not "CDX", and a label keeps inner spaces.
+        assert_eq!(last_cd("KEEL-GUEST CDX foo\nKEEL-GUEST CD ?\n").as_deref(), Some("?"));
+        assert_eq!(last_cd("KEEL-GUEST CD A B\n").as_deref(), Some("A B"));
     }
 
     #[test]

@@ -56,6 +56,9 @@ impl Daemon {
             .args(["--iscsi", &format!("127.0.0.1:{iscsi}")])
             .env_remove("KEEL_DATA")
             .env_remove("KEEL_CRASH_POINT")
+            // Guests run under TCG unless a test asks for the probe: the
+            // KVM probe costs seconds of CPU where KVM hangs.
+            .env("KEEL_ACCEL", "tcg")
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         for (k, v) in env {
@@ -158,14 +161,35 @@ impl Daemon {
     /// Restart on the same data directory and ports.
     pub fn restart(&mut self) {
         self.stop();
-        *self = Daemon::start_with(&self.data.clone(), &[], (self.api, self.nbd, self.iscsi));
+        let new = Daemon::start_with(&self.data.clone(), &[], (self.api, self.nbd, self.iscsi));
+        // Not dropped: dropping kills the data directory's VMs, which the
+        // new daemon has just adopted.
+        std::mem::forget(std::mem::replace(self, new));
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        kill_vms(&self.data);
     }
+}
+
+/// SIGKILL the QEMUs of the VMs in data directory `data` (they outlive the
+/// daemon by design; a test must not leave them behind).
+pub fn kill_vms(data: &Path) -> usize {
+    let needle = format!("{}/vms/", data.display());
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            // SAFETY: kill(2) has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// The token in DATA/credentials.
