@@ -31,6 +31,12 @@ PACKAGES=(
     busybox-static
     cpio
     kmod
+    # VM tests: a bootable ISO of the test guest (isolinux, genisoimage) and
+    # the real QEMU guest agent in it (fs-freeze for clones and backups).
+    isolinux
+    syslinux-common
+    genisoimage
+    qemu-guest-agent
     # NBD clients and a reference NBD server (issue 3)
     libnbd-bin
     nbdkit

@@ -1020,6 +1020,16 @@ impl App {
                 owned.join(", ")
             )));
         }
+        let vms: Vec<String> = self
+            .meta
+            .list::<crate::model::VmMeta>(crate::db::VMS)?
+            .into_iter()
+            .filter(|(_, v)| v.owner == name)
+            .map(|(k, _)| k)
+            .collect();
+        if !vms.is_empty() {
+            return Err(ApiError::conflict(format!("user {name} owns VM(s) {}: delete them first", vms.join(", "))));
+        }
         let subs: Vec<String> =
             self.users()?.into_iter().filter(|s| s.parent.as_deref() == Some(name)).map(|s| s.name).collect();
         if !subs.is_empty() {

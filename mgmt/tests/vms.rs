@@ -195,6 +195,12 @@ fn a_vm_boots_from_a_volume_is_cloned_running_changes_cd_hotplugs_and_stops() {
     assert_error(d.call("DELETE", "/api/v1/volumes/extra", None), 409);
     cli_ok(&d, &["vm", "disk", "detach", "src", "extra"]);
     wait_last(&d, "src", "KEEL-GUEST DISKS ", "KEEL-GUEST DISKS vda");
+    // And a NIC.
+    cli_ok(&d, &["vm", "nic", "add", "src"]);
+    wait_last(&d, "src", "KEEL-GUEST NICS ", "KEEL-GUEST NICS eth0 eth1");
+    assert_eq!(state(&d, "src")["nics"].as_array().unwrap().len(), 2);
+    cli_ok(&d, &["vm", "nic", "remove", "src", "nic1"]);
+    wait_last(&d, "src", "KEEL-GUEST NICS ", "KEEL-GUEST NICS eth0");
 
     // A graceful stop goes through the guest (ACPI power button).
     let out = cli_ok(&d, &["vm", "stop", "src"]);
@@ -343,6 +349,9 @@ fn a_regular_user_powers_only_its_own_vm() {
     assert_error(d.call_as(&r1, "GET", "/api/v1/usage?user=r2", None), 404);
     let (st, _) = d.call_as(&p, "GET", "/api/v1/usage?user=r1", None);
     assert_eq!(st, 200);
+    // A user who owns a VM cannot be deleted from under it.
+    let e = assert_error(d.call_as(&p, "DELETE", "/api/v1/users/r1", None), 409);
+    assert!(e.contains("v1"), "{e}");
     assert_eq!(kill_vms(dir.path()), 0);
 }
 
