@@ -1,4 +1,9 @@
-//! The image library (issue 7): the ISO store, virtual appliances stored as
-//! content-addressed chunks, and import/export of disk images. Not yet built:
-//! this crate only fixes its place in the dependency graph
-//! (`images -> blockstore`).
+//! Keel's image library: virtual appliances (a descriptor plus disks stored
+//! as content-addressed, zstd-compressed chunks, deduplicated across every
+//! appliance), live backups into it, and restores out of it
+//! ([`library`]). The ISO store lives in `mgmt` (files kept once,
+//! read-only).
+
+pub mod library;
+
+pub use library::{BackupDisk, BackupStats, CHUNK_SIZE, Damage, Descriptor, DiskManifest, GcReport, Library, Usage};
