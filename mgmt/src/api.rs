@@ -501,6 +501,8 @@ struct CreateVmIn {
     owner: Option<String>,
     #[serde(default)]
     start: bool,
+    #[serde(default)]
+    from_appliance: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -519,10 +521,16 @@ async fn list_vms(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Jso
 
 async fn create_vm(State(app): State<Arc<App>>, Actor(a): Actor, b: Bytes) -> ApiResult<(StatusCode, Json<VmView>)> {
     let r: CreateVmIn = body(&b)?;
+    // A VM from an appliance takes the appliance's shape unless told.
+    let shape =
+        r.from_appliance.as_ref().and_then(|n| app.library.get(n).ok()).map(|d| (d.cpus, d.memory_bytes, d.boot));
     let req = CreateVm {
         name: r.name.clone(),
-        cpus: r.cpus.unwrap_or(1),
-        memory_bytes: r.memory.map(|m| m.bytes()).transpose()?.unwrap_or(512 << 20),
+        cpus: r.cpus.or(shape.as_ref().map(|s| s.0)).unwrap_or(1),
+        memory_bytes: match r.memory {
+            Some(m) => m.bytes()?,
+            None => shape.as_ref().map_or(512 << 20, |s| s.1),
+        },
         disks: r.disks,
         blank_disk: r.blank_disk.map(|s| s.bytes()).transpose()?,
         iso: r.iso,
@@ -530,7 +538,9 @@ async fn create_vm(State(app): State<Arc<App>>, Actor(a): Actor, b: Bytes) -> Ap
         boot: r.boot,
         kernel: r.kernel.map(|k| KernelBoot { kernel: k.kernel, initrd: k.initrd, append: k.append }),
         owner: r.owner,
+        from_appliance: r.from_appliance,
     };
+    let req = CreateVm { boot: req.boot.clone().or(shape.map(|s| s.2)), ..req };
     let v = app.create_vm(&a, req).await?;
     if r.start {
         return Ok((StatusCode::CREATED, Json(app.start_vm(&a, &r.name).await?)));
@@ -719,6 +729,83 @@ async fn usage(
     Ok(Json(app.usage(&a, q.user.as_deref())?))
 }
 
+// ----- appliances -----
+
+async fn list_appliances(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+) -> ApiResult<Json<Vec<crate::appliances::ApplianceView>>> {
+    Ok(Json(app.list_appliances(&a)?))
+}
+
+async fn show_appliance(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::appliances::ApplianceView>> {
+    Ok(Json(app.show_appliance(&a, &name)?))
+}
+
+async fn delete_appliance(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<keel_images::GcReport>> {
+    Ok(Json(app.delete_appliance(&a, &name).await?))
+}
+
+async fn verify_appliance(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let damage = app.verify_appliance(&a, &name).await?;
+    Ok(Json(serde_json::json!({ "appliance": name, "ok": damage.is_empty(), "damage": damage })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyBackIn {
+    name: String,
+    vm: String,
+}
+
+/// Copy-back: an appliance from a VM (a backup under another name).
+async fn create_appliance(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let r: CopyBackIn = body(&b)?;
+    Ok((StatusCode::ACCEPTED, Json(app.backup_vm(&a, &r.vm, &r.name).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupIn {
+    appliance: String,
+}
+
+async fn backup_vm(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let r: BackupIn = body(&b)?;
+    Ok((StatusCode::ACCEPTED, Json(app.backup_vm(&a, &name, &r.appliance).await?)))
+}
+
+async fn restore_vm(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> ApiResult<Json<VmView>> {
+    let r: BackupIn = body(&b)?;
+    Ok(Json(app.restore_vm(&a, &name, &r.appliance).await?))
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -878,6 +965,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/vms/{name}/clones", post(clone_vm))
         .route("/api/v1/vms/{name}/console", get(console))
         .route("/api/v1/usage", get(usage))
+        .route("/api/v1/vms/{name}/backups", post(backup_vm))
+        .route("/api/v1/vms/{name}/restore", post(restore_vm))
+        .route("/api/v1/appliances", get(list_appliances).post(create_appliance))
+        .route("/api/v1/appliances/{name}", get(show_appliance).delete(delete_appliance))
+        .route("/api/v1/appliances/{name}/verify", post(verify_appliance))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

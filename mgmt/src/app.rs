@@ -109,6 +109,8 @@ pub struct App {
     pub(crate) ops: tokio::sync::Mutex<()>,
     /// Long-running operations.
     pub jobs: Jobs,
+    /// The appliance library (`DATA/library`).
+    pub library: keel_images::Library,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -271,11 +273,17 @@ pub struct Job {
     /// Work in total (bytes), 0 when unknown.
     pub total: AtomicU64,
     state: Mutex<(JobState, Option<String>)>,
+    result: Mutex<Option<serde_json::Value>>,
     /// Unix seconds.
     pub started: u64,
 }
 
 impl Job {
+    /// Record what the job produced (shown in the job's `result`).
+    pub fn set_result(&self, v: serde_json::Value) {
+        *self.result.lock() = Some(v);
+    }
+
     /// Mark finished, with an error if it failed.
     pub fn finish(&self, error: Option<String>) {
         *self.state.lock() = match error {
@@ -306,6 +314,8 @@ pub struct JobView {
     pub progress_percent: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// What it produced, when done.
+    pub result: Option<serde_json::Value>,
     /// Unix seconds.
     pub started: u64,
 }
@@ -330,6 +340,7 @@ impl Jobs {
             done: AtomicU64::new(0),
             total: AtomicU64::new(total),
             state: Mutex::new((JobState::Running, None)),
+            result: Mutex::new(None),
             started: now(),
         });
         self.jobs.lock().insert(id, job.clone());
@@ -349,6 +360,7 @@ impl Jobs {
             total_bytes: total,
             progress_percent: (total > 0).then(|| (done as f64 * 100.0 / total as f64).min(100.0)),
             error,
+            result: j.result.lock().clone(),
             started: j.started,
         }
     }
@@ -396,9 +408,15 @@ fn vol_not_found(name: &str) -> ApiError {
 
 impl App {
     /// Put the appliance together.
-    pub fn new(pool: Pool<AnyBackend>, meta: Meta, addrs: Addrs, data: PathBuf) -> App {
+    pub fn new(
+        pool: Pool<AnyBackend>,
+        meta: Meta,
+        addrs: Addrs,
+        data: PathBuf,
+    ) -> Result<App, keel_images::library::Error> {
         let nbd = Arc::new(CountingExports::new(PoolExports::new(pool.clone())));
-        App {
+        let library = crate::appliances::open_library(&data)?;
+        Ok(App {
             pool,
             meta,
             nbd,
@@ -409,8 +427,9 @@ impl App {
             iscsi_io: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
             jobs: Jobs::default(),
+            library,
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
-        }
+        })
     }
 
     /// Wait for the catalog change in flight, if any, and hold off new ones
@@ -1213,7 +1232,7 @@ mod tests {
             nbd: "127.0.0.1:10809".parse().unwrap(),
             iscsi: "127.0.0.1:3260".parse().unwrap(),
         };
-        App::new(pool, meta, addrs, dir.to_path_buf())
+        App::new(pool, meta, addrs, dir.to_path_buf()).unwrap()
     }
 
     fn admin() -> User {

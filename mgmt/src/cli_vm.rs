@@ -14,46 +14,25 @@ use crate::model::{human, parse_size};
 #[derive(clap::Subcommand)]
 pub enum VmCmd {
     /// Create a VM (stopped unless --start).
-    Create {
-        /// Name (a-z, 0-9, '.', '-').
+    Create(Box<CreateArgs>),
+    /// Back up a VM (running or not) into the appliance library.
+    Backup {
+        /// VM.
         name: String,
-        /// Virtual CPUs.
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        /// Memory (K/M/G).
-        #[arg(long, default_value = "512M")]
-        memory: String,
-        /// Attach an existing volume (repeat; in boot order).
+        /// Name of the new appliance.
         #[arg(long)]
-        disk: Vec<String>,
-        /// Make a new empty disk NAME-disk0 of this size, attached first.
+        appliance: String,
+        /// Return once the job starts instead of waiting for it.
         #[arg(long)]
-        blank_disk: Option<String>,
-        /// ISO from the ISO store in the CD-ROM.
+        no_wait: bool,
+    },
+    /// Overwrite a stopped VM's disks with an appliance's content.
+    Restore {
+        /// VM.
+        name: String,
+        /// The appliance (a backup of it, or any with as many disks).
         #[arg(long)]
-        iso: Option<String>,
-        /// Boot this kernel directly (managers only).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initrd for --kernel.
-        #[arg(long, requires = "kernel")]
-        initrd: Option<PathBuf>,
-        /// Kernel command line for --kernel.
-        #[arg(long, requires = "kernel", allow_hyphen_values = true)]
-        append: Option<String>,
-        /// NIC: user, tap:IFNAME or bridge:BRIDGE (repeat; default one
-        /// user-mode NIC; `none` for no NIC).
-        #[arg(long)]
-        nic: Vec<String>,
-        /// Boot order, e.g. cdrom,disk [default: disk,cdrom].
-        #[arg(long)]
-        boot: Option<String>,
-        /// Owner (default: you).
-        #[arg(long)]
-        owner: Option<String>,
-        /// Start it once created.
-        #[arg(long)]
-        start: bool,
+        appliance: String,
     },
     /// Start a VM.
     Start {
@@ -130,6 +109,54 @@ pub enum VmCmd {
     /// Hot-plug or unplug a NIC.
     #[command(subcommand)]
     Nic(NicCmd),
+}
+
+/// `keel vm create` arguments.
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Name (a-z, 0-9, '.', '-').
+    name: String,
+    /// Virtual CPUs [default: 1, or the appliance's].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory (K/M/G) [default: 512M, or the appliance's].
+    #[arg(long)]
+    memory: Option<String>,
+    /// Attach an existing volume (repeat; in boot order).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Make a new empty disk NAME-disk0 of this size, attached first.
+    #[arg(long)]
+    blank_disk: Option<String>,
+    /// ISO from the ISO store in the CD-ROM.
+    #[arg(long)]
+    iso: Option<String>,
+    /// Boot this kernel directly (managers only).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", allow_hyphen_values = true)]
+    append: Option<String>,
+    /// NIC: user, tap:IFNAME or bridge:BRIDGE (repeat; default one
+    /// user-mode NIC; `none` for no NIC).
+    #[arg(long)]
+    nic: Vec<String>,
+    /// Boot order, e.g. cdrom,disk [default: disk,cdrom].
+    #[arg(long)]
+    boot: Option<String>,
+    /// Owner (default: you).
+    #[arg(long)]
+    owner: Option<String>,
+    /// Make its disks from this appliance (its CPUs, memory and boot
+    /// order too, unless given).
+    #[arg(long)]
+    from_appliance: Option<String>,
+    /// Start it once created.
+    #[arg(long)]
+    start: bool,
 }
 
 /// `keel vm disk` subcommands.
@@ -216,22 +243,33 @@ fn said(c: &Client, v: &Value, what: &str) {
 /// `keel vm ...`.
 pub fn vm(c: &Client, cmd: VmCmd) -> Result<()> {
     match cmd {
-        VmCmd::Create {
-            name,
-            cpus,
-            memory,
-            disk,
-            blank_disk,
-            iso,
-            kernel,
-            initrd,
-            append,
-            nic,
-            boot,
-            owner,
-            start,
-        } => {
-            let mut b = json!({"name": name, "cpus": cpus, "memory": parse_size(&memory).map_err(anyhow::Error::msg)?, "disks": disk, "start": start});
+        VmCmd::Create(a) => {
+            let CreateArgs {
+                name,
+                cpus,
+                memory,
+                disk,
+                blank_disk,
+                iso,
+                kernel,
+                initrd,
+                append,
+                nic,
+                boot,
+                owner,
+                from_appliance,
+                start,
+            } = *a;
+            let mut b = json!({"name": name, "disks": disk, "start": start});
+            if let Some(c) = cpus {
+                b["cpus"] = json!(c);
+            }
+            if let Some(m) = memory {
+                b["memory"] = json!(parse_size(&m).map_err(anyhow::Error::msg)?);
+            }
+            if let Some(a) = from_appliance {
+                b["from_appliance"] = json!(a);
+            }
             if let Some(s) = blank_disk {
                 b["blank_disk"] = json!(s);
             }
@@ -362,6 +400,14 @@ pub fn vm(c: &Client, cmd: VmCmd) -> Result<()> {
                 )
             });
         }
+        VmCmd::Backup { name, appliance, no_wait } => {
+            let job = c.send("POST", &format!("/vms/{}/backups", seg(&name)?), json!({ "appliance": appliance }))?;
+            finish_backup(c, &job, no_wait)?;
+        }
+        VmCmd::Restore { name, appliance } => {
+            let v = c.send("POST", &format!("/vms/{}/restore", seg(&name)?), json!({ "appliance": appliance }))?;
+            said(c, &v, &format!("restored from {appliance}"));
+        }
         VmCmd::Disk(DiskCmd::Attach { vm, volume }) => {
             let v = c.send("POST", &format!("/vms/{}/disks", seg(&vm)?), json!({ "volume": volume }))?;
             said(c, &v, &format!("has {volume} attached"));
@@ -377,6 +423,176 @@ pub fn vm(c: &Client, cmd: VmCmd) -> Result<()> {
         VmCmd::Nic(NicCmd::Remove { vm, id }) => {
             let v = c.delete(&format!("/vms/{}/nics/{}", seg(&vm)?, seg(&id)?))?;
             said(c, &v, &format!("has NIC {id} removed"));
+        }
+    }
+    Ok(())
+}
+
+/// Wait for job `id`, with a progress bar on stderr; its final view.
+pub fn wait_job(c: &Client, id: u64) -> Result<Value> {
+    use std::io::IsTerminal;
+    let tty = !c.json && std::io::stderr().is_terminal();
+    loop {
+        let j = c.get(&format!("/jobs/{id}"))?;
+        if tty {
+            let pct = j["progress_percent"].as_f64().unwrap_or(0.0);
+            let bar = "#".repeat((pct / 4.0) as usize);
+            eprint!("\r[{bar:<25}] {pct:>5.1}% {}", s(&j["kind"]));
+        }
+        match j["state"].as_str() {
+            Some("running") => std::thread::sleep(Duration::from_millis(200)),
+            Some("failed") => {
+                if tty {
+                    eprintln!();
+                }
+                bail!("{} {} failed: {}", s(&j["kind"]), s(&j["target"]), s(&j["error"]))
+            }
+            _ => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(j);
+            }
+        }
+    }
+}
+
+fn finish_backup(c: &Client, job: &Value, no_wait: bool) -> Result<()> {
+    let id = job["id"].as_u64().context("the API answered without a job id")?;
+    if no_wait {
+        c.print(job, |_| println!("backup running as job {id}: `keel job list` follows it"));
+        return Ok(());
+    }
+    let j = wait_job(c, id)?;
+    c.print(&j, |j| {
+        let r = &j["result"];
+        let secs = r["seconds"].as_f64().unwrap_or(0.0);
+        let logical = r["logical_bytes"].as_u64().unwrap_or(0);
+        println!(
+            "appliance {}: {} logical, {} read, {} new stored, in {secs:.2} s ({:.0} MB/s of logical data; {}, paused {:.1} ms)",
+            s(&r["appliance"]),
+            human(logical),
+            human(r["read_bytes"].as_u64().unwrap_or(0)),
+            human(r["new_bytes"].as_u64().unwrap_or(0)),
+            logical as f64 / secs.max(1e-9) / 1e6,
+            s(&r["consistency"]),
+            r["paused_ms"].as_f64().unwrap_or(0.0),
+        )
+    });
+    Ok(())
+}
+
+/// `keel appliance` subcommands.
+#[derive(clap::Subcommand)]
+pub enum ApplianceCmd {
+    /// List the appliances you can see.
+    List,
+    /// Show one appliance (logical, stored and unique size).
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Make an appliance from a VM, running or stopped (copy-back).
+    Create {
+        /// Name.
+        name: String,
+        /// The VM.
+        #[arg(long)]
+        from_vm: String,
+        /// Return once the job starts.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete an appliance; chunks no other appliance holds are freed.
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Re-hash every chunk of an appliance and report damage.
+    Verify {
+        /// Name.
+        name: String,
+    },
+}
+
+/// `keel appliance ...`.
+pub fn appliance(c: &Client, cmd: ApplianceCmd) -> Result<()> {
+    match cmd {
+        ApplianceCmd::List => {
+            let v = c.get("/appliances")?;
+            c.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        vec![
+                            s(&a["name"]),
+                            s(&a["owner"]),
+                            s(&a["source_vm"]),
+                            a["disks"].as_array().map_or(0, |d| d.len()).to_string(),
+                            human(a["logical_bytes"].as_u64().unwrap_or(0)),
+                            human(a["stored_bytes"].as_u64().unwrap_or(0)),
+                            human(a["unique_bytes"].as_u64().unwrap_or(0)),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "OWNER", "FROM VM", "DISKS", "LOGICAL", "STORED", "UNIQUE"], rows)
+            });
+        }
+        ApplianceCmd::Show { name } => {
+            let v = c.get(&format!("/appliances/{}", seg(&name)?))?;
+            c.print(&v, |v| {
+                print_kv(
+                    v,
+                    &[
+                        "name",
+                        "owner",
+                        "source_vm",
+                        "cpus",
+                        "memory_bytes",
+                        "boot",
+                        "logical_bytes",
+                        "stored_bytes",
+                        "unique_bytes",
+                    ],
+                );
+                for d in v["disks"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {}",
+                        format!("disk {}", s(&d["id"])),
+                        human(d["size_bytes"].as_u64().unwrap_or(0))
+                    );
+                }
+            });
+        }
+        ApplianceCmd::Create { name, from_vm, no_wait } => {
+            let job = c.send("POST", "/appliances", json!({ "name": name, "vm": from_vm }))?;
+            finish_backup(c, &job, no_wait)?;
+        }
+        ApplianceCmd::Delete { name } => {
+            let v = c.delete(&format!("/appliances/{}", seg(&name)?))?;
+            c.print(&v, |v| {
+                println!(
+                    "deleted appliance {name}: {} chunk(s), {} freed",
+                    s(&v["chunks"]),
+                    human(v["bytes"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        ApplianceCmd::Verify { name } => {
+            let v = c.send("POST", &format!("/appliances/{}/verify", seg(&name)?), json!({}))?;
+            c.print(&v, |v| {
+                for d in v["damage"].as_array().into_iter().flatten() {
+                    println!("damaged chunk {}: {} (held by {})", s(&d["hash"]), s(&d["detail"]), d["appliances"]);
+                }
+            });
+            if v["ok"] != true {
+                bail!("appliance {name} is damaged");
+            }
+            if !c.json {
+                println!("appliance {name}: every chunk verified");
+            }
         }
     }
     Ok(())

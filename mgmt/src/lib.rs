@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod app;
+pub mod appliances;
 pub mod auth;
 pub mod cli;
 pub mod cli_vm;

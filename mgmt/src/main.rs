@@ -59,6 +59,9 @@ enum Command {
     /// Virtual machines: create, start, stop, clone, console, CD, disks.
     #[command(subcommand)]
     Vm(keel_mgmt::cli_vm::VmCmd),
+    /// The appliance library: list, show, create from a VM, delete, verify.
+    #[command(subcommand)]
+    Appliance(keel_mgmt::cli_vm::ApplianceCmd),
     /// VM running time per user and hour (for billing).
     Usage {
         /// Only this user.
@@ -236,6 +239,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::User(v) => tokio::task::spawn_blocking(move || cli::user(&c, v)).await??,
         Command::Export(v) => tokio::task::spawn_blocking(move || cli::export(&c, v)).await??,
         Command::Vm(v) => tokio::task::spawn_blocking(move || keel_mgmt::cli_vm::vm(&c, v)).await??,
+        Command::Appliance(v) => tokio::task::spawn_blocking(move || keel_mgmt::cli_vm::appliance(&c, v)).await??,
         Command::Usage { user } => tokio::task::spawn_blocking(move || keel_mgmt::cli_vm::usage(&c, user)).await??,
         Command::Job(ListCmd::List) => {
             tokio::task::spawn_blocking(move || cli::jobs_and_events(&c, false, 0, 0)).await??

@@ -308,6 +308,18 @@ pub struct VmMeta {
     pub started: Option<u64>,
     /// Running time is recorded in [`crate::db::USAGE`] up to here.
     pub metered_until: Option<u64>,
+    /// The snapshots of the last backup, which the next one diffs against.
+    #[serde(default)]
+    pub backup_base: Option<BackupBase>,
+}
+
+/// The point in time of a VM's last backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupBase {
+    /// Snapshot name on each of the VM's disk volumes.
+    pub snapshot: String,
+    /// The appliance it was stored as.
+    pub appliance: String,
 }
 
 /// Running time of one VM of one owner in one hour.

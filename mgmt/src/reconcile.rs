@@ -30,7 +30,13 @@ use crate::model::{Intent, IscsiExport, Role, User, VolumeMeta, now};
 pub async fn reconcile(pool: &Pool<AnyBackend>, meta: &Meta) -> anyhow::Result<Vec<String>> {
     let mut said = Vec::new();
     let in_store = |pool: &Pool<AnyBackend>| -> HashSet<String> {
-        pool.list().into_iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| d.name).collect()
+        // Names starting with `_` are the daemon's own (appliance base
+        // volumes), never user volumes.
+        pool.list()
+            .into_iter()
+            .filter(|d| d.kind == DeviceKind::Volume && !d.name.starts_with('_'))
+            .map(|d| d.name)
+            .collect()
     };
     let store = in_store(pool);
     for (key, intent) in meta.list::<Intent>(INTENTS)? {

@@ -236,7 +236,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         tracing::info!(target: "keel::reconcile", "{line}");
     }
 
-    let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone());
+    let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone()).context("opening the appliance library")?;
     app.vms = crate::vms::VmRuntime::new(s.vms.clone());
     let app = Arc::new(app);
     for line in &said {
@@ -267,6 +267,11 @@ pub async fn serve(s: Settings) -> Result<()> {
         println!("vms: {line}");
         tracing::info!(target: "keel::vm", "{line}");
         app.log_event("keel", "vm.adopt", "", &line);
+    }
+    for line in app.drop_stray_snapshots().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+        println!("reconciled: {line}");
+        tracing::info!(target: "keel::reconcile", "{line}");
+        app.log_event("keel", "reconcile", "", &line);
     }
     app.spawn_metering();
     {

@@ -92,7 +92,7 @@ impl VmRuntime {
     }
 
     /// Operations on one VM run one at a time.
-    fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks.lock().entry(name.to_string()).or_default().clone()
     }
 
@@ -168,6 +168,8 @@ pub struct CreateVm {
     pub kernel: Option<KernelBoot>,
     /// Owner (default: the caller).
     pub owner: Option<String>,
+    /// Appliance whose disks the VM gets (clones of its base volumes).
+    pub from_appliance: Option<String>,
 }
 
 fn vm_not_found(name: &str) -> ApiError {
@@ -218,7 +220,7 @@ impl App {
     }
 
     /// The VM `name` if `actor` may see it (a regular user: its own).
-    fn visible_vm(&self, actor: &User, name: &str) -> ApiResult<VmMeta> {
+    pub(crate) fn visible_vm(&self, actor: &User, name: &str) -> ApiResult<VmMeta> {
         let m: VmMeta = self.meta.get(VMS, name)?.ok_or_else(|| vm_not_found(name))?;
         if actor.role == Role::Manager {
             return Ok(m);
@@ -299,7 +301,12 @@ impl App {
 
     /// Update VM `name`'s record in one transaction (with an event when
     /// `action` is given).
-    fn update_vm(&self, name: &str, ev: Option<(&str, &str, &str)>, f: impl FnOnce(&mut VmMeta)) -> ApiResult<VmMeta> {
+    pub(crate) fn update_vm(
+        &self,
+        name: &str,
+        ev: Option<(&str, &str, &str)>,
+        f: impl FnOnce(&mut VmMeta),
+    ) -> ApiResult<VmMeta> {
         self.meta.write(|w| {
             let mut m: VmMeta = w.get(VMS, name)?.ok_or_else(|| vm_not_found(name))?;
             f(&mut m);
@@ -439,9 +446,14 @@ impl App {
                 }
             }
         }
-        if req.disks.is_empty() && req.blank_disk.is_none() && req.iso.is_none() && req.kernel.is_none() {
+        if req.disks.is_empty()
+            && req.blank_disk.is_none()
+            && req.iso.is_none()
+            && req.kernel.is_none()
+            && req.from_appliance.is_none()
+        {
             return Err(ApiError::bad(
-                "the VM has nothing to boot: give it a disk (--disk or --blank-disk), an ISO or a kernel",
+                "the VM has nothing to boot: give it a disk (--disk, --blank-disk or --from-appliance), an ISO or a kernel",
             ));
         }
         let _g = self.ops.lock().await;
@@ -461,7 +473,7 @@ impl App {
             self.check_attachable(actor, v)?;
         }
         let mut volumes = Vec::new();
-        let mut made = None;
+        let mut made: Vec<String> = Vec::new();
         if let Some(size) = req.blank_disk {
             let disk = format!("{}-disk0", req.name);
             if size == 0 || !size.is_multiple_of(512) {
@@ -472,7 +484,26 @@ impl App {
             let r = self.pool.create_volume(&disk, size).await;
             self.finish_create(actor, r.map(drop), &disk, &owner.name, None, "volume.create", "blank disk")?;
             volumes.push(disk.clone());
-            made = Some(disk);
+            made.push(disk);
+        }
+        if let Some(app) = &req.from_appliance {
+            let sizes: u64 = self.library.get(app).map(|d| d.disks.iter().map(|m| m.size).sum()).unwrap_or(0);
+            let r = match self.check_quota(&owner, sizes) {
+                Ok(()) => self.disks_from_appliance(actor, app, &req.name, &owner.name).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => {
+                    volumes.extend(v.iter().cloned());
+                    made.extend(v);
+                }
+                Err(e) => {
+                    for d in &made {
+                        let _ = self.delete_volume_locked(actor, d, true).await;
+                    }
+                    return Err(e);
+                }
+            }
         }
         volumes.extend(req.disks.iter().cloned());
         let disks: Vec<VmDiskMeta> =
@@ -498,6 +529,7 @@ impl App {
             created: now(),
             started: None,
             metered_until: None,
+            backup_base: None,
         };
         let detail = format!("{} vCPU, {} MiB, owner {}", m.cpus, m.memory_bytes >> 20, m.owner);
         let r = self.meta.write(|w| {
@@ -506,9 +538,8 @@ impl App {
             Ok::<_, db::Error>(())
         });
         if let Err(e) = r {
-            if let Some(d) = made {
-                let _ = self.pool.delete_volume(&d, true).await;
-                let _ = self.meta.write(|w| w.remove(VOLUMES, &d));
+            for d in &made {
+                let _ = self.delete_volume_locked(actor, d, true).await;
             }
             return Err(e.into());
         }
@@ -1015,55 +1046,11 @@ impl App {
         let snap = format!("keel-clone-{new}");
         let run = if s.state == VmState::Running { self.vms.running(src) } else { None };
         let mut stats = CloneStats::default();
-
-        // One instant for every disk.
-        let mut frozen = false;
-        if let Some(r) = &run {
-            if keel_vmm_glue::agent::present(&r.qmp).await {
-                let sock = r.cfg.agent_socket();
-                match keel_vmm_glue::agent::execute(
-                    &sock,
-                    "guest-fsfreeze-freeze",
-                    Value::Null,
-                    Duration::from_secs(10),
-                )
-                .await
-                {
-                    Ok(_) => frozen = true,
-                    Err(e) => tracing::warn!("VM {src}: fs-freeze failed, the clone is crash-consistent: {e}"),
-                }
-            }
-            let p = Instant::now();
-            r.qmp.execute_within("stop", Value::Null, Duration::from_secs(10)).await.map_err(|e| qmp_err(src, e))?;
-            stats.paused_ms = p.elapsed().as_secs_f64() * 1e3;
-        }
-        let p = Instant::now();
-        let mut snapped = Vec::new();
+        let (paused_ms, consistency) = self.snapshot_disks(&s, &snap).await?;
+        stats.paused_ms = paused_ms;
+        stats.consistency = consistency;
+        let snapped: Vec<String> = s.disks.iter().map(|d| d.volume.clone()).collect();
         let mut failure = None;
-        for d in &s.disks {
-            match self.pool.snapshot(&d.volume, &snap).await {
-                Ok(_) => snapped.push(d.volume.clone()),
-                Err(e) => {
-                    failure = Some(ApiError::from(e));
-                    break;
-                }
-            }
-        }
-        if let Some(r) = &run {
-            let resumed = r.qmp.execute_within("cont", Value::Null, Duration::from_secs(10)).await;
-            stats.paused_ms += p.elapsed().as_secs_f64() * 1e3;
-            if frozen {
-                let sock = r.cfg.agent_socket();
-                if let Err(e) =
-                    keel_vmm_glue::agent::execute(&sock, "guest-fsfreeze-thaw", Value::Null, Duration::from_secs(10))
-                        .await
-                {
-                    tracing::error!("VM {src}: fs-thaw failed: {e}");
-                }
-            }
-            resumed.map_err(|e| qmp_err(src, e))?;
-        }
-        stats.consistency = if frozen { "fs-frozen" } else { "crash-consistent" }.into();
 
         // Writable clones of the snapshots, then the snapshots go (the
         // clones do not need them).
@@ -1123,6 +1110,7 @@ impl App {
             created: now(),
             started: None,
             metered_until: None,
+            backup_base: None,
         };
         let detail = format!("from {src} ({}, paused {:.1} ms)", stats.consistency, stats.paused_ms);
         self.meta.write(|w| {
@@ -1140,6 +1128,79 @@ impl App {
         };
         stats.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok((view, stats))
+    }
+
+    /// Snapshot every disk of VM `m` as `snap` at one instant: when it
+    /// runs, guest file systems frozen if an agent answers, and the vCPUs
+    /// paused (QEMU drains in-flight I/O) for the snapshots. Returns how
+    /// long the guest was paused (ms) and `fs-frozen` or `crash-consistent`.
+    /// On failure the snapshots made are dropped.
+    pub(crate) async fn snapshot_disks(&self, m: &VmMeta, snap: &str) -> ApiResult<(f64, String)> {
+        let name = &m.name;
+        let run = if m.state == VmState::Running { self.vms.running(name) } else { None };
+        let mut frozen = false;
+        let mut paused_ms = 0.0;
+        if let Some(r) = &run {
+            if keel_vmm_glue::agent::present(&r.qmp).await {
+                let sock = r.cfg.agent_socket();
+                match keel_vmm_glue::agent::execute(
+                    &sock,
+                    "guest-fsfreeze-freeze",
+                    Value::Null,
+                    Duration::from_secs(10),
+                )
+                .await
+                {
+                    Ok(_) => frozen = true,
+                    Err(e) => tracing::warn!("VM {name}: fs-freeze failed, the snapshot is crash-consistent: {e}"),
+                }
+            }
+            let p = Instant::now();
+            let stopped = r.qmp.execute_within("stop", Value::Null, Duration::from_secs(10)).await;
+            paused_ms = p.elapsed().as_secs_f64() * 1e3;
+            if let Err(e) = stopped {
+                self.thaw(r, frozen).await;
+                return Err(qmp_err(name, e));
+            }
+        }
+        let p = Instant::now();
+        let mut snapped = Vec::new();
+        let mut failure = None;
+        for d in &m.disks {
+            match self.pool.snapshot(&d.volume, snap).await {
+                Ok(_) => snapped.push(d.volume.clone()),
+                Err(e) => {
+                    failure = Some(ApiError::from(e));
+                    break;
+                }
+            }
+        }
+        if let Some(r) = &run {
+            let resumed = r.qmp.execute_within("cont", Value::Null, Duration::from_secs(10)).await;
+            paused_ms += p.elapsed().as_secs_f64() * 1e3;
+            self.thaw(r, frozen).await;
+            if let Err(e) = resumed {
+                failure.get_or_insert(qmp_err(name, e));
+            }
+        }
+        if let Some(e) = failure {
+            for vol in &snapped {
+                let _ = self.pool.delete_snapshot(vol, snap).await;
+            }
+            return Err(e);
+        }
+        Ok((paused_ms, if frozen { "fs-frozen" } else { "crash-consistent" }.to_string()))
+    }
+
+    async fn thaw(&self, r: &Running, frozen: bool) {
+        if frozen {
+            let sock = r.cfg.agent_socket();
+            if let Err(e) =
+                keel_vmm_glue::agent::execute(&sock, "guest-fsfreeze-thaw", Value::Null, Duration::from_secs(10)).await
+            {
+                tracing::error!("VM {}: fs-thaw failed: {e}", r.cfg.name);
+            }
+        }
     }
 
     // ----- restart and metering -----

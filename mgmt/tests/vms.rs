@@ -166,8 +166,13 @@ fn a_vm_boots_from_a_volume_is_cloned_running_changes_cd_hotplugs_and_stops() {
     let src_mac = wait_line(&d, "src", BOOT, |l| l.starts_with("KEEL-GUEST MAC "));
 
     // Clone it while it runs.
+    wait_line(&d, "src", BOOT, |l| l == "KEEL-GUEST AGENT up");
     let out = cli_ok(&d, &["vm", "clone", "src", "dst"]);
     assert!(out.contains("cloned src to VM dst (running)"), "{out}");
+    // The guest agent froze the guest's file systems around the snapshot.
+    assert!(out.contains("(fs-frozen)"), "{out}");
+    let events = keel_tests::guest::fsfreeze_events(&console(&d, &d.token, "src"));
+    assert_eq!(events, ["freeze", "thaw"], "the agent's freeze hook ran once each way");
     let dst = state(&d, "dst");
     assert_eq!(dst["disks"][0]["volume"], "dst-disk0");
     assert_ne!(dst["nics"][0]["mac"], src["nics"][0]["mac"], "the clone has its own MAC");
@@ -226,6 +231,47 @@ fn a_vm_boots_from_a_volume_is_cloned_running_changes_cd_hotplugs_and_stops() {
     names.sort();
     assert_eq!(names, ["boot", "extra"]);
     assert_eq!(kill_vms(dir.path()), 0, "no QEMU is left running");
+}
+
+#[test]
+fn a_blank_vm_boots_from_an_iso_in_the_store_and_installs_to_its_disk() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let iso = keel_tests::guest::iso_path();
+    cli_ok(&d, &["iso", "upload", iso.to_str().unwrap(), "--name", "installer"]);
+    let out = cli_ok(
+        &d,
+        &[
+            "vm",
+            "create",
+            "fresh",
+            "--memory",
+            "256M",
+            "--blank-disk",
+            "1G",
+            "--iso",
+            "installer",
+            "--boot",
+            "cdrom,disk",
+            "--start",
+        ],
+    );
+    assert!(out.contains("running"), "{out}");
+    // Firmware, then isolinux from the CD, then the guest, which finds a
+    // blank disk and writes to it.
+    wait_line(&d, "fresh", BOOT, |l| l.starts_with("KEEL-GUEST WROTE "));
+    wait_line(&d, "fresh", BOOT, |l| l == "KEEL-GUEST-READY");
+    wait_last(&d, "fresh", "KEEL-GUEST CD ", "KEEL-GUEST CD KEEL-GUEST");
+    let log = console(&d, &d.token, "fresh");
+    assert!(log.contains("ISOLINUX"), "booted through the CD's boot loader:\n{log}");
+    let v = d.call("GET", "/api/v1/volumes/fresh-disk0", None).1;
+    assert!(v["allocated_bytes"].as_u64().unwrap() > 0, "the guest wrote to its blank disk: {v}");
+    // The ISO is in use; any number of VMs may share it.
+    assert_error(d.call("DELETE", "/api/v1/isos/installer", None), 409);
+    cli_ok(&d, &["vm", "stop", "fresh"]);
+    cli_ok(&d, &["vm", "delete", "fresh", "--disks"]);
+    cli_ok(&d, &["iso", "delete", "installer"]);
+    assert_eq!(kill_vms(dir.path()), 0);
 }
 
 #[test]

@@ -4,14 +4,22 @@
 #
 #   tests/guest/build-guest.sh OUTDIR
 #
-# Produces OUTDIR/vmlinuz and OUTDIR/initramfs.cpio.gz. Idempotent: when both
-# outputs exist, are newer than every input and were built from the same
-# inputs (kernel version, module files, busybox, this script), it does
-# nothing. Needs linux-image-cloud-amd64, busybox-static, cpio and kmod
-# (scripts/install-deps.sh installs them); root is not needed.
+# Produces OUTDIR/vmlinuz, OUTDIR/initramfs.cpio.gz and OUTDIR/guest.iso, a
+# BIOS-bootable ISO 9660 image (volume id KEEL-GUEST; isolinux, El Torito
+# no-emulation) holding the same kernel and initramfs that boots at once,
+# without a prompt, into `console=ttyS0 panic=-1 quiet keel.action=vm`.
+# Idempotent: when all outputs exist, are newer than every input and were
+# built from the same inputs (kernel version, module files, busybox,
+# qemu-ga and its libraries, isolinux, this script), it does nothing.
+# Needs linux-image-cloud-amd64, busybox-static, cpio, kmod, genisoimage,
+# isolinux and syslinux-common; qemu-guest-agent is optional (without it
+# the guest has no agent). scripts/install-deps.sh installs them all; root
+# is not needed.
 #
 # Knobs:
 #   KEEL_GUEST_KVER=6.1.0-xx-cloud-amd64   use this kernel instead of the newest
+#   KEEL_GUEST_QGA=PATH   the qemu-ga to put in the guest (default
+#                         /usr/sbin/qemu-ga; "none" leaves the agent out)
 #
 # The guest reads `keel.action=ACTION` from the kernel command line:
 #   write-marker  write "KEEL-GUEST-MARKER <uptime>" (NUL-padded to 512 bytes)
@@ -32,6 +40,16 @@
 #                 - arms a power-button watcher: an ACPI power button press
 #                   (QMP system_powerdown) prints "KEEL-GUEST ACPI-POWEROFF"
 #                   and powers off;
+#                 - starts the QEMU guest agent (qemu-ga, when the build
+#                   host had one) in the background on the virtio-serial
+#                   port named org.qemu.guest_agent.0 and prints
+#                   "KEEL-GUEST AGENT up" once it has the port open ("AGENT
+#                   none": no qemu-ga in the guest; "AGENT no-port": no such
+#                   port). Its fsfreeze hook prints "KEEL-GUEST FSFREEZE
+#                   freeze" before guest-fsfreeze-freeze freezes anything
+#                   and "KEEL-GUEST FSFREEZE thaw" after guest-fsfreeze-thaw
+#                   (the initramfs has no block-device file system, so
+#                   both report 0 file systems);
 #                 - prints KEEL-GUEST-READY;
 #                 - then, every ~0.3 s, prints whichever of these changed
 #                   (each once at start too):
@@ -69,8 +87,9 @@ OPTIONAL_MODULES=(nbd iscsi_tcp)
 # slower): the ACPI power button and evdev for its /dev/input/eventN, and
 # the PIIX IDE controller plus SCSI CD-ROM for an `ide-cd` on the pc machine
 # (Debian's cloud kernel builds all of these, and libata, scsi_mod and cdrom
-# under them, as modules; ACPI PCI hotplug is built in).
-VM_MODULES=(button evdev ata_piix sr_mod)
+# under them, as modules; ACPI PCI hotplug is built in), and virtio_console
+# for the guest agent's virtio-serial port.
+VM_MODULES=(button evdev ata_piix sr_mod virtio_console)
 
 # ---------------------------------------------------------------------------
 # Inputs
@@ -131,11 +150,43 @@ for m in "${REQUIRED_MODULES[@]}"; do add_module "$m" 1 base; done
 for m in "${OPTIONAL_MODULES[@]}"; do add_module "$m" 0 base; done
 for m in "${VM_MODULES[@]}"; do add_module "$m" 0 vm; done
 
+# The QEMU guest agent and every library it loads (with the dynamic
+# loader), each at the path ldd names, for the `vm` action. Optional: without
+# qemu-ga (or with a library ldd cannot find) the guest has no agent.
+QGA="${KEEL_GUEST_QGA:-/usr/sbin/qemu-ga}"
+QGA_FILES=()
+[[ "$QGA" == none || "$QGA" == /* ]] || die "KEEL_GUEST_QGA must be an absolute path or none, not $QGA"
+if [[ "$QGA" == none ]]; then
+    log "KEEL_GUEST_QGA=none: the guest gets no guest agent"
+elif [[ ! -x "$QGA" ]]; then
+    log "no $QGA (scripts/install-deps.sh: qemu-guest-agent): the guest gets no guest agent"
+    QGA=none
+elif ! qga_ldd="$(ldd "$QGA" 2>&1)" || grep -q 'not found' <<<"$qga_ldd"; then
+    log "cannot resolve the libraries of $QGA, the guest gets no guest agent: $qga_ldd"
+    QGA=none
+else
+    QGA_FILES=("$QGA")
+    # "libx.so.1 => /path (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)";
+    # the vDSO has no path.
+    while read -r lib; do
+        QGA_FILES+=("$lib")
+    done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$qga_ldd")
+fi
+
+# The ISO's boot loader: isolinux.bin and the ldlinux.c32 it loads.
+ISOLINUX_BIN=/usr/lib/ISOLINUX/isolinux.bin
+LDLINUX_C32=/usr/lib/syslinux/modules/bios/ldlinux.c32
+[[ -r "$ISOLINUX_BIN" ]] || die "no $ISOLINUX_BIN (run scripts/install-deps.sh: isolinux)"
+[[ -r "$LDLINUX_C32" ]] || die "no $LDLINUX_C32 (run scripts/install-deps.sh: syslinux-common)"
+command -v genisoimage >/dev/null || die "no genisoimage (run scripts/install-deps.sh)"
+
 # What the outputs are built from; a different manifest forces a rebuild
 # even when the outputs are newer (e.g. after switching kernels).
-INPUTS=("$SELF" "$KERNEL" "$BUSYBOX" "${MODFILES[@]}")
+INPUTS=("$SELF" "$KERNEL" "$BUSYBOX" "${MODFILES[@]}" "${QGA_FILES[@]}" "$ISOLINUX_BIN" "$LDLINUX_C32")
+OUTPUTS=("$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/guest.iso")
 manifest() {
     printf 'kver %s\n' "$KVER"
+    printf 'qga %s\n' "$QGA"
     local f
     for f in "${INPUTS[@]}"; do
         printf '%s %s\n' "$f" "$(stat -L -c '%s %Y' "$f")"
@@ -145,11 +196,11 @@ MANIFEST="$(manifest)"
 
 up_to_date() {
     local o f
-    for o in "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/inputs.txt"; do
+    for o in "${OUTPUTS[@]}" "$OUT/inputs.txt"; do
         [[ -f "$o" ]] || return 1
     done
     [[ "$(cat "$OUT/inputs.txt")" == "$MANIFEST" ]] || return 1
-    for o in "$OUT/vmlinuz" "$OUT/initramfs.cpio.gz"; do
+    for o in "${OUTPUTS[@]}"; do
         for f in "${INPUTS[@]}"; do
             [[ "$o" -nt "$f" ]] || return 1
         done
@@ -169,9 +220,31 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d "$OUT/.build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 ROOT="$WORK/root"
-mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,mnt,lib/modules}
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,var,mnt,lib/modules}
+ln -s ../run "$ROOT/var/run"
 cp "$BUSYBOX" "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
+
+# The guest agent: the binary and its libraries (symlinks resolved) at the
+# paths ldd named, so its PT_INTERP and the loader's default search path
+# (no ld.so.cache) find them; plus the fsfreeze hook, whose stdout qemu-ga
+# points at /dev/null, hence the console.
+for f in "${QGA_FILES[@]}"; do
+    mkdir -p "$ROOT$(dirname "$f")"
+    cp -L "$f" "$ROOT$f"
+done
+if ((${#QGA_FILES[@]} > 0)); then
+    ln -s "$QGA" "$ROOT/sbin/keel-qemu-ga"
+    cat >"$ROOT/sbin/keel-fsfreeze-hook" <<'HOOK'
+#!/bin/sh
+# qemu-ga's --fsfreeze-hook (generated by tests/guest/build-guest.sh): runs
+# with "freeze" before it freezes and with "thaw" after it thawed.
+echo "KEEL-GUEST FSFREEZE $1" >/dev/console
+exit 0
+HOOK
+    chmod 755 "$ROOT/sbin/keel-fsfreeze-hook"
+    log "guest agent: ${QGA_FILES[*]}"
+fi
 
 : >"$ROOT/lib/modules/load-order"
 : >"$ROOT/lib/modules/load-order-vm"
@@ -327,6 +400,51 @@ watch_power_button() {
     exec 3<&-
 }
 
+# Start the QEMU guest agent in the background on the virtio-serial port
+# named org.qemu.guest_agent.0 and print "AGENT up" once it has the port
+# open (QEMU's query-chardev then shows the chardev's frontend-open).
+# Without udev there is no /dev/virtio-ports/ symlink: the port is the
+# /dev/vportNpM whose /sys/class/virtio-ports/vportNpM/name matches.
+start_agent() {
+    qga=/sbin/keel-qemu-ga
+    [ -x $qga ] || { say "AGENT none"; return; }
+    port=""
+    i=0
+    # Port names arrive over virtio-serial's control queue shortly after
+    # the driver bound; without a virtio console device (ID 3) wait not at all.
+    if grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+        while [ -z "$port" ] && [ $i -lt 50 ]; do
+            for p in /sys/class/virtio-ports/*; do
+                if [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -c "/dev/${p##*/}" ]; then
+                    port="/dev/${p##*/}"
+                    break
+                fi
+            done
+            [ -n "$port" ] || usleep 100000
+            i=$((i + 1))
+        done
+    fi
+    [ -n "$port" ] || { say "AGENT no-port"; return; }
+    mkdir -p /run/qemu-ga
+    $qga -m virtio-serial -p "$port" -t /run/qemu-ga -f /run/qemu-ga.pid \
+        --fsfreeze-hook=/sbin/keel-fsfreeze-hook </dev/null >/run/qemu-ga.log 2>&1 &
+    pid=$!
+    i=0
+    while [ $i -lt 100 ]; do
+        if ! kill -0 $pid 2>/dev/null; then
+            say "FAIL agent exited: $(tr '\n' ' ' </run/qemu-ga.log)"
+            return
+        fi
+        if ls -l /proc/$pid/fd 2>/dev/null | grep -q " -> $port\$"; then
+            say "AGENT up"
+            return
+        fi
+        usleep 50000
+        i=$((i + 1))
+    done
+    say "FAIL agent did not open $port: $(tr '\n' ' ' </run/qemu-ga.log)"
+}
+
 # Set $medium to the ISO9660 volume identifier (bytes 40..71 of the primary
 # volume descriptor at 2048*16, trailing spaces dropped) of the medium in
 # /dev/sr0; "none" without a drive or medium, "?" for a non-ISO9660 medium.
@@ -388,6 +506,7 @@ vm() {
         [ -e "$n" ] && say "MAC ${n##*/} $(cat "$n/address")"
     done
     watch_power_button
+    start_agent
     echo "KEEL-GUEST-READY"
     vm_loop
 }
@@ -409,6 +528,32 @@ chmod 755 "$ROOT/init"
 (cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -n -6 >"$WORK/initramfs.cpio.gz"
 cp "$KERNEL" "$WORK/vmlinuz"
+
+# The ISO: isolinux (with the ldlinux.c32 it loads from its own directory)
+# as a 4-sector no-emulation El Torito image, patched with the boot info
+# table by genisoimage, and the kernel and initramfs under 8.3 names, so
+# plain ISO 9660 lookups find them too. SERIAL copies isolinux's messages
+# to the serial console, where a failed boot shows why.
+ISO="$WORK/iso"
+mkdir -p "$ISO/isolinux"
+cp "$ISOLINUX_BIN" "$ISO/isolinux/isolinux.bin"
+cp "$LDLINUX_C32" "$ISO/isolinux/ldlinux.c32"
+cat >"$ISO/isolinux/isolinux.cfg" <<'CFG'
+SERIAL 0 115200
+PROMPT 0
+TIMEOUT 0
+DEFAULT keel
+LABEL keel
+  LINUX /vmlinuz
+  INITRD /initrd.gz
+  APPEND console=ttyS0 panic=-1 quiet keel.action=vm
+CFG
+ln "$WORK/vmlinuz" "$ISO/vmlinuz"
+ln "$WORK/initramfs.cpio.gz" "$ISO/initrd.gz"
+genisoimage -quiet -input-charset utf-8 -o "$WORK/guest.iso" -V KEEL-GUEST -R \
+    -b isolinux/isolinux.bin -c isolinux/boot.cat \
+    -no-emul-boot -boot-load-size 4 -boot-info-table "$ISO" ||
+    die "genisoimage failed"
 printf '%s\n' "$MANIFEST" >"$WORK/inputs.txt"
 
 # Replace the outputs; inputs.txt last, so an interrupted build never looks
@@ -416,5 +561,6 @@ printf '%s\n' "$MANIFEST" >"$WORK/inputs.txt"
 rm -f "$OUT/inputs.txt"
 mv -f "$WORK/vmlinuz" "$OUT/vmlinuz"
 mv -f "$WORK/initramfs.cpio.gz" "$OUT/initramfs.cpio.gz"
+mv -f "$WORK/guest.iso" "$OUT/guest.iso"
 mv -f "$WORK/inputs.txt" "$OUT/inputs.txt"
-log "done: $OUT/vmlinuz $OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB)"
+log "done: $OUT/vmlinuz $OUT/initramfs.cpio.gz ($(du -k "$OUT/initramfs.cpio.gz" | cut -f1) KiB) $OUT/guest.iso ($(du -k "$OUT/guest.iso" | cut -f1) KiB)"

@@ -13,9 +13,11 @@
 //! * [`VM_ACTION`] (`vm`): runs until powered off, for VM lifecycle tests
 //!   where the VM manager starts QEMU itself (use [`BootArgs::cmdline`] of
 //!   `BootArgs::new(VM_ACTION)` and the files in [`ensure_guest`]'s
-//!   directory) and tests read the console file. In order, the guest
-//!   - loads the VM-only modules too: ACPI power button and evdev, and PIIX
-//!     IDE plus SCSI CD-ROM for an `ide-cd` on the default `pc` machine;
+//!   directory, or boot [`iso_path`] from a CD-ROM) and tests read the
+//!   console file. In order, the guest
+//!   - loads the VM-only modules too: ACPI power button and evdev, PIIX
+//!     IDE plus SCSI CD-ROM for an `ide-cd` on the default `pc` machine, and
+//!     `virtio_console` for the guest agent's virtio-serial port;
 //!   - waits up to 10 s for `/dev/vda` and reads sector [`MARKER_SECTOR`]:
 //!     a marker there is reported as `KEEL-GUEST SAW <marker>`
 //!     ([`saw_marker`]), otherwise it writes `KEEL-GUEST-MARKER <uptime>
@@ -27,6 +29,23 @@
 //!   - opens the ACPI power button's input device and watches it in the
 //!     background: QMP `system_powerdown` (even right after [`READY`]) makes
 //!     it print [`ACPI_POWEROFF`] and `poweroff -f`, so QEMU exits;
+//!   - starts the real QEMU guest agent (`qemu-ga` with its libraries, when
+//!     the build host had `/usr/sbin/qemu-ga`) in the background on the
+//!     virtio-serial port named [`AGENT_PORT_NAME`] (QEMU: `-device
+//!     virtio-serial-pci,id=vser0 -device
+//!     virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0`)
+//!     and prints [`AGENT_UP`] once the agent has the port open, so from
+//!     [`READY`] on QMP `query-chardev` shows the chardev `frontend-open`.
+//!     Without `qemu-ga` in the guest it prints [`AGENT_NONE`], without such
+//!     a port [`AGENT_NO_PORT`]. The agent's fsfreeze hook prints
+//!     [`FSFREEZE_FREEZE`] when `guest-fsfreeze-freeze` starts and
+//!     [`FSFREEZE_THAW`] when `guest-fsfreeze-thaw` is done
+//!     ([`fsfreeze_events`]). The initramfs has no block-device file system,
+//!     so both return `{"return": 0}` (none frozen) and
+//!     `guest-fsfreeze-status` stays `thawed`. Note that this `qemu-ga`
+//!     answers the `0xFF` sent before `guest-sync-delimited` with a JSON
+//!     parse error line of its own, before the `0xFF`-prefixed
+//!     `{"return": ID}`: a client skips everything up to the `0xFF`;
 //!   - prints [`READY`];
 //!   - every ~0.3 s prints whichever of these changed (each once at start):
 //!     `KEEL-GUEST DISKS vda vdb ...` (the `/sys/block/vd*` names, sorted;
@@ -39,6 +58,16 @@
 //!     Hot-(un)plugged `virtio-blk-pci` and `virtio-net-pci` devices show up
 //!     within a second; `device_del` completes (ACPI PCI hotplug).
 //! * none: print [`BOOTED`].
+//!
+//! Besides `vmlinuz` and `initramfs.cpio.gz` the build makes [`iso_path`]
+//! (`guest.iso`): a BIOS-bootable ISO 9660 image with volume identifier
+//! [`ISO_LABEL`] (isolinux, El Torito no-emulation) holding the same kernel
+//! and initramfs, which boots at once into `console=ttyS0 panic=-1 quiet
+//! keel.action=vm`. Booted from an `ide-cd` (SeaBIOS, then isolinux, whose
+//! banner also goes to the serial console) it runs the `vm` action as
+//! above and reports its own medium: `KEEL-GUEST CD KEEL-GUEST`. Under TCG
+//! that boot takes roughly 9 to 12 s to [`READY`], a few seconds more than a
+//! direct kernel boot (BIOS reads of the 18 MiB from the CD).
 //!
 //! The console parsers ([`saw_marker`], [`last_disks`], ...) take the
 //! console text as read so far and ignore its last line until it is
@@ -83,6 +112,26 @@ pub const READY: &str = "KEEL-GUEST-READY";
 pub const ACPI_POWEROFF: &str = "KEEL-GUEST ACPI-POWEROFF";
 /// What the `vm` action reports as the CD label without a drive or medium.
 pub const NO_CD: &str = "none";
+/// The name of the virtio-serial port the `vm` action runs the guest agent on.
+pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
+/// Printed by the `vm` action (before [`READY`]) once `qemu-ga` runs and has
+/// the [`AGENT_PORT_NAME`] port open.
+pub const AGENT_UP: &str = "KEEL-GUEST AGENT up";
+/// Printed by the `vm` action instead of [`AGENT_UP`] when the guest was
+/// built without `qemu-ga` (the build host had none).
+pub const AGENT_NONE: &str = "KEEL-GUEST AGENT none";
+/// Printed by the `vm` action instead of [`AGENT_UP`] when the VM has no
+/// virtio-serial port named [`AGENT_PORT_NAME`].
+pub const AGENT_NO_PORT: &str = "KEEL-GUEST AGENT no-port";
+/// Printed by the guest agent's fsfreeze hook when `guest-fsfreeze-freeze`
+/// starts (before anything is frozen).
+pub const FSFREEZE_FREEZE: &str = "KEEL-GUEST FSFREEZE freeze";
+/// Printed by the guest agent's fsfreeze hook when `guest-fsfreeze-thaw` has
+/// thawed.
+pub const FSFREEZE_THAW: &str = "KEEL-GUEST FSFREEZE thaw";
+/// The ISO 9660 volume identifier of [`iso_path`]; the `vm` action booted
+/// from it reports `KEEL-GUEST CD KEEL-GUEST`.
+pub const ISO_LABEL: &str = "KEEL-GUEST";
 /// Prefix of every failure line the guest prints.
 pub const FAIL: &str = "KEEL-GUEST FAIL";
 /// The sector (512 bytes) of `/dev/vda` that `write-marker` writes.
@@ -110,11 +159,18 @@ pub fn guest_dir() -> PathBuf {
 
 /// Build the guest once (per process; a file lock serialises processes,
 /// and the script itself is a no-op when its outputs are current). Returns
-/// the directory holding `vmlinuz` and `initramfs.cpio.gz`. Panics, with the
-/// script's output, when the build fails.
+/// the directory holding `vmlinuz`, `initramfs.cpio.gz` and `guest.iso`.
+/// Panics, with the script's output, when the build fails.
 pub fn ensure_guest() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(build_guest).clone()
+}
+
+/// The guest as a bootable ISO (`guest.iso` in [`ensure_guest`]'s
+/// directory, built first if needed): boots from a CD-ROM into the `vm`
+/// action; its volume identifier is [`ISO_LABEL`].
+pub fn iso_path() -> PathBuf {
+    ensure_guest().join("guest.iso")
 }
 
 fn build_guest() -> PathBuf {
@@ -370,6 +426,13 @@ pub fn macs(console: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The guest agent's fsfreeze hook calls in the `vm` action, in order:
+/// `"freeze"` for each [`FSFREEZE_FREEZE`] line, `"thaw"` for each
+/// [`FSFREEZE_THAW`].
+pub fn fsfreeze_events(console: &str) -> Vec<String> {
+    tagged(console, "FSFREEZE").map(str::to_string).collect()
+}
+
 /// Boot the guest (building it first if needed) and wait, at most
 /// `args.timeout`, for QEMU to exit. Panics only when QEMU cannot be started.
 pub fn boot(args: &BootArgs) -> Output {
@@ -472,6 +535,7 @@ mod tests {
                        KEEL-GUEST ACTION vm\r\n\
                        KEEL-GUEST SAW KEEL-GUEST-MARKER 5.74 2162a255\r\n\
                        KEEL-GUEST MAC eth0 52:54:00:12:34:56\r\n\
+                       KEEL-GUEST AGENT up\r\n\
                        KEEL-GUEST-READY\r\n\
                        KEEL-GUEST DISKS vda\r\n\
                        KEEL-GUEST CD none\r\n\
@@ -481,12 +545,17 @@ mod tests {
                        KEEL-GUEST CD SECOND LABEL\r\n\
                        KEEL-GUEST DISKS vda vdb\r\n\
                        KEEL-GUEST NICS eth0 eth1\r\n\
+                       KEEL-GUEST FSFREEZE freeze\r\n\
+                       KEEL-GUEST FSFREEZE thaw\r\n\
                        KEEL-GUEST DISKS vda\r\n\
                        KEEL-GUEST CD none\r\n\
                        KEEL-GUEST CD KEEL_CD_ONE\r\n\
                        KEEL-GUEST ACPI-POWEROFF\r\n\
                        [   13.148466] reboot: Power down\r\n";
         assert!(has_line(console, READY) && has_line(console, ACPI_POWEROFF));
+        assert!(has_line(console, AGENT_UP) && !has_line(console, AGENT_NONE) && !has_line(console, AGENT_NO_PORT));
+        assert!(has_line(console, FSFREEZE_FREEZE) && has_line(console, FSFREEZE_THAW));
+        assert_eq!(fsfreeze_events(console), ["freeze", "thaw"]);
         assert_eq!(saw_marker(console).as_deref(), Some("KEEL-GUEST-MARKER 5.74 2162a255"));
         assert_eq!(wrote_marker(console), None);
         assert_eq!(macs(console), [("eth0".to_string(), "52:54:00:12:34:56".to_string())]);
@@ -503,6 +572,7 @@ mod tests {
         assert_eq!(last_cd(early).as_deref(), Some(NO_CD));
         assert_eq!(last_nics(early), None);
         assert!(macs(early).is_empty());
+        assert!(fsfreeze_events(early).is_empty() && !has_line(early, AGENT_UP));
         assert_eq!(last_cd(""), None);
         // Only whole tags: "CD" is not "CDX", and a label keeps inner spaces.
         assert_eq!(last_cd("KEEL-GUEST CDX foo\nKEEL-GUEST CD ?\n").as_deref(), Some("?"));
