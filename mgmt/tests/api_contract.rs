@@ -11,6 +11,20 @@ use std::collections::BTreeSet;
 use common::*;
 use serde_json::{Value, json};
 
+/// Wait for job `id` to finish; panics if it fails.
+fn wait_job(d: &Daemon, id: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, j) = d.call("GET", &format!("/api/v1/jobs/{id}"), None);
+        match j["state"].as_str() {
+            Some("done") => return j,
+            Some("running") => assert!(std::time::Instant::now() < deadline, "{j}"),
+            _ => panic!("job {id}: {j}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn documented(doc: &Value, path: &str, method: &str) -> BTreeSet<u16> {
     doc["paths"][path][method]["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect()
 }
@@ -41,6 +55,10 @@ fn every_documented_operation_answers_with_a_documented_status() {
     let vm = json!({"name": "fx", "blank_disk": "16M", "memory": "64M", "nics": []});
     assert_eq!(d.call("POST", "/api/v1/vms", Some(vm)).0, 201);
     assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx-spare", "size": "16M"}))).0, 201);
+    // An appliance "fx", backed up from VM fx.
+    let (st, job) = d.call("POST", "/api/v1/vms/fx/backups", Some(json!({"appliance": "fx"})));
+    assert_eq!(st, 202, "{job}");
+    wait_job(&d, job["id"].as_u64().unwrap());
 
     let mut checked = 0;
     let paths = doc["paths"].as_object().unwrap();
@@ -89,6 +107,9 @@ fn every_documented_operation_answers_with_a_documented_status() {
                 ("POST", "/api/v1/vms/{name}/disks") => Some(json!({"volume": "fx-spare"})),
                 ("POST", "/api/v1/vms/{name}/nics") => Some(json!({"network": "user"})),
                 ("POST", "/api/v1/vms/{name}/clones") => Some(json!({"name": "fx-copy"})),
+                ("POST", "/api/v1/vms/{name}/backups") => Some(json!({"appliance": "fx-b"})),
+                ("POST", "/api/v1/vms/{name}/restore") => Some(json!({"appliance": "fx"})),
+                ("POST", "/api/v1/appliances") => Some(json!({"name": "fx-copyback", "vm": "fx"})),
                 ("POST", "/api/v1/users") => {
                     Some(json!({"name": "u2", "role": "power", "password": "password-2", "quota": {"storage": "1G"}}))
                 }
@@ -123,6 +144,10 @@ fn every_documented_operation_answers_with_a_documented_status() {
                 let r = d.call_as(&t, "DELETE", &concrete, None);
                 assert_error(d.call_as(&t, "GET", "/api/v1/whoami", None), 401);
                 r
+            } else if path == "/api/v1/appliances/{name}" && m == "DELETE" {
+                let (_, job) = d.call("POST", "/api/v1/appliances", Some(json!({"name": "doomed", "vm": "fx"})));
+                wait_job(&d, job["id"].as_u64().unwrap());
+                d.call("DELETE", "/api/v1/appliances/doomed", None)
             } else if path == "/api/v1/vms/{name}" && m == "DELETE" {
                 d.call("POST", "/api/v1/vms", Some(json!({"name": "gone", "blank_disk": "1M", "memory": "64M"})));
                 d.call("DELETE", "/api/v1/vms/gone?disks=delete", None)
@@ -317,6 +342,14 @@ fn bad_input_of_every_field_is_refused_with_400() {
         ("DELETE", "/api/v1/vms/m0?disks=perhaps", None),
         ("GET", "/api/v1/vms/m0/console?offset=-1", None),
         ("GET", "/api/v1/usage?who=x", None),
+        // appliances and backups
+        ("POST", "/api/v1/vms/m0/backups", Some(json!({}))),
+        ("POST", "/api/v1/vms/m0/backups", Some(json!({"appliance": "Bad Name"}))),
+        ("POST", "/api/v1/vms/m0/backups", Some(json!({"appliance": "x".repeat(57)}))),
+        ("POST", "/api/v1/vms/m0/restore", Some(json!({"app": "x"}))),
+        ("POST", "/api/v1/appliances", Some(json!({"name": "a"}))),
+        ("POST", "/api/v1/appliances", Some(json!({"name": "UP", "vm": "m0"}))),
+        ("POST", "/api/v1/vms", Some(json!({"name": "m", "from_appliance": 3}))),
     ];
     for (m, path, body) in cases {
         let token = d.token.clone();
