@@ -256,6 +256,73 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             c.delete(&format!("/volumes/{}{}", seg(&name)?, q))?;
             c.print(&json!({"deleted": name}), |_| println!("deleted volume {name}"));
         }
+        VolumeCmd::Import { file, name, owner } => {
+            let info = std::process::Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(&file)
+                .output()
+                .context("running qemu-img (install qemu-utils)")?;
+            if !info.status.success() {
+                bail!(
+                    "{} is not a disk image qemu-img reads: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&info.stderr).trim()
+                );
+            }
+            let info: Value = serde_json::from_slice(&info.stdout).context("qemu-img info's JSON")?;
+            let size = info["virtual-size"].as_u64().context("qemu-img info gave no virtual size")?;
+            let format = info["format"].as_str().unwrap_or("raw").to_string();
+            let size = size.div_ceil(512) * 512;
+            let mut b = json!({"name": name, "size": size});
+            if let Some(o) = owner {
+                b["owner"] = o.into();
+            }
+            let v = c.send("POST", "/volumes", b)?;
+            let url = s(&v["nbd_url"]);
+            let converted =
+                qemu_img_convert(&["-f", &format, "-O", "raw", "-n"], &file.display().to_string(), &url, c.json);
+            if let Err(e) = converted {
+                let _ = c.delete(&format!("/volumes/{}", seg(&name)?));
+                return Err(e.context(format!("importing {} (the volume was removed again)", file.display())));
+            }
+            c.print(&v, |v| {
+                println!(
+                    "imported {} ({format}) as volume {} ({}): {}",
+                    file.display(),
+                    s(&v["name"]),
+                    human(size),
+                    s(&v["nbd_url"])
+                )
+            });
+        }
+        VolumeCmd::Export { name, file, format } => {
+            if !["raw", "qcow2", "vmdk", "vdi", "vhdx"].contains(&format.as_str()) {
+                bail!("format {format:?} is not raw, qcow2, vmdk, vdi or vhdx");
+            }
+            let (vol, snap) = match name.split_once('@') {
+                Some((v, sn)) => (v, Some(sn)),
+                None => (name.as_str(), None),
+            };
+            let v = c.get(&format!("/volumes/{}", seg(vol)?))?;
+            if let Some(sn) = snap {
+                seg(sn)?;
+                if !v["snapshots"].as_array().is_some_and(|a| a.iter().any(|x| x == sn)) {
+                    bail!("volume {vol} has no snapshot {sn}: `keel snapshot list {vol}`");
+                }
+            }
+            let url = match snap {
+                Some(sn) => format!("{}@{sn}", s(&v["nbd_url"])),
+                None => s(&v["nbd_url"]),
+            };
+            let mut opts = vec!["-f", "raw", "-O", format.as_str()];
+            if format == "vmdk" {
+                opts.extend(["-o", "subformat=streamOptimized"]);
+            }
+            qemu_img_convert(&opts, &url, &file.display().to_string(), c.json)?;
+            c.print(&json!({"exported": name, "file": file, "format": format}), |_| {
+                println!("exported {name} to {} ({format})", file.display())
+            });
+        }
         VolumeCmd::Clone { source, name } => {
             let (vol, snap) = split_snap(&source)?;
             let v = c.send(
@@ -265,6 +332,22 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             )?;
             c.print(&v, |v| println!("cloned {source} to volume {}: {}", s(&v["name"]), s(&v["nbd_url"])));
         }
+    }
+    Ok(())
+}
+
+/// `qemu-img convert OPTS SRC DST` with its progress on stderr (`-p`) for
+/// people.
+fn qemu_img_convert(opts: &[&str], src: &str, dst: &str, quiet: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.arg("convert").args(opts);
+    if !quiet && std::io::stderr().is_terminal() {
+        cmd.arg("-p");
+    }
+    let out = cmd.arg(src).arg(dst).stdout(std::process::Stdio::inherit()).output().context("running qemu-img")?;
+    if !out.status.success() {
+        bail!("qemu-img convert {src} -> {dst} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -559,6 +642,29 @@ pub enum VolumeCmd {
         source: String,
         /// Name of the new volume.
         name: String,
+    },
+    /// Make a volume from a disk image (any format qemu-img reads: raw,
+    /// qcow2, vmdk, vdi, vhdx...), written over NBD, with progress.
+    Import {
+        /// The image file.
+        file: PathBuf,
+        /// Name of the new volume.
+        #[arg(long)]
+        name: String,
+        /// Owner (default: you).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Write a volume (or VOLUME@SNAPSHOT) to a disk image file, read over
+    /// NBD, with progress.
+    Export {
+        /// Volume, or VOLUME@SNAPSHOT for a point in time.
+        name: String,
+        /// The image file to write.
+        file: PathBuf,
+        /// raw, qcow2, vmdk, vdi or vhdx.
+        #[arg(long, default_value = "raw")]
+        format: String,
     },
 }
 

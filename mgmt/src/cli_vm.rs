@@ -364,9 +364,14 @@ pub fn vm(c: &Client, cmd: VmCmd) -> Result<()> {
             loop {
                 let v = c.get(&format!("{path}?offset={offset}"))?;
                 let text = v["text"].as_str().unwrap_or("");
-                print!("{text}");
                 use std::io::Write;
-                std::io::stdout().flush()?;
+                let mut out = std::io::stdout().lock();
+                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    Ok(()) => {}
+                    // The reader went away (`keel vm log X | grep -q ...`).
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
                 offset = v["offset"].as_u64().unwrap_or(offset);
                 if !follow {
                     break;

@@ -254,6 +254,13 @@ async fn run(cli: Cli) -> Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A command line tool whose reader goes away (`keel vm list | head`)
+        // ends quietly, as Unix tools do, instead of panicking on EPIPE.
+        // SAFETY: setting a signal disposition to SIG_DFL before any thread
+        // that could rely on SIGPIPE being ignored does I/O.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "info".into());
     // Structured logs: text by default, JSON lines with KEEL_LOG_FORMAT=json.
     if std::env::var("KEEL_LOG_FORMAT").as_deref() == Ok("json") {

@@ -248,3 +248,47 @@ fn walk_size(p: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[test]
+fn disk_images_import_and_export_in_qemu_img_formats() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let src = dir.path().join("src.qcow2");
+    run_ok(Command::new("qemu-img").args(["create", "-f", "qcow2"]).arg(&src).arg("48M"));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x5c 1M 2M", "-c", "write -P 0x17 40M 64k"])
+            .arg(&src),
+    );
+    let out = cli_ok(&d, &["volume", "import", src.to_str().unwrap(), "--name", "imp"]);
+    assert!(out.contains("imported") && out.contains("(qcow2)"), "{out}");
+    let v = d.call("GET", "/api/v1/volumes/imp", None).1;
+    assert_eq!(v["size_bytes"], 48 * MIB);
+    let url = v["nbd_url"].as_str().unwrap().to_string();
+    assert_reads(&url, 0x5c, "1M", "2M");
+    assert_reads(&url, 0x17, "40M", "64k");
+    assert_reads(&url, 0, "8M", "8M");
+    // Thin: only what the image held was written.
+    assert!(v["allocated_bytes"].as_u64().unwrap() < 8 * MIB, "{v}");
+
+    for (fmt, file) in [("qcow2", "out.qcow2"), ("vmdk", "out.vmdk"), ("raw", "out.raw")] {
+        let out_path = dir.path().join(file);
+        cli_ok(&d, &["volume", "export", "imp", out_path.to_str().unwrap(), "--format", fmt]);
+        let info = run_ok(Command::new("qemu-img").args(["info", "--output=json"]).arg(&out_path));
+        let info: Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["format"], fmt, "{info}");
+        run_ok(Command::new("qemu-img").args(["compare"]).arg(&src).arg(&out_path));
+    }
+    // A point in time: the snapshot, not the volume's later writes.
+    cli_ok(&d, &["snapshot", "create", "imp", "s"]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x99 1M 4k", &url]));
+    let snap = dir.path().join("snap.raw");
+    cli_ok(&d, &["volume", "export", "imp@s", snap.to_str().unwrap()]);
+    run_ok(Command::new("qemu-img").args(["compare"]).arg(&src).arg(&snap));
+    // Not an image: a clear error, no volume left.
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, b"").unwrap();
+    let out = d.cli(&["volume", "import", junk.to_str().unwrap(), "--name", "junk"]);
+    assert!(!out.status.success());
+    assert_eq!(d.call("GET", "/api/v1/volumes/junk", None).0, 404);
+}
