@@ -806,6 +806,82 @@ async fn restore_vm(
     Ok(Json(app.restore_vm(&a, &name, &r.appliance).await?))
 }
 
+/// Download an appliance as an OVA.
+async fn export_ova(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Response> {
+    let path = app.export_ova(&a, &name).await?;
+    let file =
+        tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    // The open file stays readable; the scratch directory can go now.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let stream = futures::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.ova\"")),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Upload an OVA as appliance NAME.
+async fn import_ova(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+    b: Body,
+) -> ApiResult<(StatusCode, Json<crate::appliances::ApplianceView>)> {
+    if a.role == Role::Regular {
+        return Err(ApiError::forbidden("a regular user cannot import appliances"));
+    }
+    if app.library.exists(&name) {
+        return Err(ApiError::conflict(format!("appliance {name} already exists: pick another name")));
+    }
+    let dir = app.data.join("tmp").join(format!("import-{:016x}", rand::random::<u64>()));
+    let r = async {
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        let ova = dir.join("upload.ova");
+        let mut f = tokio::fs::File::create(&ova).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut stream = b.into_data_stream();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad(format!("the upload was interrupted: {e}")))?;
+            f.write_all(&chunk).await.map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    ApiError::no_space("the data directory's disk is full while receiving the OVA")
+                } else {
+                    ApiError::internal(e.to_string())
+                }
+            })?;
+            n += chunk.len() as u64;
+        }
+        if n == 0 {
+            return Err(ApiError::bad("the upload is empty: send the OVA as the request body"));
+        }
+        f.sync_all().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        drop(f);
+        app.import_ova(&a, Some(&name), &ova).await
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    Ok((StatusCode::CREATED, Json(r?)))
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -970,6 +1046,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/appliances", get(list_appliances).post(create_appliance))
         .route("/api/v1/appliances/{name}", get(show_appliance).delete(delete_appliance))
         .route("/api/v1/appliances/{name}/verify", post(verify_appliance))
+        .route("/api/v1/appliances/{name}/ova", get(export_ova).put(import_ova))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -13,6 +13,7 @@
 //! volumes* (`_a:APP:N`, internal, snapshot `base`), which the first VM
 //! made from it imports; every later one is an O(1) clone.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -313,8 +314,33 @@ impl App {
         Ok(stats)
     }
 
+    /// Appliance `d`'s base snapshots (`_a:APP:N@base`), importing the
+    /// appliance into its base volumes first if this is their first use (or
+    /// an import was interrupted). Call with the catalog lock held.
+    pub(crate) async fn ensure_bases(&self, d: &Descriptor) -> ApiResult<Vec<String>> {
+        let mut out = Vec::new();
+        for (i, disk) in d.disks.iter().enumerate() {
+            let base = base_volume(&d.name, i);
+            let full = format!("{base}@base");
+            if self.pool.volume(&full).is_err() {
+                let _ = self.pool.delete_volume(&base, true).await;
+                let vol = self.pool.create_volume(&base, disk.size).await?;
+                let imported = self.library.restore_disk(disk, &vol, true, &|_| {}).await;
+                drop(vol);
+                if let Err(e) = imported {
+                    let _ = self.pool.delete_volume(&base, true).await;
+                    return Err(e.into());
+                }
+                self.pool.snapshot(&base, "base").await?;
+            }
+            out.push(full);
+        }
+        Ok(out)
+    }
+
     /// The disks of a new VM made from appliance `app`: clones of its base
-    /// volumes, imported first if this is the first VM made from it.
+    /// volumes, imported first if this is the first VM made from it. Call
+    /// with the catalog lock held.
     pub(crate) async fn disks_from_appliance(
         &self,
         actor: &User,
@@ -323,40 +349,164 @@ impl App {
         owner: &str,
     ) -> ApiResult<Vec<String>> {
         let d = self.visible_appliance(actor, app)?;
+        let bases = self.ensure_bases(&d).await?;
+        let mut made: Vec<String> = Vec::new();
+        for (i, full) in bases.iter().enumerate() {
+            let name = format!("{vm}-disk{i}");
+            let r = async {
+                self.begin_create(&name, owner, Some(full))?;
+                let r = self.pool.clone_snapshot(full, &name).await;
+                self.finish_create(actor, r.map(drop), &name, owner, Some(full), "volume.clone", full)
+            }
+            .await;
+            if let Err(e) = r {
+                for v in &made {
+                    let _ = self.delete_volume_locked(actor, v.as_str(), true).await;
+                }
+                return Err(e);
+            }
+            made.push(name);
+        }
+        Ok(made)
+    }
+
+    /// A QEMU `json:` file name for NBD export `export` of this daemon.
+    fn nbd_json(&self, export: &str) -> String {
+        let nbd = self.addrs.nbd;
+        let spec = serde_json::json!({"driver": "raw", "file": {"driver": "nbd", "export": export,
+            "server": {"type": "inet", "host": nbd.ip().to_string(), "port": nbd.port().to_string()}}});
+        format!("json:{spec}")
+    }
+
+    /// A scratch directory under `DATA/tmp` (removed at start).
+    fn scratch(&self, what: &str) -> ApiResult<PathBuf> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let p = self.data.join("tmp").join(format!("{what}-{nanos}"));
+        std::fs::create_dir_all(&p).map_err(|e| ApiError::internal(format!("creating {}: {e}", p.display())))?;
+        Ok(p)
+    }
+
+    /// Export appliance `app` as an OVA (OVF descriptor plus
+    /// streamOptimized VMDK disks); returns the file, in a scratch
+    /// directory the caller removes.
+    pub async fn export_ova(&self, actor: &User, app: &str) -> ApiResult<PathBuf> {
+        let d = self.visible_appliance(actor, app)?;
+        let bases = {
+            let _g = self.ops.lock().await;
+            self.ensure_bases(&d).await?
+        };
+        let dir = self.scratch("export")?;
+        let r = async {
+            let mut files = Vec::new();
+            let mut disks = Vec::new();
+            for (i, (disk, base)) in d.disks.iter().zip(&bases).enumerate() {
+                let file = format!("{app}-disk{i}.vmdk");
+                let path = dir.join(&file);
+                qemu_img(&["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", &self.nbd_json(base)], &path)
+                    .await?;
+                let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                disks.push(keel_images::ova::OvfDisk { file: file.clone(), capacity_bytes: disk.size, file_bytes });
+                files.push((file, path));
+            }
+            let sys = keel_images::ova::OvfSystem {
+                name: app.to_string(),
+                cpus: d.cpus,
+                memory_bytes: d.memory_bytes,
+                disks,
+            };
+            let ova = dir.join(format!("{app}.ova"));
+            keel_images::ova::write_ova(&ova, &format!("{app}.ovf"), &keel_images::ova::ovf_xml(&sys), &files)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            for (_, p) in &files {
+                let _ = std::fs::remove_file(p);
+            }
+            Ok::<_, ApiError>(ova)
+        }
+        .await;
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let ova = r?;
+        self.log_event(&actor.name, "appliance.export", app, "OVA");
+        Ok(ova)
+    }
+
+    /// Import the OVA at `ova` as appliance `name` (the OVF's name when
+    /// `None`): its disks are converted into the appliance's base volumes,
+    /// then stored in the library.
+    pub async fn import_ova(
+        &self,
+        actor: &User,
+        name: Option<&str>,
+        ova: &std::path::Path,
+    ) -> ApiResult<ApplianceView> {
+        forbid_regular(actor, "import appliances")?;
+        let dir = ova.parent().map(|p| p.join("extracted")).unwrap_or_else(|| PathBuf::from("extracted"));
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        let (xml, _files) = keel_images::ova::read_ova(ova, &dir)
+            .map_err(|e| ApiError::bad(format!("not an OVA Keel can import: {e}")))?;
+        let sys = keel_images::ova::parse_ovf(&xml).map_err(|e| ApiError::bad(format!("the OVF descriptor: {e}")))?;
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => sys
+                .name
+                .to_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+                .collect(),
+        };
+        check_appliance_name(&name)?;
+        if self.library.exists(&name) {
+            return Err(LibError::Exists(name).into());
+        }
+        if sys.disks.is_empty() {
+            return Err(ApiError::bad("the OVA has no disks"));
+        }
+        let _g = self.ops.lock().await;
         let mut made = Vec::new();
         let r = async {
-            for (i, disk) in d.disks.iter().enumerate() {
-                let base = base_volume(app, i);
-                let full = format!("{base}@base");
-                if self.pool.volume(&full).is_err() {
-                    // First use (or an interrupted import): import now.
-                    let _ = self.pool.delete_volume(&base, true).await;
-                    let vol = self.pool.create_volume(&base, disk.size).await?;
-                    let imported = self.library.restore_disk(disk, &vol, true, &|_| {}).await;
-                    if let Err(e) = imported {
-                        drop(vol);
-                        let _ = self.pool.delete_volume(&base, true).await;
-                        return Err(e.into());
-                    }
-                    drop(vol);
-                    self.pool.snapshot(&base, "base").await?;
-                }
-                let name = format!("{vm}-disk{i}");
-                self.begin_create(&name, owner, Some(&full))?;
-                let r = self.pool.clone_snapshot(&full, &name).await;
-                self.finish_create(actor, r.map(drop), &name, owner, Some(&full), "volume.clone", &full)?;
-                made.push(name);
+            for (i, disk) in sys.disks.iter().enumerate() {
+                let base = base_volume(&name, i);
+                let _ = self.pool.delete_volume(&base, true).await;
+                let size = disk.capacity_bytes.div_ceil(512) * 512;
+                self.pool.create_volume(&base, size).await?;
+                made.push(base.clone());
+                let src = dir.join(&disk.file);
+                qemu_img_to(&src, &self.nbd_json(&base)).await?;
+                self.nbd.forget(&base);
+                self.pool.snapshot(&base, "base").await?;
             }
+            let snaps: Vec<_> =
+                made.iter().map(|b| self.pool.volume(&format!("{b}@base"))).collect::<Result<_, _>>()?;
+            let disks = snaps
+                .iter()
+                .enumerate()
+                .map(|(i, v)| BackupDisk { id: format!("disk{i}"), source: v, base: None })
+                .collect();
+            let head = Descriptor {
+                name: name.clone(),
+                owner: actor.name.clone(),
+                created: now(),
+                source_vm: None,
+                cpus: sys.cpus.max(1),
+                memory_bytes: sys.memory_bytes.max(16 << 20),
+                boot: vec!["disk".into(), "cdrom".into()],
+                disks: Vec::new(),
+            };
+            self.library.backup(head, disks, &|_| {}).await?;
             Ok::<_, ApiError>(())
         }
         .await;
         if let Err(e) = r {
-            for v in &made {
-                let _ = self.delete_volume_locked(actor, v, true).await;
+            for b in &made {
+                let _ = self.pool.delete_volume(b, true).await;
             }
             return Err(e);
         }
-        Ok(made)
+        let detail = format!("{} disk(s) from {}", sys.disks.len(), sys.name);
+        self.meta.write(|w| w.event(&event(&actor.name, "appliance.import", &name, &detail)))?;
+        let d = self.library.get(&name)?;
+        Ok(self.view_appliance(&d, &self.library.usage()?))
     }
 
     /// Overwrite stopped VM `vm`'s disks with appliance `app`'s content.
@@ -444,6 +594,40 @@ impl App {
         }
         Ok(said)
     }
+}
+
+/// `qemu-img ARGS... OUT` (the output file last).
+async fn qemu_img(args: &[&str], out: &std::path::Path) -> ApiResult<()> {
+    let o = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .arg(out)
+        .output()
+        .await
+        .map_err(|e| ApiError::internal(format!("running qemu-img (qemu-utils): {e}")))?;
+    if !o.status.success() {
+        return Err(ApiError::internal(format!("qemu-img {}: {}", args[0], String::from_utf8_lossy(&o.stderr).trim())));
+    }
+    Ok(())
+}
+
+/// Convert image `src` (any format qemu-img reads) into the existing raw
+/// target `dst` (a `json:` file name).
+async fn qemu_img_to(src: &std::path::Path, dst: &str) -> ApiResult<()> {
+    let o = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-O", "raw"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .await
+        .map_err(|e| ApiError::internal(format!("running qemu-img (qemu-utils): {e}")))?;
+    if !o.status.success() {
+        return Err(ApiError::bad(format!(
+            "disk {} of the OVA could not be read: {}",
+            src.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Open the library of data directory `data`.

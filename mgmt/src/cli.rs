@@ -108,6 +108,35 @@ impl Client {
         self.done(r)
     }
 
+    /// GET `path` into `file` (written to a temporary name, renamed when
+    /// complete), with progress on stderr; returns the bytes written.
+    pub fn download(&self, path: &str, file: &Path) -> Result<u64> {
+        let resp = match self.req("GET", path).call() {
+            Ok(r) => r,
+            Err(e) => {
+                self.done(Err(e))?;
+                unreachable!("done returns the error");
+            }
+        };
+        let total: u64 = resp.header("Content-Length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        use std::io::IsTerminal;
+        let tty = !self.json && std::io::stderr().is_terminal();
+        let mut reader = Progress { inner: resp.into_reader(), done: 0, total, last: u64::MAX, tty };
+        let tmp = file.with_extension("part");
+        let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let n = std::io::copy(&mut reader, &mut out).with_context(|| format!("writing {}", tmp.display()))?;
+        out.sync_all()?;
+        if tty {
+            eprintln!();
+        }
+        if total != 0 && n != total {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("the download stopped after {n} of {total} bytes");
+        }
+        std::fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
+        Ok(n)
+    }
+
     /// Print `v` as JSON, or run `table` for humans.
     pub fn print(&self, v: &Value, table: impl FnOnce(&Value)) {
         if self.json {

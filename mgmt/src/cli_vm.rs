@@ -518,6 +518,23 @@ pub enum ApplianceCmd {
         /// Name.
         name: String,
     },
+    /// Write an appliance to an OVA file (OVF + streamOptimized VMDK), as
+    /// VirtualBox and VMware import them.
+    Export {
+        /// Name.
+        name: String,
+        /// The .ova file to write.
+        file: PathBuf,
+    },
+    /// Import an OVA file (from VirtualBox, VMware, or Keel) as an
+    /// appliance.
+    Import {
+        /// The .ova file.
+        file: PathBuf,
+        /// Appliance name (default: the file name without .ova).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 /// `keel appliance ...`.
@@ -582,6 +599,32 @@ pub fn appliance(c: &Client, cmd: ApplianceCmd) -> Result<()> {
                     "deleted appliance {name}: {} chunk(s), {} freed",
                     s(&v["chunks"]),
                     human(v["bytes"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        ApplianceCmd::Export { name, file } => {
+            let n = c.download(&format!("/appliances/{}/ova", seg(&name)?), &file)?;
+            c.print(&json!({"exported": name, "file": file, "bytes": n}), |_| {
+                println!("exported appliance {name} to {} ({})", file.display(), human(n))
+            });
+        }
+        ApplianceCmd::Import { file, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_lowercase())
+                    .context("give the appliance a name with --name")?,
+            };
+            let v = c.upload(&format!("/appliances/{}/ova", seg(&name)?), &file)?;
+            c.print(&v, |v| {
+                println!(
+                    "imported {} as appliance {} ({} disk(s), {} logical, {} stored)",
+                    file.display(),
+                    s(&v["name"]),
+                    v["disks"].as_array().map_or(0, |d| d.len()),
+                    human(v["logical_bytes"].as_u64().unwrap_or(0)),
+                    human(v["stored_bytes"].as_u64().unwrap_or(0))
                 )
             });
         }

@@ -236,6 +236,8 @@ pub async fn serve(s: Settings) -> Result<()> {
         tracing::info!(target: "keel::reconcile", "{line}");
     }
 
+    // Scratch space of OVA imports and exports an earlier run left.
+    let _ = std::fs::remove_dir_all(s.data.join("tmp"));
     let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone()).context("opening the appliance library")?;
     app.vms = crate::vms::VmRuntime::new(s.vms.clone());
     let app = Arc::new(app);

@@ -61,6 +61,7 @@ fn every_documented_operation_answers_with_a_documented_status() {
     wait_job(&d, job["id"].as_u64().unwrap());
 
     let mut checked = 0;
+    let mut ova: Vec<u8> = Vec::new();
     let paths = doc["paths"].as_object().unwrap();
     for (path, ops) in paths {
         for (method, op) in ops.as_object().unwrap() {
@@ -115,7 +116,24 @@ fn every_documented_operation_answers_with_a_documented_status() {
                 }
                 _ => None,
             };
-            let (st, v) = if path == "/api/v1/isos/{name}" && m == "PUT" {
+            let (st, v) = if path == "/api/v1/appliances/{name}/ova" && m == "GET" {
+                let r = ureq::get(&format!("{}{concrete}", d.url()))
+                    .set("Authorization", &format!("Bearer {}", d.token))
+                    .call()
+                    .unwrap();
+                let st = r.status();
+                use std::io::Read;
+                r.into_reader().read_to_end(&mut ova).unwrap();
+                assert_eq!(&ova[257..262], b"ustar", "a tar archive");
+                (st, Value::Null)
+            } else if path == "/api/v1/appliances/{name}/ova" && m == "PUT" {
+                assert!(!ova.is_empty(), "GET comes before PUT");
+                let r = ureq::put(&format!("{}/api/v1/appliances/fx-imported/ova", d.url()))
+                    .set("Authorization", &format!("Bearer {}", d.token))
+                    .send_bytes(&ova)
+                    .unwrap();
+                (r.status(), r.into_json::<Value>().unwrap())
+            } else if path == "/api/v1/isos/{name}" && m == "PUT" {
                 let r = ureq::put(&format!("{}{concrete}", d.url()))
                     .set("Authorization", &format!("Bearer {}", d.token))
                     .send_bytes(&[7u8; 4096])

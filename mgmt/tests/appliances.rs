@@ -292,3 +292,66 @@ fn disk_images_import_and_export_in_qemu_img_formats() {
     assert!(!out.status.success());
     assert_eq!(d.call("GET", "/api/v1/volumes/junk", None).0, 404);
 }
+
+#[test]
+fn an_appliance_travels_as_an_ova_and_boots_again() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    cli_ok(&d, &["volume", "create", "boot", "--size", "64M"]);
+    guest_vm(&d, "src", "boot");
+    let m = wait_marker(&d, "src");
+    cli_json(&d, &["vm", "backup", "src", "--appliance", "gold"]);
+
+    let ova = dir.path().join("gold.ova");
+    cli_ok(&d, &["appliance", "export", "gold", ova.to_str().unwrap()]);
+    // A standard OVA: a tar with the OVF descriptor first, then the disk.
+    let list = run_ok(Command::new("tar").arg("-tf").arg(&ova));
+    assert_eq!(list.lines().collect::<Vec<_>>(), ["gold.ovf", "gold-disk0.vmdk"], "{list}");
+    let x = dir.path().join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    run_ok(Command::new("tar").arg("-xf").arg(&ova).arg("-C").arg(&x));
+    let info: Value = serde_json::from_str(&run_ok(
+        Command::new("qemu-img").args(["info", "--output=json"]).arg(x.join("gold-disk0.vmdk")),
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "vmdk", "{info}");
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized", "{info}");
+    let ovf = std::fs::read_to_string(x.join("gold.ovf")).unwrap();
+    assert!(ovf.contains("ovf:capacity=\"67108864\"") && ovf.contains("streamOptimized"), "{ovf}");
+
+    // Import it back under another name and boot a VM from it.
+    let out = cli_ok(&d, &["appliance", "import", ova.to_str().unwrap(), "--name", "gold2"]);
+    assert!(out.contains("imported") && out.contains("1 disk(s)"), "{out}");
+    let a = d.call("GET", "/api/v1/appliances/gold2", None).1;
+    assert_eq!(a["memory_bytes"], 256 * MIB, "the OVF's memory: {a}");
+    let g = keel_tests::guest::ensure_guest();
+    let body = json!({
+        "name": "again", "from_appliance": "gold2", "nics": [], "start": true,
+        "kernel": {"kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.cpio.gz"),
+                   "append": "console=ttyS0 panic=-1 quiet keel.action=vm"},
+    });
+    let (st, v) = d.call("POST", "/api/v1/vms", Some(body));
+    assert_eq!(st, 201, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = console(&d, "again");
+        if let Some(saw) = text.lines().find_map(|l| l.trim().strip_prefix("KEEL-GUEST SAW ")) {
+            assert_eq!(saw, m, "the VM from the imported OVA has the original's data");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Not an OVA: a clear 400, nothing left.
+    let junk = dir.path().join("junk.ova");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    let out = d.cli(&["appliance", "import", junk.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an OVA"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.call("GET", "/api/v1/appliances/junk", None).0, 404);
+    for vm in ["src", "again"] {
+        cli_ok(&d, &["vm", "stop", vm, "--force"]);
+    }
+    assert_eq!(kill_vms(dir.path()), 0);
+}
