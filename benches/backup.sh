@@ -25,6 +25,7 @@
 #   SIZE        volume size [10G]
 #   COMPRESS    fio buffer_compress_percentage [50]
 #   PEER        1 to time the qemu-img peer [1]
+#   ACCEL       accelerator for the VMs [tcg]
 #   PORT        first of three ports (API, NBD, iSCSI) [17460]
 set -euo pipefail
 
@@ -34,35 +35,10 @@ SIZE="${SIZE:-10G}"
 COMPRESS="${COMPRESS:-50}"
 PEER="${PEER:-1}"
 PORT="${PORT:-17460}"
-API="127.0.0.1:$PORT"
-NBD_PORT=$((PORT + 1))
-
 log() { printf '[backup] %s\n' "$*" >&2; }
-
-cargo build --release -q -p keel-mgmt --manifest-path "$ROOT/Cargo.toml"
-KEEL="$ROOT/target/release/keel"
-GUEST="$ROOT/target/keel-guest"
-bash "$ROOT/tests/guest/build-guest.sh" "$GUEST" >/dev/null 2>&1
-
-rm -rf "$BENCH_DIR"
-mkdir -p "$BENCH_DIR"
-DATA="$BENCH_DIR/data"
-"$KEEL" serve --data "$DATA" --pool-size 64G --api "$API" --nbd "127.0.0.1:$NBD_PORT" \
-    --iscsi "127.0.0.1:$((PORT + 2))" --accel tcg >"$BENCH_DIR/daemon.log" 2>&1 &
-DAEMON=$!
-cleanup() {
-    kill "$DAEMON" 2>/dev/null || true
-    wait "$DAEMON" 2>/dev/null || true
-    pkill -KILL -f "$DATA/vms/" 2>/dev/null || true
-    rm -rf "$BENCH_DIR"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do
-    grep -q "keel is up" "$BENCH_DIR/daemon.log" 2>/dev/null && break
-    sleep 0.1
-done
-export KEEL_API="$API" KEEL_DATA="$DATA"
-k() { "$KEEL" "$@"; }
+ACCEL="${ACCEL:-tcg}"
+# shellcheck source=benches/keel-daemon.sh
+source "$ROOT/benches/keel-daemon.sh"
 json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
 
 k volume create disk --size "$SIZE" >/dev/null

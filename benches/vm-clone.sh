@@ -33,37 +33,9 @@ CLONES="${CLONES:-5}"
 ACCEL="${ACCEL:-tcg}"
 COPY="${COPY:-1}"
 PORT="${PORT:-17450}"
-API="127.0.0.1:$PORT"
-NBD_PORT=$((PORT + 1))
-
 log() { printf '[vm-clone] %s\n' "$*" >&2; }
-
-cargo build --release -q -p keel-mgmt --manifest-path "$ROOT/Cargo.toml"
-KEEL="$ROOT/target/release/keel"
-GUEST="$ROOT/target/keel-guest"
-bash "$ROOT/tests/guest/build-guest.sh" "$GUEST" >/dev/null
-
-rm -rf "$BENCH_DIR"
-mkdir -p "$BENCH_DIR"
-DATA="$BENCH_DIR/data"
-"$KEEL" serve --data "$DATA" --pool-size 64G --api "$API" --nbd "127.0.0.1:$NBD_PORT" \
-    --iscsi "127.0.0.1:$((PORT + 2))" --accel "$ACCEL" >"$BENCH_DIR/daemon.log" 2>&1 &
-DAEMON=$!
-cleanup() {
-    "$KEEL" --api "$API" vm delete src --disks --force >/dev/null 2>&1 || true
-    kill "$DAEMON" 2>/dev/null || true
-    wait "$DAEMON" 2>/dev/null || true
-    pkill -KILL -f "$DATA/vms/" 2>/dev/null || true
-    rm -rf "$BENCH_DIR"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do
-    grep -q "keel is up" "$BENCH_DIR/daemon.log" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "keel is up" "$BENCH_DIR/daemon.log" || { cat "$BENCH_DIR/daemon.log"; exit 1; }
-export KEEL_API="$API" KEEL_DATA="$DATA"
-k() { "$KEEL" "$@"; }
+# shellcheck source=benches/keel-daemon.sh
+source "$ROOT/benches/keel-daemon.sh"
 
 k volume create src-disk --size "$SIZE" >/dev/null
 log "filling $FILL of the $SIZE volume"

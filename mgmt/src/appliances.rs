@@ -237,6 +237,10 @@ impl App {
                 }
                 Err(e) => {
                     app.log_event(&actor.name, "vm.backup-failed", &name, &e.message);
+                    // Chunks it stored that nothing names (a full disk, say).
+                    if let Err(g) = app.library.gc().await {
+                        tracing::warn!("collecting after the failed backup {name}: {g}");
+                    }
                     job.finish(Some(e.message));
                 }
             }

@@ -881,12 +881,19 @@ impl App {
         Ok(self.vm_view(&m))
     }
 
-    /// Attach volume `volume` as a new disk, hot-plugged when running.
-    pub async fn attach_disk(&self, actor: &User, name: &str, volume: &str) -> ApiResult<VmView> {
+    /// The start of a hardware change: the caller's rights, the VM's lock,
+    /// and its record as read under the lock.
+    async fn hardware_change(&self, actor: &User, name: &str) -> ApiResult<(tokio::sync::OwnedMutexGuard<()>, VmMeta)> {
         forbid_regular(actor, "change VM hardware")?;
         self.visible_vm(actor, name)?;
-        let lock = self.vms.lock(name);
-        let _vm = lock.lock().await;
+        let guard = self.vms.lock(name).lock_owned().await;
+        let m = self.visible_vm(actor, name)?;
+        Ok((guard, m))
+    }
+
+    /// Attach volume `volume` as a new disk, hot-plugged when running.
+    pub async fn attach_disk(&self, actor: &User, name: &str, volume: &str) -> ApiResult<VmView> {
+        let (_vm, _) = self.hardware_change(actor, name).await?;
         let _g = self.ops.lock().await;
         let m = self.visible_vm(actor, name)?;
         self.check_attachable(actor, volume)?;
@@ -914,11 +921,7 @@ impl App {
     /// Detach volume `volume`, hot-unplugged when running (the guest must
     /// release the device).
     pub async fn detach_disk(&self, actor: &User, name: &str, volume: &str) -> ApiResult<VmView> {
-        forbid_regular(actor, "change VM hardware")?;
-        self.visible_vm(actor, name)?;
-        let lock = self.vms.lock(name);
-        let _vm = lock.lock().await;
-        let m = self.visible_vm(actor, name)?;
+        let (_vm, m) = self.hardware_change(actor, name).await?;
         let disk = m
             .disks
             .iter()
@@ -961,12 +964,8 @@ impl App {
 
     /// Add a NIC, hot-plugged when running.
     pub async fn add_nic(&self, actor: &User, name: &str, network: Network) -> ApiResult<VmView> {
-        forbid_regular(actor, "change VM hardware")?;
         check_network(&network)?;
-        self.visible_vm(actor, name)?;
-        let lock = self.vms.lock(name);
-        let _vm = lock.lock().await;
-        let m = self.visible_vm(actor, name)?;
+        let (_vm, m) = self.hardware_change(actor, name).await?;
         let nic = VmNicMeta { id: next_id("nic", m.nics.iter().map(|n| n.id.as_str())), mac: random_mac(), network };
         if m.state.has_qemu() {
             let run = self.running_vm(&m)?;
@@ -985,11 +984,7 @@ impl App {
 
     /// Remove NIC `id`, hot-unplugged when running.
     pub async fn remove_nic(&self, actor: &User, name: &str, id: &str) -> ApiResult<VmView> {
-        forbid_regular(actor, "change VM hardware")?;
-        self.visible_vm(actor, name)?;
-        let lock = self.vms.lock(name);
-        let _vm = lock.lock().await;
-        let m = self.visible_vm(actor, name)?;
+        let (_vm, m) = self.hardware_change(actor, name).await?;
         if !m.nics.iter().any(|n| n.id == id) {
             return Err(ApiError::not_found(format!("VM {name} has no NIC {id}")));
         }

@@ -14,14 +14,6 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
-#[track_caller]
-fn cli_ok(d: &Daemon, args: &[&str]) -> String {
-    let out = d.cli(args);
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "keel {args:?} failed: {o}{e}");
-    o.into_owned()
-}
-
 fn cli_json(d: &Daemon, args: &[&str]) -> Value {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);

@@ -74,14 +74,6 @@ fn wait_state(d: &Daemon, vm: &str, want: &str, limit: Duration) -> Value {
     }
 }
 
-#[track_caller]
-fn cli_ok(d: &Daemon, args: &[&str]) -> String {
-    let out = d.cli(args);
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "keel {args:?} failed: {o}{e}");
-    o.into_owned()
-}
-
 /// An ISO-shaped file whose ISO 9660 volume identifier is `label`.
 fn iso_with_label(dir: &Path, label: &str) -> std::path::PathBuf {
     let mut b = vec![0u8; 2048 * 18];
@@ -271,6 +263,43 @@ fn a_blank_vm_boots_from_an_iso_in_the_store_and_installs_to_its_disk() {
     cli_ok(&d, &["vm", "stop", "fresh"]);
     cli_ok(&d, &["vm", "delete", "fresh", "--disks"]);
     cli_ok(&d, &["iso", "delete", "installer"]);
+    assert_eq!(kill_vms(dir.path()), 0);
+}
+
+/// Removes a tap device when dropped.
+struct Tap(String);
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["tuntap", "del", "dev", &self.0, "mode", "tap"]).status();
+    }
+}
+
+#[test]
+fn a_vm_nic_joins_a_tap_device() {
+    // SAFETY: geteuid has no side effects.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(root, "this test creates a tap device: run the suite as root, as scripts/test.sh on the appliance does");
+    let tap = Tap(format!("keeltap{}", std::process::id() % 100_000));
+    run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", &tap.0, "mode", "tap"]));
+    run_ok(std::process::Command::new("ip").args(["link", "set", &tap.0, "up"]));
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "t", "size": "16M"}))).0, 201);
+    guest_vm(&d, "tapped", &["t"], json!({"start": true, "nics": [{"tap": tap.0}]}));
+    wait_last(&d, "tapped", "KEEL-GUEST NICS ", "KEEL-GUEST NICS eth0");
+    // QEMU holds the tap: the host side has a carrier.
+    let carrier = std::fs::read_to_string(format!("/sys/class/net/{}/carrier", tap.0)).unwrap_or_default();
+    assert_eq!(carrier.trim(), "1", "QEMU attached to {}", tap.0);
+    let v = state(&d, "tapped");
+    assert_eq!(v["nics"][0]["network"]["tap"], tap.0.as_str(), "{v}");
+    cli_ok(&d, &["vm", "stop", "tapped", "--force"]);
+    // A bridge QEMU may not join: QEMU's own message, the VM stays stopped.
+    guest_vm(&d, "nowhere", &[], json!({"nics": [{"bridge": "keelnobr0"}]}));
+    let (st, v) = d.call("POST", "/api/v1/vms/nowhere/start", None);
+    assert_eq!(st, 500, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bridge"), "{v}");
+    assert_eq!(state(&d, "nowhere")["state"], "stopped");
     assert_eq!(kill_vms(dir.path()), 0);
 }
 

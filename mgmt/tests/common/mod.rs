@@ -230,6 +230,16 @@ pub fn assert_error(got: (u16, Value), status: u16) -> String {
     msg.to_string()
 }
 
+/// Run the CLI with the manager's token; panic with its output unless it
+/// succeeds; its stdout.
+#[track_caller]
+pub fn cli_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.cli(args);
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "keel {args:?} failed: {o}{e}");
+    o.into_owned()
+}
+
 /// Run a command; panic with its output unless it succeeds.
 #[track_caller]
 pub fn run_ok(cmd: &mut Command) -> String {
