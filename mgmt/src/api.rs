@@ -109,10 +109,13 @@ async fn login(State(app): State<Arc<App>>, b: Bytes) -> ApiResult<(StatusCode, 
     // logins queues instead of exhausting memory.
     static LOGINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
     let _permit = LOGINS.acquire().await.map_err(|e| ApiError::internal(format!("login failed: {e}")))?;
-    let (token, user) = tokio::task::spawn_blocking(move || app2.login(&r.user, &r.password))
+    let (token, user, expires) = tokio::task::spawn_blocking(move || app2.login(&r.user, &r.password))
         .await
         .map_err(|e| ApiError::internal(format!("login failed: {e}")))??;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({"token": token, "user": user.name, "role": user.role}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"token": token, "user": user.name, "role": user.role, "expires": expires})),
+    ))
 }
 
 async fn logout(State(app): State<Arc<App>>, Actor(a): Actor, headers: HeaderMap) -> ApiResult<StatusCode> {
@@ -886,7 +889,12 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Response> {
+    // Volume and export names are tenants' data: managers only (Prometheus
+    // sends the token with `authorization: {credentials: ...}`).
+    if a.role != Role::Manager {
+        return Err(ApiError::forbidden("/metrics is for managers: scrape it with a manager's token"));
+    }
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
@@ -976,7 +984,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     {
         gauge(metric, help, "counter", io.iter().map(|(n, c)| (label("volume", n), c[i])).collect());
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 async fn not_found() -> ApiError {

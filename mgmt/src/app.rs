@@ -86,6 +86,9 @@ impl Drop for SessionGuard {
     }
 }
 
+/// How long an API token stays valid unless configured: 30 days.
+pub const DEFAULT_TOKEN_TTL: u64 = 30 * 24 * 3600;
+
 /// The running appliance.
 pub struct App {
     /// The default pool.
@@ -111,6 +114,8 @@ pub struct App {
     pub jobs: Jobs,
     /// The appliance library (`DATA/library`).
     pub library: keel_images::Library,
+    /// Seconds a new API token stays valid.
+    pub token_ttl: u64,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -428,6 +433,7 @@ impl App {
             ops: tokio::sync::Mutex::new(()),
             jobs: Jobs::default(),
             library,
+            token_ttl: DEFAULT_TOKEN_TTL,
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
         })
     }
@@ -452,12 +458,20 @@ impl App {
     /// The user a token belongs to.
     pub fn authenticate(&self, token: &str) -> ApiResult<User> {
         let bad = || ApiError::unauthorized("the token is not valid: get one with POST /api/v1/tokens");
-        let t: Token = self.meta.get(TOKENS, &auth::token_key(token))?.ok_or_else(bad)?;
+        let key = auth::token_key(token);
+        let t: Token = self.meta.get(TOKENS, &key)?.ok_or_else(bad)?;
+        if t.expires.is_some_and(|e| now() >= e) {
+            let _ = self.meta.write(|w| w.remove(TOKENS, &key));
+            return Err(ApiError::unauthorized(
+                "the token has expired: get a new one with POST /api/v1/tokens (`keel user login`)",
+            ));
+        }
         self.meta.get(USERS, &t.user)?.ok_or_else(bad)
     }
 
-    /// Exchange a name and password for a new token.
-    pub fn login(&self, name: &str, password: &str) -> ApiResult<(String, User)> {
+    /// Exchange a name and password for a new token (valid for the
+    /// configured time; the answer says until when).
+    pub fn login(&self, name: &str, password: &str) -> ApiResult<(String, User, u64)> {
         let user: Option<User> = self.meta.get(USERS, name)?;
         // An unknown name costs the same argon2 check as a known one, so the
         // answer's timing does not tell which names exist.
@@ -469,12 +483,14 @@ impl App {
         let ok = auth::verify_password(password, &hash);
         let user = user.filter(|_| ok).ok_or_else(|| ApiError::unauthorized("wrong user name or password"))?;
         let token = auth::new_token();
+        let expires = now().saturating_add(self.token_ttl);
         self.meta.write(|w| {
-            w.put(TOKENS, &auth::token_key(&token), &Token { user: user.name.clone(), created: now() })?;
+            let t = Token { user: user.name.clone(), created: now(), expires: Some(expires) };
+            w.put(TOKENS, &auth::token_key(&token), &t)?;
             w.event(&event(&user.name, "token.create", &user.name, ""))?;
             Ok::<_, ApiError>(())
         })?;
-        Ok((token, user))
+        Ok((token, user, expires))
     }
 
     /// Revoke a token.

@@ -94,7 +94,7 @@ enum ListCmd {
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
     /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu, accel,
-    /// vm_stop_timeout); flags win.
+    /// vm_stop_timeout, token_ttl); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
@@ -199,6 +199,10 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         nbd_tls,
         nbd_require_tls,
         vms,
+        token_ttl: match std::env::var("KEEL_TOKEN_TTL") {
+            Ok(v) => v.parse().map_err(|_| anyhow::anyhow!("KEEL_TOKEN_TTL {v:?} is not a number of seconds"))?,
+            Err(_) => f.token_ttl.unwrap_or(keel_mgmt::app::DEFAULT_TOKEN_TTL),
+        },
     })
 }
 

@@ -76,6 +76,10 @@ pub struct Token {
     pub user: String,
     /// Unix seconds.
     pub created: u64,
+    /// Unix seconds after which it is refused; `None` for the first
+    /// manager's token in `DATA/credentials` (guarded by the file's mode).
+    #[serde(default)]
+    pub expires: Option<u64>,
 }
 
 /// CHAP credentials of an iSCSI target.

@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub accel: Option<String>,
     /// Seconds a graceful VM stop waits before forcing.
     pub vm_stop_timeout: Option<u64>,
+    /// Seconds an API token from `POST /api/v1/tokens` stays valid.
+    pub token_ttl: Option<u64>,
 }
 
 impl FileConfig {
@@ -73,6 +75,8 @@ pub struct Settings {
     pub nbd_require_tls: bool,
     /// How VMs run.
     pub vms: crate::vms::VmSettings,
+    /// Seconds an API token stays valid.
+    pub token_ttl: u64,
 }
 
 /// Parse an engine name.
@@ -182,7 +186,7 @@ fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<Pat
     };
     meta.write(|w| {
         w.put(USERS, "admin", &admin)?;
-        w.put(TOKENS, &auth::token_key(&token), &Token { user: "admin".into(), created: now() })?;
+        w.put(TOKENS, &auth::token_key(&token), &Token { user: "admin".into(), created: now(), expires: None })?;
         Ok::<_, crate::db::Error>(())
     })?;
     Ok(Some(path))
@@ -240,6 +244,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     let _ = std::fs::remove_dir_all(s.data.join("tmp"));
     let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone()).context("opening the appliance library")?;
     app.vms = crate::vms::VmRuntime::new(s.vms.clone());
+    app.token_ttl = s.token_ttl;
     let app = Arc::new(app);
     for line in &said {
         app.log_event("keel", "reconcile", "", line);

@@ -1,11 +1,13 @@
 //! Small hardening checks: the CLI never turns a name into another path,
-//! and the data directory is its owner's alone even when it existed before.
+//! the data directory is its owner's alone even when it existed before,
+//! /metrics is for managers, API tokens expire.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
+use serde_json::json;
 
 #[test]
 fn cli_refuses_names_that_would_change_the_request_path() {
@@ -71,4 +73,51 @@ fn snapshots_count_against_the_storage_quota() {
     assert!(qemu_io(&url, "write -P 0x2 0 20M").status.success());
     let msg = assert_error(snap("s2"), 507);
     assert!(msg.contains("quota"), "{msg}");
+}
+
+#[test]
+fn metrics_are_for_managers_only() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "secret-project", "size": "1M"}))).0, 201);
+    let get = |token: &str| {
+        let mut r = ureq::get(&format!("{}/metrics", d.url()));
+        if !token.is_empty() {
+            r = r.set("Authorization", &format!("Bearer {token}"));
+        }
+        match r.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(get("").0, 401);
+    let power = json!({"name": "p", "role": "power", "password": "password-p", "quota": {"storage": "1G"}});
+    assert_eq!(d.call("POST", "/api/v1/users", Some(power)).0, 201);
+    let (st, body) = get(&d.login("p", "password-p"));
+    assert_eq!(st, 403, "{body}");
+    assert!(!body.contains("secret-project"));
+    let (st, body) = get(&d.token);
+    assert_eq!(st, 200);
+    assert!(body.contains("keel_volume_size_bytes{volume=\"secret-project\"}"), "{body}");
+}
+
+#[test]
+fn api_tokens_expire() {
+    let dir = data_dir();
+    let d = Daemon::start_with(dir.path(), &[("KEEL_TOKEN_TTL", "2")], (free_port(), free_port(), free_port()));
+    let user = json!({"name": "u", "role": "regular", "password": "password-u"});
+    assert_eq!(d.call("POST", "/api/v1/users", Some(user)).0, 201);
+    let (st, v) = d.call_as("", "POST", "/api/v1/tokens", Some(json!({"user": "u", "password": "password-u"})));
+    assert_eq!(st, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let expires = v["expires"].as_u64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(expires > now && expires <= now + 3, "expires {expires}, now {now}");
+    assert_eq!(d.call_as(&token, "GET", "/api/v1/whoami", None).0, 200);
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    let msg = assert_error(d.call_as(&token, "GET", "/api/v1/whoami", None), 401);
+    assert!(msg.contains("expired"), "{msg}");
+    // The first manager's token (in DATA/credentials) does not expire.
+    assert_eq!(d.call("GET", "/api/v1/whoami", None).0, 200);
 }

@@ -46,7 +46,8 @@ fn volumes_serve_over_their_iscsi_url_with_acl_chap_and_in_use_refusal() {
     }
 
     // The writes show in /metrics, per volume.
-    let metrics = run_ok(Command::new("curl").args(["-sf", &format!("{}/metrics", d.url())]));
+    let auth = format!("Authorization: Bearer {}", d.token);
+    let metrics = run_ok(Command::new("curl").args(["-sf", "-H", &auth, &format!("{}/metrics", d.url())]));
     let written: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("keel_iscsi_written_bytes_total{volume=\"lun1\"} "))

@@ -88,7 +88,12 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(seen, "the NBD session was never counted");
-    let metrics = ureq::get(&format!("{}/metrics", d.url())).call().unwrap().into_string().unwrap();
+    let metrics = ureq::get(&format!("{}/metrics", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
     assert!(metrics.contains("keel_nbd_export_sessions{export=\"disk1\"} 1"), "{metrics}");
     assert!(metrics.contains("keel_volume_size_bytes{volume=\"disk1\"} 134217728"));
     let written = metrics
