@@ -358,7 +358,7 @@ async fn list_isos(State(app): State<Arc<App>>, Actor(_): Actor) -> ApiResult<Js
 /// Stream the request body to `DATA/isos/.NAME.upload-RANDOM`, make it
 /// read-only and link it to `NAME.iso` (refusing to replace one). Memory
 /// use is one body chunk, whatever the size.
-async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job) -> ApiResult<u64> {
+async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job, limit: Option<u64>) -> ApiResult<u64> {
     let dir = app.iso_dir();
     let io = |what: &str, e: std::io::Error| {
         if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -377,6 +377,13 @@ async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job) -> 
             let chunk = chunk.map_err(|e| ApiError::bad(format!("the upload was interrupted: {e}")))?;
             f.write_all(&chunk).await.map_err(|e| io("writing the upload", e))?;
             n += chunk.len() as u64;
+            if let Some(l) = limit
+                && n > l
+            {
+                return Err(ApiError::no_space(format!(
+                    "the ISO outgrew your tenant's storage quota ({l} bytes left); ISOs count in it"
+                )));
+            }
             job.done.store(n, Ordering::Relaxed);
         }
         if n == 0 {
@@ -413,14 +420,15 @@ async fn upload_iso(
     headers: HeaderMap,
     b: Body,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    app.check_iso_upload(&a, &name)?;
     let total = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    app.check_iso_upload(&a, &name, total)?;
+    let limit = app.storage_left(&a)?;
     let job = app.jobs.start("iso.upload", &name, &a.name, total);
-    let r = store_iso(&app, &name, b, &job).await;
+    let r = store_iso(&app, &name, b, &job, limit).await;
     let r = match r {
         Ok(size) => {
             let iso = IsoMeta { name: name.clone(), size_bytes: size, owner: a.name.clone(), created: now() };

@@ -636,7 +636,20 @@ impl App {
                     .saturating_add(snaps.get(m.name.as_str()).copied().unwrap_or(0));
             }
         }
+        // ISOs its members uploaded.
+        for (_, iso) in self.meta.list::<IsoMeta>(ISOS)? {
+            if users.get(&iso.owner).and_then(auth::tenant_of) == Some(tenant) {
+                used = used.saturating_add(iso.size_bytes);
+            }
+        }
         Ok(used)
+    }
+
+    /// How many more bytes `actor`'s tenant may store (`None`: no quota).
+    pub fn storage_left(&self, actor: &User) -> ApiResult<Option<u64>> {
+        let Some(tenant) = auth::tenant_of(actor) else { return Ok(None) };
+        let Some(q) = self.user(tenant)?.and_then(|t| t.quota) else { return Ok(None) };
+        Ok(Some(q.storage_bytes.saturating_sub(self.tenant_usage(tenant)?)))
     }
 
     pub(crate) fn check_quota(&self, owner: &User, extra: u64) -> ApiResult<()> {
@@ -1099,11 +1112,20 @@ impl App {
     }
 
     /// Check that `actor` may upload ISO `name` and that the name is free.
-    pub fn check_iso_upload(&self, actor: &User, name: &str) -> ApiResult<()> {
+    /// (`declared`: the upload's announced size, 0 when unknown; it is
+    /// checked against the tenant's storage quota, which ISOs count in.)
+    pub fn check_iso_upload(&self, actor: &User, name: &str, declared: u64) -> ApiResult<()> {
         forbid_regular(actor, "upload ISOs")?;
         check_volume_name(name).map_err(|e| ApiError::bad(format!("ISO {e}")))?;
         if self.meta.get::<IsoMeta>(ISOS, name)?.is_some() {
             return Err(ApiError::conflict(format!("ISO {name} already exists: ISOs are kept once; delete it first")));
+        }
+        if let Some(left) = self.storage_left(actor)?
+            && declared > left
+        {
+            return Err(ApiError::no_space(format!(
+                "the ISO ({declared} bytes) does not fit in your tenant's storage quota ({left} bytes left); ISOs count in it"
+            )));
         }
         Ok(())
     }

@@ -121,3 +121,27 @@ fn api_tokens_expire() {
     // The first manager's token (in DATA/credentials) does not expire.
     assert_eq!(d.call("GET", "/api/v1/whoami", None).0, 200);
 }
+
+#[test]
+fn iso_uploads_count_against_the_storage_quota() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let power = json!({"name": "p", "role": "power", "password": "password-p", "quota": {"storage": "1M"}});
+    assert_eq!(d.call("POST", "/api/v1/users", Some(power)).0, 201);
+    let p = d.login("p", "password-p");
+    let put = |name: &str, bytes: usize| match ureq::put(&format!("{}/api/v1/isos/{name}", d.url()))
+        .set("Authorization", &format!("Bearer {p}"))
+        .send_bytes(&vec![1u8; bytes])
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(put("big", 2 << 20), 507, "over the quota");
+    assert_eq!(put("small", 768 << 10), 201);
+    // The ISO's bytes are the tenant's: a 512 KiB volume no longer fits.
+    let e = assert_error(d.call_as(&p, "POST", "/api/v1/volumes", Some(json!({"name": "v", "size": "512K"}))), 507);
+    assert!(e.contains("quota"), "{e}");
+    let (_, isos) = d.call("GET", "/api/v1/isos", None);
+    assert_eq!(isos.as_array().unwrap().len(), 1, "the refused upload left nothing: {isos}");
+}
