@@ -355,6 +355,22 @@ async fn list_isos(State(app): State<Arc<App>>, Actor(_): Actor) -> ApiResult<Js
     Ok(Json(app.list_isos()?))
 }
 
+/// Read and drop what is left of a refused upload (up to 64 MiB, for at
+/// most 10 s), so a client that sends its whole body before reading the
+/// answer gets the answer instead of a broken pipe.
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let mut left: i64 = 64 << 20;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while left > 0 {
+            match stream.next().await {
+                Some(Ok(c)) => left -= c.len() as i64,
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
 /// Stream the request body to `DATA/isos/.NAME.upload-RANDOM`, make it
 /// read-only and link it to `NAME.iso` (refusing to replace one). Memory
 /// use is one body chunk, whatever the size.
@@ -380,6 +396,7 @@ async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job, lim
             if let Some(l) = limit
                 && n > l
             {
+                drain(&mut stream).await;
                 return Err(ApiError::no_space(format!(
                     "the ISO outgrew your tenant's storage quota ({l} bytes left); ISOs count in it"
                 )));
@@ -425,7 +442,10 @@ async fn upload_iso(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    app.check_iso_upload(&a, &name, total)?;
+    if let Err(e) = app.check_iso_upload(&a, &name, total) {
+        drain(&mut b.into_data_stream()).await;
+        return Err(e);
+    }
     let limit = app.storage_left(&a)?;
     let job = app.jobs.start("iso.upload", &name, &a.name, total);
     let r = store_iso(&app, &name, b, &job, limit).await;
@@ -857,11 +877,16 @@ async fn import_ova(
     Path(name): Path<String>,
     b: Body,
 ) -> ApiResult<(StatusCode, Json<crate::appliances::ApplianceView>)> {
-    if a.role == Role::Regular {
-        return Err(ApiError::forbidden("a regular user cannot import appliances"));
-    }
-    if app.library.exists(&name) {
-        return Err(ApiError::conflict(format!("appliance {name} already exists: pick another name")));
+    let refused = if a.role == Role::Regular {
+        Some(ApiError::forbidden("a regular user cannot import appliances"))
+    } else if app.library.exists(&name) {
+        Some(ApiError::conflict(format!("appliance {name} already exists: pick another name")))
+    } else {
+        None
+    };
+    if let Some(e) = refused {
+        drain(&mut b.into_data_stream()).await;
+        return Err(e);
     }
     let dir = app.data.join("tmp").join(format!("import-{:016x}", rand::random::<u64>()));
     let r = async {
