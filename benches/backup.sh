@@ -45,7 +45,7 @@ json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
 
 k volume create disk --size "$SIZE" >/dev/null
 log "filling $SIZE with $COMPRESS% compressible data"
-fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/disk" --rw=write --bs=1M --size="$SIZE" \
+fio --name=fill --ioengine=nbd --uri="$(nbd_url disk)" --rw=write --bs=1M --size="$SIZE" \
     --iodepth=8 --refill_buffers=1 --buffer_compress_percentage="$COMPRESS" --buffer_compress_chunk=4k >/dev/null
 k vm create src --memory 256M --disk disk --nic none --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" \
     --append "console=ttyS0 panic=-1 quiet keel.action=vm" --start >/dev/null
@@ -91,7 +91,7 @@ PY
 echo "  VM from the appliance:  first (imports) $first_ms ms, next (a clone of its base) $next_ms ms (target < 1 s)"
 if [[ "$PEER" == 1 ]]; then
     t0=$(date +%s%N)
-    qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "nbd://127.0.0.1:$NBD_PORT/disk" "$BENCH_DIR/peer.qcow2"
+    qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$(nbd_url disk)" "$BENCH_DIR/peer.qcow2"
     t1=$(date +%s%N)
     peer_s="$(python3 -c "print(($t1 - $t0) / 1e9)")"
     peer_bytes="$(stat -c %s "$BENCH_DIR/peer.qcow2")"

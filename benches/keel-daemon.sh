@@ -3,7 +3,8 @@
 # it all down (daemon, its VMs' QEMUs, the directory) at exit.
 #
 # Expects ROOT, BENCH_DIR, PORT and ACCEL set; sets KEEL, GUEST, DATA, API,
-# NBD_PORT, exports KEEL_API and KEEL_DATA, and defines k (the CLI).
+# NBD_PORT, exports KEEL_API and KEEL_DATA, and defines k (the CLI) and
+# nbd_url VOLUME (the volume's URL, access key included).
 
 API="127.0.0.1:$PORT"
 NBD_PORT=$((PORT + 1))
@@ -35,3 +36,4 @@ grep -q "keel is up" "$BENCH_DIR/daemon.log" || {
 }
 export KEEL_API="$API" KEEL_DATA="$DATA"
 k() { "$KEEL" "$@"; }
+nbd_url() { k volume show "$1" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["nbd_url"])'; }

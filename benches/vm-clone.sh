@@ -39,7 +39,7 @@ source "$ROOT/benches/keel-daemon.sh"
 
 k volume create src-disk --size "$SIZE" >/dev/null
 log "filling $FILL of the $SIZE volume"
-fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$NBD_PORT/src-disk" --rw=write --bs=1M \
+fio --name=fill --ioengine=nbd --uri="$(nbd_url src-disk)" --rw=write --bs=1M \
     --size="$FILL" --iodepth=8 --refill_buffers=1 >/dev/null
 k vm create src --memory 256M --disk src-disk --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" \
     --append "console=ttyS0 panic=-1 quiet keel.action=vm" --start >/dev/null
@@ -67,7 +67,7 @@ echo "volume $SIZE holding $FILL of data, $CLONES clones of the running VM (medi
 echo "  keel vm clone: $CLONE_MS ms to the new QEMU running (CLI wall $(median "${WALLS[@]}") ms), source paused $(median "${PAUSES[@]}") ms"
 if [[ "$COPY" == 1 ]]; then
     t0=$(date +%s%N)
-    qemu-img convert -f raw -O raw "nbd://127.0.0.1:$NBD_PORT/src-disk" "$BENCH_DIR/copy.raw"
+    qemu-img convert -f raw -O raw "$(nbd_url src-disk)" "$BENCH_DIR/copy.raw"
     t1=$(date +%s%N)
     COPY_MS=$(((t1 - t0) / 1000000))
     rm -f "$BENCH_DIR/copy.raw"

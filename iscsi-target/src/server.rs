@@ -40,6 +40,12 @@ pub trait Targets: Send + Sync + 'static {
     fn discovery_access(&self) -> Access {
         Access::default()
     }
+    /// Whether discovery sessions may learn of target `name` through
+    /// `SendTargets` (default: yes). A session logged in to a target always
+    /// learns its own address.
+    fn discoverable(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 /// Every volume of a pool as `iqn.2026-11.io.keel:VOLUME` (snapshots are
@@ -307,12 +313,19 @@ impl<T: Targets> Server<T> {
 }
 
 impl<T: Targets> SessionHost for Server<T> {
-    fn send_targets(&self, initiator: &str, only: Option<&str>, local: SocketAddr) -> Vec<(String, String)> {
+    fn send_targets(
+        &self,
+        initiator: &str,
+        only: Option<&str>,
+        discovery: bool,
+        local: SocketAddr,
+    ) -> Vec<(String, String)> {
         let portal = format!("{local},{}", self.config.tpgt);
         self.targets
             .names()
             .into_iter()
             .filter(|n| only.is_none_or(|o| o == n))
+            .filter(|n| !discovery || self.targets.discoverable(n))
             .filter(|n| self.targets.access(n).is_some_and(|a| a.allows(initiator)))
             .map(|n| (n, portal.clone()))
             .collect()

@@ -34,8 +34,15 @@ const RESERVED_TAG: u32 = 0xffff_ffff;
 /// What a session's target-side events need from the server.
 pub trait SessionHost: Send + Sync + 'static {
     /// SendTargets: `(target name, portal)` pairs visible to `initiator`;
-    /// `only` restricts to one target.
-    fn send_targets(&self, initiator: &str, only: Option<&str>, local: SocketAddr) -> Vec<(String, String)>;
+    /// `only` restricts to one target; `discovery` says the asking session
+    /// is a discovery session (not logged in to a target).
+    fn send_targets(
+        &self,
+        initiator: &str,
+        only: Option<&str>,
+        discovery: bool,
+        local: SocketAddr,
+    ) -> Vec<(String, String)>;
     /// TARGET COLD RESET on `target`: end every session to it.
     fn cold_reset(&self, target: &str);
     /// TARGET WARM RESET on `target`.
@@ -639,8 +646,10 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                             name => Some(name.to_string()),
                         };
                         let mut last = String::new();
+                        let discovery = self.s.lu.is_none();
+                        let initiator = &self.s.nexus.initiator_name;
                         for (name, portal) in
-                            self.host.send_targets(&self.s.nexus.initiator_name, only.as_deref(), self.s.local)
+                            self.host.send_targets(initiator, only.as_deref(), discovery, self.s.local)
                         {
                             if name != last {
                                 text::push(&mut out, "TargetName", &name);

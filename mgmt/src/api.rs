@@ -264,6 +264,14 @@ async fn show_export(
     Ok(Json(app.export(&a, &name)?))
 }
 
+async fn rotate_key(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ExportView>> {
+    Ok(Json(app.rotate_access_key(&a, &name).await?))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExportIn {
@@ -351,8 +359,8 @@ async fn delete_user(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): P
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_isos(State(app): State<Arc<App>>, Actor(_): Actor) -> ApiResult<Json<Vec<IsoMeta>>> {
-    Ok(Json(app.list_isos()?))
+async fn list_isos(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<crate::app::IsoView>>> {
+    Ok(Json(app.list_isos(&a)?))
 }
 
 /// Read and drop what is left of a refused upload (up to 64 MiB, for at
@@ -447,7 +455,7 @@ async fn upload_iso(
         return Err(e);
     }
     let limit = app.storage_left(&a)?;
-    let job = app.jobs.start("iso.upload", &name, &a.name, total);
+    let job = app.start_job("iso.upload", &name, &a.name, total);
     let r = store_iso(&app, &name, b, &job, limit).await;
     let r = match r {
         Ok(size) => {
@@ -462,7 +470,7 @@ async fn upload_iso(
         }
         Err(e) => Err(e),
     };
-    job.finish(r.as_ref().err().map(|e| e.message.clone()));
+    app.finish_job(&job, r.as_ref().err().map(|e| e.message.clone()));
     let iso = r?;
     let mut v = serde_json::to_value(&iso).expect("ISO records serialize");
     v["job"] = job.id.into();
@@ -474,8 +482,8 @@ async fn delete_iso(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Pa
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_jobs(State(app): State<Arc<App>>, Actor(a): Actor) -> Json<Vec<JobView>> {
-    Json(app.list_jobs(&a))
+async fn list_jobs(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<JobView>>> {
+    Ok(Json(app.list_jobs(&a)?))
 }
 
 async fn show_job(State(app): State<Arc<App>>, Actor(a): Actor, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
@@ -1036,7 +1044,7 @@ async fn method_not_allowed() -> Response {
 async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = std::time::Instant::now();
-    let resp = next.run(req).await;
+    let resp = json_error(next.run(req).await).await;
     let status = resp.status().as_u16();
     let ms = started.elapsed().as_millis() as u64;
     if status >= 400 {
@@ -1045,6 +1053,36 @@ async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) 
         tracing::debug!(target: "keel::http", %method, path, status, ms, "request");
     }
     resp
+}
+
+/// Errors that axum's extractors answer themselves (a body over the size
+/// limit, a path that is not UTF-8, ...) come as plain text; give them the
+/// API's JSON shape, so every error a client sees is `{"error": "..."}`.
+async fn json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body too large ({}): JSON requests take at most 2 MiB; ISO and OVA uploads are streamed \
+             with PUT",
+            if text.is_empty() { reason } else { text }
+        ),
+        _ if text.is_empty() => reason,
+        _ => text,
+    };
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 /// The API's router.
@@ -1062,6 +1100,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/volumes/{name}/snapshots/{snap}", axum::routing::delete(delete_snapshot))
         .route("/api/v1/volumes/{name}/snapshots/{snap}/clones", post(clone_snapshot))
         .route("/api/v1/volumes/{name}/export", get(show_export).put(set_export))
+        .route("/api/v1/volumes/{name}/export/key", post(rotate_key))
         .route("/api/v1/isos", get(list_isos))
         .route("/api/v1/isos/{name}", put(upload_iso).delete(delete_iso))
         .route("/api/v1/users", get(list_users).post(create_user))

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::auth;
-use crate::db::{self, INTENTS, ISOS, Meta, TOKENS, USERS, VOLUMES};
+use crate::db::{self, INTENTS, ISOS, JOBS, JOBS_KEPT, Meta, TOKENS, USERS, VOLUMES};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{
     Chap, Event, IQN_PREFIX, Intent, IscsiExport, IsoMeta, Quota, Role, Token, User, VolumeMeta, check_user_name,
@@ -116,6 +116,8 @@ pub struct App {
     pub library: keel_images::Library,
     /// Seconds a new API token stays valid.
     pub token_ttl: u64,
+    /// The volumes' data-plane access keys.
+    pub access: crate::access::AccessKeys,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -162,6 +164,20 @@ pub struct SnapshotView {
     pub created: u64,
     /// Read-only NBD URL (`VOLUME@SNAPSHOT`).
     pub nbd_url: String,
+}
+
+/// An ISO as the API lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct IsoView {
+    /// Name.
+    pub name: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Who uploaded it, when the caller may see that user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
 }
 
 /// A user as the API shows it (no password hash).
@@ -232,26 +248,31 @@ impl IscsiTargets for App {
     }
     fn targets(&self) -> Vec<IscsiTarget> {
         let vols: Vec<(String, VolumeMeta)> = self.meta.list(VOLUMES).unwrap_or_default();
-        vols.into_iter().map(|(_, v)| iscsi_target(&v)).collect()
+        vols.into_iter().map(|(_, v)| self.iscsi_target(&v)).collect()
     }
     fn target(&self, iqn: &str) -> Option<IscsiTarget> {
         let name = iqn.strip_prefix(IQN_PREFIX)?;
         let v: VolumeMeta = self.meta.get(VOLUMES, name).ok()??;
-        Some(iscsi_target(&v))
+        Some(self.iscsi_target(&v))
     }
 }
 
-fn iscsi_target(v: &VolumeMeta) -> IscsiTarget {
-    IscsiTarget {
-        iqn: format!("{IQN_PREFIX}{}", v.name),
-        volume: v.name.clone(),
-        initiators: v.iscsi.initiators.clone(),
-        chap: v.iscsi.chap.clone(),
+impl App {
+    /// A volume's target: its own CHAP secret if it has one, else CHAP with
+    /// the volume's access key (unless keys are off).
+    fn iscsi_target(&self, v: &VolumeMeta) -> IscsiTarget {
+        let keyed = || Chap { user: v.name.clone(), secret: self.access.key(&v.name, v.key_salt) };
+        IscsiTarget {
+            iqn: format!("{IQN_PREFIX}{}", v.name),
+            volume: v.name.clone(),
+            initiators: v.iscsi.initiators.clone(),
+            chap: v.iscsi.chap.clone().or_else(|| self.access.required().then(keyed)),
+        }
     }
 }
 
 /// State of a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Running.
@@ -290,7 +311,7 @@ impl Job {
     }
 
     /// Mark finished, with an error if it failed.
-    pub fn finish(&self, error: Option<String>) {
+    fn finish(&self, error: Option<String>) {
         *self.state.lock() = match error {
             None => (JobState::Done, None),
             Some(e) => (JobState::Failed, Some(e)),
@@ -298,8 +319,8 @@ impl Job {
     }
 }
 
-/// A job as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+/// A job as the API shows it (and as its record keeps it).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct JobView {
     /// Id.
     pub id: u64,
@@ -325,8 +346,10 @@ pub struct JobView {
     pub started: u64,
 }
 
-/// The jobs of this run of the daemon (kept in memory; a job running at a
-/// crash is simply gone, and what it left is cleaned on start).
+/// The running jobs, with their live progress. Every job also has a record
+/// in the metadata (`JOBS`), written when it starts and when it ends, so
+/// finished jobs outlive the daemon and a job that a stop or crash cut short
+/// shows as failed after the next start ([`App::start_job`]).
 #[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
@@ -335,7 +358,7 @@ pub struct Jobs {
 
 impl Jobs {
     /// Start tracking a job.
-    pub fn start(&self, kind: &str, target: &str, owner: &str, total: u64) -> Arc<Job> {
+    fn start(&self, kind: &str, target: &str, owner: &str, total: u64) -> Arc<Job> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Arc::new(Job {
             id,
@@ -418,6 +441,7 @@ impl App {
         meta: Meta,
         addrs: Addrs,
         data: PathBuf,
+        access: crate::access::AccessKeys,
     ) -> Result<App, keel_images::library::Error> {
         let nbd = Arc::new(CountingExports::new(PoolExports::new(pool.clone())));
         let library = crate::appliances::open_library(&data)?;
@@ -434,6 +458,7 @@ impl App {
             jobs: Jobs::default(),
             library,
             token_ttl: DEFAULT_TOKEN_TTL,
+            access,
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
         })
     }
@@ -513,8 +538,31 @@ impl App {
 
     // ----- volumes -----
 
-    fn nbd_url(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.addrs.nbd)
+    /// The key salt of volume `name` (0 for internal volumes, which have no
+    /// record).
+    pub(crate) fn key_salt(&self, name: &str) -> u64 {
+        self.meta.get::<VolumeMeta>(VOLUMES, name).ok().flatten().map_or(0, |m| m.key_salt)
+    }
+
+    /// The NBD export name of device `device` (a volume or
+    /// `VOLUME@SNAPSHOT`), access key included.
+    pub(crate) fn export_name(&self, device: &str) -> String {
+        let volume = device.split_once('@').map_or(device, |(v, _)| v);
+        self.access.export_name(device, self.key_salt(volume))
+    }
+
+    fn nbd_url(&self, m: &VolumeMeta, device: &str) -> String {
+        format!("nbd://{}/{}", self.addrs.nbd, self.access.export_name(device, m.key_salt))
+    }
+
+    /// The iSCSI URL of a volume: with the CHAP user and secret in it when
+    /// the target uses the volume's access key (no CHAP of its own).
+    fn iscsi_url(&self, m: &VolumeMeta) -> String {
+        let auth = match (&m.iscsi.chap, self.access.required()) {
+            (None, true) => format!("{}%{}@", m.name, self.access.key(&m.name, m.key_salt)),
+            _ => String::new(),
+        };
+        format!("iscsi://{auth}{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name)
     }
 
     fn volume_sessions(&self, name: &str) -> u64 {
@@ -547,8 +595,8 @@ impl App {
             created: m.created,
             origin: m.origin.clone(),
             snapshots,
-            nbd_url: self.nbd_url(&m.name),
-            iscsi_url: format!("iscsi://{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name),
+            nbd_url: self.nbd_url(m, &m.name),
+            iscsi_url: self.iscsi_url(m),
             iqn: format!("{IQN_PREFIX}{}", m.name),
             nbd_sessions: sessions_of(nbd, &m.name),
         })
@@ -720,6 +768,7 @@ impl App {
             created: now(),
             origin: origin.map(Into::into),
             iscsi: IscsiExport::default(),
+            key_salt: rand::random(),
         };
         self.meta.write(|w| {
             w.put(VOLUMES, name, &m)?;
@@ -818,7 +867,7 @@ impl App {
 
     /// The snapshots of a volume.
     pub fn list_snapshots(&self, actor: &User, volume: &str) -> ApiResult<Vec<SnapshotView>> {
-        self.visible_volume(actor, volume)?;
+        let m = self.visible_volume(actor, volume)?;
         let prefix = format!("{volume}@");
         Ok(self
             .pool
@@ -828,7 +877,7 @@ impl App {
             .filter_map(|d| {
                 let snap = d.name.strip_prefix(&prefix)?.to_string();
                 Some(SnapshotView {
-                    nbd_url: self.nbd_url(&d.name),
+                    nbd_url: self.nbd_url(&m, &d.name),
                     name: snap,
                     volume: volume.into(),
                     size_bytes: d.size,
@@ -907,11 +956,11 @@ impl App {
     fn export_view(&self, m: &VolumeMeta) -> ExportView {
         ExportView {
             volume: m.name.clone(),
-            nbd_name: m.name.clone(),
-            nbd_url: self.nbd_url(&m.name),
+            nbd_name: self.access.export_name(&m.name, m.key_salt),
+            nbd_url: self.nbd_url(m, &m.name),
             nbd_sessions: self.volume_sessions(&m.name),
             iqn: format!("{IQN_PREFIX}{}", m.name),
-            iscsi_url: format!("iscsi://{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name),
+            iscsi_url: self.iscsi_url(m),
             initiators: m.iscsi.initiators.clone(),
             chap_user: m.iscsi.chap.as_ref().map(|c| c.user.clone()),
         }
@@ -952,6 +1001,33 @@ impl App {
         self.meta.write(|w| {
             w.put(VOLUMES, name, &m)?;
             w.event(&event(&actor.name, "export.set", name, &format!("{} initiator(s)", m.iscsi.initiators.len())))?;
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(self.export_view(&m))
+    }
+
+    /// Give a volume a new access key: the NBD export names and iSCSI URLs
+    /// handed out before stop admitting new connections. Refused while
+    /// clients are connected (they would keep their access until they
+    /// disconnect, and a VM's disk could not reconnect).
+    pub async fn rotate_access_key(&self, actor: &User, name: &str) -> ApiResult<ExportView> {
+        let _g = self.ops.lock().await;
+        let mut m = self.visible_volume(actor, name)?;
+        let (nbd, iscsi) = (self.volume_sessions(name), self.sessions.on_volume(name));
+        if nbd + iscsi > 0 {
+            return Err(ApiError::conflict(format!(
+                "{name} has {nbd} NBD connection(s) and {iscsi} iSCSI session(s) open (a running VM holds one): \
+                 disconnect them first, so none keeps the old key's access"
+            )));
+        }
+        let mut salt = rand::random();
+        while salt == m.key_salt {
+            salt = rand::random();
+        }
+        m.key_salt = salt;
+        self.meta.write(|w| {
+            w.put(VOLUMES, name, &m)?;
+            w.event(&event(&actor.name, "export.rotate_key", name, ""))?;
             Ok::<_, db::Error>(())
         })?;
         Ok(self.export_view(&m))
@@ -1107,8 +1183,21 @@ impl App {
     }
 
     /// Every ISO (every role may list them: any VM may use any ISO).
-    pub fn list_isos(&self) -> ApiResult<Vec<IsoMeta>> {
-        Ok(self.meta.list::<IsoMeta>(ISOS)?.into_iter().map(|(_, i)| i).collect())
+    /// The ISO store: every ISO, for every VM to use; who uploaded one is
+    /// shown only to those who may see that user.
+    pub fn list_isos(&self, actor: &User) -> ApiResult<Vec<IsoView>> {
+        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        Ok(self
+            .meta
+            .list::<IsoMeta>(ISOS)?
+            .into_iter()
+            .map(|(_, i)| IsoView {
+                owner: users.get(&i.owner).filter(|o| auth::can_see_user(actor, o)).map(|o| o.name.clone()),
+                name: i.name,
+                size_bytes: i.size_bytes,
+                created: i.created,
+            })
+            .collect())
     }
 
     /// Check that `actor` may upload ISO `name` and that the name is free.
@@ -1175,23 +1264,66 @@ impl App {
 
     // ----- jobs, events, pools -----
 
-    /// Jobs `actor` may see (its own; a manager sees all).
-    pub fn list_jobs(&self, actor: &User) -> Vec<JobView> {
-        let mut v: Vec<JobView> = self
-            .jobs
-            .jobs
-            .lock()
-            .values()
-            .filter(|j| actor.role == Role::Manager || j.owner == actor.name)
-            .map(|j| Jobs::view(j))
-            .collect();
-        v.sort_by_key(|j| j.id);
-        v
+    /// Start a job: tracked in memory for its progress, recorded as running.
+    pub fn start_job(&self, kind: &str, target: &str, owner: &str, total: u64) -> Arc<Job> {
+        let job = self.jobs.start(kind, target, owner, total);
+        self.record_job(&Jobs::view(&job));
+        job
+    }
+
+    /// End a job (with an error if it failed) and record how it ended.
+    pub fn finish_job(&self, job: &Job, error: Option<String>) {
+        job.finish(error);
+        self.record_job(&Jobs::view(job));
+        self.jobs.jobs.lock().remove(&job.id);
+    }
+
+    fn record_job(&self, v: &JobView) {
+        let r = self.meta.write(|w| {
+            w.put(JOBS, &job_key(v.id), v)?;
+            if v.id > JOBS_KEPT {
+                w.remove(JOBS, &job_key(v.id - JOBS_KEPT))?;
+            }
+            Ok::<_, db::Error>(())
+        });
+        if let Err(e) = r {
+            tracing::error!("recording job {}: {e}", v.id);
+        }
+    }
+
+    /// Continue job ids after the recorded ones, and record the jobs that
+    /// were running when the daemon last stopped as failed (says which).
+    pub fn resume_jobs(&self) -> db::Result<Vec<String>> {
+        let recorded: Vec<(String, JobView)> = self.meta.list(JOBS)?;
+        let last = recorded.last().map_or(0, |(_, j)| j.id);
+        self.jobs.next.store(last, Ordering::Relaxed);
+        let mut said = Vec::new();
+        for (key, mut j) in recorded.into_iter().filter(|(_, j)| j.state == JobState::Running) {
+            j.state = JobState::Failed;
+            j.error = Some("interrupted: the daemon stopped while the job ran; start it again".into());
+            self.meta.put(JOBS, &key, &j)?;
+            said.push(format!("job {} ({} {}) was cut short by the stop; recorded as failed", j.id, j.kind, j.target));
+        }
+        Ok(said)
+    }
+
+    /// Jobs `actor` may see (its own; a manager sees all), the running ones
+    /// with their live progress.
+    pub fn list_jobs(&self, actor: &User) -> ApiResult<Vec<JobView>> {
+        let mut all: std::collections::BTreeMap<u64, JobView> =
+            self.meta.list::<JobView>(JOBS)?.into_iter().map(|(_, j)| (j.id, j)).collect();
+        for j in self.jobs.jobs.lock().values() {
+            all.insert(j.id, Jobs::view(j));
+        }
+        // A job older than the actor was started by an earlier holder of the
+        // name.
+        let mine = |j: &JobView| j.owner == actor.name && j.started >= actor.created;
+        Ok(all.into_values().filter(|j| actor.role == Role::Manager || mine(j)).collect())
     }
 
     /// One job.
     pub fn show_job(&self, actor: &User, id: u64) -> ApiResult<JobView> {
-        self.list_jobs(actor)
+        self.list_jobs(actor)?
             .into_iter()
             .find(|j| j.id == id)
             .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
@@ -1203,7 +1335,10 @@ impl App {
         let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
         let mut out = Vec::new();
         for (id, e) in self.meta.events::<Event>(after, if actor.role == Role::Manager { limit } else { 100_000 })? {
-            let ok = actor.role == Role::Manager || users.get(&e.user).is_some_and(|u| auth::can_see_user(actor, u));
+            // An event older than its user was done by an earlier holder of
+            // the name, someone else.
+            let ok = actor.role == Role::Manager
+                || users.get(&e.user).is_some_and(|u| auth::can_see_user(actor, u) && e.time >= u.created);
             if ok {
                 let mut v = serde_json::to_value(&e).expect("events serialize");
                 v["id"] = id.into();
@@ -1243,6 +1378,11 @@ impl App {
     }
 }
 
+/// The key of job `id`'s record: zero-padded, so key order is id order.
+fn job_key(id: u64) -> String {
+    format!("{id:020}")
+}
+
 /// Open NBD sessions on volume `name` and its snapshots.
 fn sessions_of(counters: &[keel_nbd_server::ExportCounters], name: &str) -> u64 {
     let prefix = format!("{name}@");
@@ -1270,7 +1410,8 @@ mod tests {
             nbd: "127.0.0.1:10809".parse().unwrap(),
             iscsi: "127.0.0.1:3260".parse().unwrap(),
         };
-        App::new(pool, meta, addrs, dir.to_path_buf()).unwrap()
+        let access = crate::access::AccessKeys::load(dir, true).unwrap();
+        App::new(pool, meta, addrs, dir.to_path_buf(), access).unwrap()
     }
 
     fn admin() -> User {
@@ -1291,8 +1432,13 @@ mod tests {
         let a = admin();
         app.meta.put(USERS, "admin", &a).unwrap();
         let v = app.create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None }).await.unwrap();
-        assert_eq!(v.iscsi_url, "iscsi://127.0.0.1:3260/iqn.2026-11.io.keel:web/0");
-        assert_eq!(v.nbd_url, "nbd://127.0.0.1:10809/web");
+        // Without CHAP of its own, the target takes the volume's access key
+        // as CHAP secret, and the URLs carry the key.
+        let key = app.access.key("web", app.key_salt("web"));
+        assert_eq!(v.iscsi_url, format!("iscsi://web%{key}@127.0.0.1:3260/iqn.2026-11.io.keel:web/0"));
+        assert_eq!(v.nbd_url, format!("nbd://127.0.0.1:10809/web:{key}"));
+        let t = app.target("iqn.2026-11.io.keel:web").unwrap();
+        assert_eq!(t.chap, Some(Chap { user: "web".into(), secret: key }));
         let chap = Chap { user: "host".into(), secret: "0123456789abcd".into() };
         let iscsi = IscsiExport { initiators: vec!["iqn.1993-08.org.debian:01:a".into()], chap: Some(chap.clone()) };
         let e = app.set_export(&a, "web", iscsi).await.unwrap();
@@ -1379,6 +1525,7 @@ mod tests {
             created: 0,
             origin: None,
             iscsi: IscsiExport::default(),
+            key_salt: rand::random(),
         };
         app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
         let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();

@@ -206,7 +206,7 @@ impl App {
         let (paused_ms, consistency) = self.snapshot_disks(&m, &snap).await?;
         drop(vm_guard);
         let total: u64 = m.disks.iter().map(|d| self.pool.volume(&d.volume).map(|v| v.size()).unwrap_or(0)).sum();
-        let job = self.jobs.start("vm.backup", name, &actor.name, total);
+        let job = self.start_job("vm.backup", name, &actor.name, total);
         let view = self.show_job(actor, job.id)?;
         let app = self.clone();
         let (actor, name) = (actor.clone(), name.to_string());
@@ -233,7 +233,7 @@ impl App {
                     );
                     app.log_event(&actor.name, "vm.backup", &name, &detail);
                     job.set_result(result);
-                    job.finish(None);
+                    app.finish_job(&job, None);
                 }
                 Err(e) => {
                     app.log_event(&actor.name, "vm.backup-failed", &name, &e.message);
@@ -241,7 +241,7 @@ impl App {
                     if let Err(g) = app.library.gc().await {
                         tracing::warn!("collecting after the failed backup {name}: {g}");
                     }
-                    job.finish(Some(e.message));
+                    app.finish_job(&job, Some(e.message));
                 }
             }
         });
@@ -374,10 +374,11 @@ impl App {
         Ok(made)
     }
 
-    /// A QEMU `json:` file name for NBD export `export` of this daemon.
-    fn nbd_json(&self, export: &str) -> String {
+    /// A QEMU `json:` file name for device `device` of this daemon over
+    /// NBD.
+    fn nbd_json(&self, device: &str) -> String {
         let nbd = self.addrs.nbd;
-        let spec = serde_json::json!({"driver": "raw", "file": {"driver": "nbd", "export": export,
+        let spec = serde_json::json!({"driver": "raw", "file": {"driver": "nbd", "export": self.export_name(device),
             "server": {"type": "inet", "host": nbd.ip().to_string(), "port": nbd.port().to_string()}}});
         format!("json:{spec}")
     }
@@ -546,19 +547,19 @@ impl App {
                 )));
             }
         }
-        let job = self.jobs.start("vm.restore", vm, &actor.name, d.disks.iter().map(|x| x.size).sum());
+        let job = self.start_job("vm.restore", vm, &actor.name, d.disks.iter().map(|x| x.size).sum());
         let mut done = 0u64;
         for (disk, vd) in d.disks.iter().zip(&m.disks) {
             let vol = self.pool.volume(&vd.volume)?;
             let progress = |b: u64| job.done.store(done + b, Ordering::Relaxed);
             if let Err(e) = self.library.restore_disk(disk, &vol, false, &progress).await {
                 let e = ApiError::from(e);
-                job.finish(Some(e.message.clone()));
+                self.finish_job(&job, Some(e.message.clone()));
                 return Err(e);
             }
             done += disk.size;
         }
-        job.finish(None);
+        self.finish_job(&job, None);
         // The disks changed under the backup base: the next backup reads all.
         let old = m.backup_base.as_ref().map(|b| b.snapshot.clone());
         let m = self.update_vm(vm, Some((&actor.name, "vm.restore", app)), |v| v.backup_base = None)?;

@@ -340,7 +340,11 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
                 }
             }
             let url = match snap {
-                Some(sn) => format!("{}@{sn}", s(&v["nbd_url"])),
+                Some(sn) => {
+                    let snaps = c.get(&format!("/volumes/{}/snapshots", seg(vol)?))?;
+                    let found = snaps.as_array().and_then(|a| a.iter().find(|x| x["name"] == sn));
+                    found.map(|x| s(&x["nbd_url"])).context("the snapshot vanished")?
+                }
                 None => s(&v["nbd_url"]),
             };
             let mut opts = vec!["-f", "raw", "-O", format.as_str()];
@@ -548,6 +552,10 @@ pub fn export(c: &Client, cmd: ExportCmd) -> Result<()> {
             let v = c.send("PUT", &format!("/volumes/{}/export", seg(&volume)?), b)?;
             c.print(&v, show);
         }
+        ExportCmd::RotateKey { volume } => {
+            let v = c.send("POST", &format!("/volumes/{}/export/key", seg(&volume)?), json!({}))?;
+            c.print(&v, show);
+        }
     }
     Ok(())
 }
@@ -625,6 +633,12 @@ pub enum ExportCmd {
         /// Read the CHAP secret (12 to 16 characters) from stdin.
         #[arg(long)]
         chap_secret_stdin: bool,
+    },
+    /// Give a volume a new access key: the NBD and iSCSI URLs handed out
+    /// before stop working (refused while clients are connected).
+    RotateKey {
+        /// Volume.
+        volume: String,
     },
 }
 

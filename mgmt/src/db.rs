@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Version of the schema this build writes.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Users by name ([`crate::model::User`]).
@@ -29,6 +29,13 @@ pub const ISOS: Table = Table("isos");
 pub const VMS: Table = Table("vms");
 /// VM running time by `OWNER/HOUR/VM` ([`crate::model::UsageRow`]).
 pub const USAGE: Table = Table("usage");
+/// Jobs by id (zero-padded, so key order is id order); the newest
+/// [`JOBS_KEPT`] are kept.
+pub const JOBS: Table = Table("jobs");
+/// How many job records are kept.
+pub const JOBS_KEPT: u64 = 1000;
+/// How many events the log keeps (each append past it drops the oldest).
+pub const EVENTS_KEPT: u64 = 100_000;
 const EVENTS: TableDefinition<u64, &str> = TableDefinition::new("events");
 
 /// A table of JSON documents keyed by name.
@@ -109,6 +116,9 @@ impl Write<'_> {
         let next = t.last().map_err(dbe)?.map_or(1, |(k, _)| k.value() + 1);
         let json = serde_json::to_string(value).expect("events serialize");
         t.insert(next, json.as_str()).map_err(dbe)?;
+        if next > EVENTS_KEPT {
+            t.remove(next - EVENTS_KEPT).map_err(dbe)?;
+        }
         Ok(next)
     }
 }
@@ -121,8 +131,9 @@ fn parse<T: DeserializeOwned>(table: &'static str, key: &str, json: &str) -> Res
 type Migration = fn(&mut Write<'_>) -> Result<()>;
 
 /// `MIGRATIONS[n]` upgrades version `n` to `n + 1`. Version 0 is an empty
-/// file; version 1 creates the tables; version 2 adds VMs and usage.
-const MIGRATIONS: [Migration; 2] = [
+/// file; version 1 creates the tables; version 2 adds VMs and usage;
+/// version 3 jobs.
+const MIGRATIONS: [Migration; 3] = [
     |w| {
         for t in [USERS, TOKENS, VOLUMES, INTENTS, ISOS] {
             w.tx.open_table(t.def()).map_err(dbe)?;
@@ -134,6 +145,10 @@ const MIGRATIONS: [Migration; 2] = [
         for t in [VMS, USAGE] {
             w.tx.open_table(t.def()).map_err(dbe)?;
         }
+        Ok(())
+    },
+    |w| {
+        w.tx.open_table(JOBS.def()).map_err(dbe)?;
         Ok(())
     },
 ];
@@ -261,6 +276,28 @@ mod tests {
         assert_eq!(ev, vec![(2, "e2".to_string())]);
         let ev: Vec<(u64, String)> = m.events(1, 10).unwrap();
         assert_eq!(ev, vec![(2, "e2".to_string()), (3, "e3".to_string())]);
+    }
+
+    #[test]
+    fn the_event_log_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = Meta::open(&dir.path().join("m.redb")).unwrap();
+        let extra = 25;
+        m.write(|w| {
+            for i in 0..EVENTS_KEPT + extra {
+                w.event(&i)?;
+            }
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        // The oldest `extra` are gone; a cursor before them resumes at the
+        // oldest kept; the newest is last.
+        let first: Vec<(u64, u64)> = m.events(1, 1).unwrap();
+        assert_eq!(first, vec![(extra + 1, extra)]);
+        let newest: Vec<(u64, u64)> = m.events(0, 1).unwrap();
+        assert_eq!(newest, vec![(EVENTS_KEPT + extra, EVENTS_KEPT + extra - 1)]);
+        let rx = m.db.begin_read().unwrap();
+        assert_eq!(rx.open_table(EVENTS).unwrap().len().unwrap(), EVENTS_KEPT);
     }
 
     #[test]

@@ -47,6 +47,13 @@ impl Targets for AppTargets {
         Some(Arc::new(InUse { vol, stats, _guard: guard }))
     }
 
+    /// With access keys on, discovery lists nothing: target names are
+    /// volume names, tenants' data. Each volume's `iscsi_url` names its
+    /// target.
+    fn discoverable(&self, _name: &str) -> bool {
+        !self.app.access.required()
+    }
+
     fn access(&self, name: &str) -> Option<Access> {
         let t = self.app.target(name)?;
         Some(Access {

@@ -13,6 +13,7 @@
 //!
 //! The iSCSI target reads its targets through [`app::IscsiTargets`].
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod appliances;

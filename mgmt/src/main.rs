@@ -94,7 +94,7 @@ enum ListCmd {
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
     /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu, accel,
-    /// vm_stop_timeout, token_ttl); flags win.
+    /// vm_stop_timeout, token_ttl, export_auth); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
@@ -131,6 +131,19 @@ struct ServeArgs {
     /// guest here, else TCG) [default: auto].
     #[arg(long, env = "KEEL_ACCEL", value_parser = parse_accel)]
     accel: Option<Accel>,
+    /// Volumes' data-plane access: `key` (NBD export names and iSCSI CHAP
+    /// carry each volume's access key, which its URLs include) or `none`
+    /// (any local client opens any volume by name) [default: key].
+    #[arg(long, env = "KEEL_EXPORT_AUTH", value_parser = parse_export_auth)]
+    export_auth: Option<bool>,
+}
+
+fn parse_export_auth(s: &str) -> Result<bool, String> {
+    match s {
+        "key" => Ok(true),
+        "none" => Ok(false),
+        _ => Err(format!("unknown export auth {s:?}: use key or none")),
+    }
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -199,6 +212,11 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         nbd_tls,
         nbd_require_tls,
         vms,
+        export_keys: match (a.export_auth, &f.export_auth) {
+            (Some(k), _) => k,
+            (None, Some(s)) => parse_export_auth(s).map_err(|e| anyhow::anyhow!("config export_auth: {e}"))?,
+            (None, None) => true,
+        },
         token_ttl: match std::env::var("KEEL_TOKEN_TTL") {
             Ok(v) => v.parse().map_err(|_| anyhow::anyhow!("KEEL_TOKEN_TTL {v:?} is not a number of seconds"))?,
             Err(_) => f.token_ttl.unwrap_or(keel_mgmt::app::DEFAULT_TOKEN_TTL),

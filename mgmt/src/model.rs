@@ -114,6 +114,12 @@ pub struct VolumeMeta {
     /// iSCSI export settings.
     #[serde(default)]
     pub iscsi: IscsiExport,
+    /// Random salt of the volume's access key (see [`crate::access`]), new
+    /// for every volume (a volume made under a deleted one's name does not
+    /// inherit its key) and at every rotation of the key. 0 in records from
+    /// before access keys.
+    #[serde(default)]
+    pub key_salt: u64,
 }
 
 /// A store operation recorded before it runs, so a restart after `kill -9`

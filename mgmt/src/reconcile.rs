@@ -51,6 +51,7 @@ pub async fn reconcile(pool: &Pool<AnyBackend>, meta: &Meta) -> anyhow::Result<V
                         created: now(),
                         origin: origin.clone(),
                         iscsi: IscsiExport::default(),
+                        key_salt: rand::random(),
                     };
                     meta.write(|w| {
                         w.put(VOLUMES, &name, &m)?;
@@ -106,6 +107,7 @@ pub async fn reconcile(pool: &Pool<AnyBackend>, meta: &Meta) -> anyhow::Result<V
                 created: now(),
                 origin: None,
                 iscsi: IscsiExport::default(),
+                key_salt: rand::random(),
             };
             meta.put(VOLUMES, name, &m)?;
             said.push(format!("adopted volume {name}, found in the store without metadata (owner {owner})"));

@@ -46,6 +46,8 @@ pub struct FileConfig {
     pub vm_stop_timeout: Option<u64>,
     /// Seconds an API token from `POST /api/v1/tokens` stays valid.
     pub token_ttl: Option<u64>,
+    /// Data-plane access: `key` or `none` (see [`crate::access`]).
+    pub export_auth: Option<String>,
 }
 
 impl FileConfig {
@@ -77,6 +79,8 @@ pub struct Settings {
     pub vms: crate::vms::VmSettings,
     /// Seconds an API token stays valid.
     pub token_ttl: u64,
+    /// Whether NBD and iSCSI clients need the volume's access key.
+    pub export_keys: bool,
 }
 
 /// Parse an engine name.
@@ -242,9 +246,15 @@ pub async fn serve(s: Settings) -> Result<()> {
 
     // Scratch space of OVA imports and exports an earlier run left.
     let _ = std::fs::remove_dir_all(s.data.join("tmp"));
-    let mut app = App::new(pool.clone(), meta, s.addrs, s.data.clone()).context("opening the appliance library")?;
+    let access = crate::access::AccessKeys::load(&s.data, s.export_keys).context("loading the access key secret")?;
+    let mut app =
+        App::new(pool.clone(), meta, s.addrs, s.data.clone(), access).context("opening the appliance library")?;
     app.vms = crate::vms::VmRuntime::new(s.vms.clone());
     app.token_ttl = s.token_ttl;
+    for line in app.resume_jobs().context("reading the job records")? {
+        println!("reconciled: {line}");
+        said.push(line);
+    }
     let app = Arc::new(app);
     for line in &said {
         app.log_event("keel", "reconcile", "", line);
@@ -264,7 +274,8 @@ pub async fn serve(s: Settings) -> Result<()> {
     let iscsi_listener = tokio::net::TcpListener::bind(s.addrs.iscsi)
         .await
         .with_context(|| format!("binding the iSCSI target to {}", s.addrs.iscsi))?;
-    let nbd = tokio::spawn(keel_nbd_server::serve(nbd_listener, app.nbd.clone(), Arc::new(config)));
+    let exports = Arc::new(crate::access::AppExports::new(app.clone()));
+    let nbd = tokio::spawn(keel_nbd_server::serve(nbd_listener, exports, Arc::new(config)));
     let targets = Arc::new(crate::iscsi::AppTargets::new(app.clone()));
     let iscsi_server = keel_iscsi_target::Server::new(targets, keel_iscsi_target::ServerConfig::default());
     let iscsi = tokio::spawn(iscsi_server.serve(iscsi_listener));
@@ -299,8 +310,11 @@ pub async fn serve(s: Settings) -> Result<()> {
         st.devices
     );
     println!("HTTP API on http://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
-    println!("NBD on nbd://{}/VOLUME{}", s.addrs.nbd, if s.nbd_require_tls { " (TLS required)" } else { "" });
-    println!("iSCSI on iscsi://{}/{}VOLUME/0", s.addrs.iscsi, crate::model::IQN_PREFIX);
+    let keyed = if s.export_keys { " (export names carry the volume's access key: see its nbd_url)" } else { "" };
+    let tls = if s.nbd_require_tls { " (TLS required)" } else { "" };
+    println!("NBD on nbd://{}/VOLUME{tls}{keyed}", s.addrs.nbd);
+    let chap = if s.export_keys { " (CHAP with the volume's access key unless set: see its iscsi_url)" } else { "" };
+    println!("iSCSI on iscsi://{}/{}VOLUME/0{chap}", s.addrs.iscsi, crate::model::IQN_PREFIX);
     println!("VMs: QEMU {}, accelerator {}", s.vms.qemu, s.vms.accel);
     match made {
         Some(p) => println!("first start: manager credentials written to {}", p.display()),

@@ -244,7 +244,7 @@ impl App {
                 .map(|d| VmDiskView {
                     id: d.id.clone(),
                     volume: d.volume.clone(),
-                    nbd_url: format!("nbd://{}/{}", self.addrs.nbd, d.volume),
+                    nbd_url: format!("nbd://{}/{}", self.addrs.nbd, self.export_name(&d.volume)),
                 })
                 .collect(),
             cdrom: m.cdrom.clone(),
@@ -651,7 +651,11 @@ impl App {
                 .iter()
                 .map(|d| VmDisk {
                     id: d.id.clone(),
-                    source: DiskSource::Nbd { host: nbd.ip().to_string(), port: nbd.port(), export: d.volume.clone() },
+                    source: DiskSource::Nbd {
+                        host: nbd.ip().to_string(),
+                        port: nbd.port(),
+                        export: self.export_name(&d.volume),
+                    },
                     read_only: false,
                 })
                 .collect(),
@@ -903,7 +907,11 @@ impl App {
             let nbd = self.addrs.nbd;
             let d = VmDisk {
                 id: disk.id.clone(),
-                source: DiskSource::Nbd { host: nbd.ip().to_string(), port: nbd.port(), export: volume.into() },
+                source: DiskSource::Nbd {
+                    host: nbd.ip().to_string(),
+                    port: nbd.port(),
+                    export: self.export_name(volume),
+                },
                 read_only: false,
             };
             let limit = Duration::from_secs(10);

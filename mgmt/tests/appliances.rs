@@ -40,7 +40,7 @@ fn wait_marker(d: &Daemon, vm: &str) -> String {
 /// The marker at sector 2048 of a volume, read over NBD.
 fn marker_of(d: &Daemon, volume: &str) -> String {
     let out = tempfile::NamedTempFile::new().unwrap();
-    let url = format!("nbd://127.0.0.1:{}/{volume}", d.nbd);
+    let url = d.nbd_url(volume);
     run_ok(
         Command::new("qemu-img")
             .args(["dd", "-f", "raw", "-O", "raw", "bs=512", "count=2049"])
@@ -53,7 +53,7 @@ fn marker_of(d: &Daemon, volume: &str) -> String {
 }
 
 fn pattern(d: &Daemon, volume: &str, byte: u8) -> bool {
-    let url = format!("nbd://127.0.0.1:{}/{volume}", d.nbd);
+    let url = d.nbd_url(volume);
     let out = Command::new("qemu-io")
         .args(["-r", "-f", "raw", "-c", &format!("read -P {byte:#x} 64M 1M"), &url])
         .output()
@@ -96,11 +96,7 @@ fn live_backups_restore_every_point_in_time() {
 
     // Change the disk (over NBD, while the VM runs), back up again: only
     // the changed range is read.
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0xab 64M 1M"])
-            .arg(format!("nbd://127.0.0.1:{}/boot", d.nbd)),
-    );
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xab 64M 1M"]).arg(d.nbd_url("boot")));
     let j = cli_json(&d, &["vm", "backup", "src", "--appliance", "b2"]);
     let r2 = &j["result"];
     assert!(r2["read_bytes"].as_u64().unwrap() <= 2 * MIB, "incremental: {j}");
@@ -182,7 +178,7 @@ fn a_backup_killed_halfway_leaves_no_appliance_and_no_snapshot() {
     let mut d = Daemon::start(dir.path());
     cli_ok(&d, &["volume", "create", "big", "--size", "1G"]);
     // Random data, so the backup has work to do.
-    let url = format!("nbd://127.0.0.1:{}/big", d.nbd);
+    let url = d.nbd_url("big");
     run_ok(Command::new("fio").args([
         "--name=fill",
         "--ioengine=nbd",

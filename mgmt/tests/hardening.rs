@@ -145,3 +145,79 @@ fn iso_uploads_count_against_the_storage_quota() {
     let (_, isos) = d.call("GET", "/api/v1/isos", None);
     assert_eq!(isos.as_array().unwrap().len(), 1, "the refused upload left nothing: {isos}");
 }
+
+#[test]
+fn the_iso_store_shows_uploaders_only_within_their_tenant() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    for (name, pw) in [("p", "password-p"), ("q", "password-q")] {
+        let u = json!({"name": name, "role": "power", "password": pw, "quota": {"storage": "1G"}});
+        assert_eq!(d.call("POST", "/api/v1/users", Some(u)).0, 201);
+    }
+    let p = d.login("p", "password-p");
+    let q = d.login("q", "password-q");
+    let up = ureq::put(&format!("{}/api/v1/isos/installer", d.url()))
+        .set("Authorization", &format!("Bearer {p}"))
+        .send_bytes(b"an iso")
+        .unwrap();
+    assert_eq!(up.status(), 201);
+    let owner_seen_by = |token: &str| {
+        let (st, isos) = d.call_as(token, "GET", "/api/v1/isos", None);
+        assert_eq!(st, 200, "{isos}");
+        let isos = isos.as_array().unwrap().clone();
+        assert_eq!(isos.len(), 1, "every tenant sees the shared store: {isos:?}");
+        assert_eq!(isos[0]["name"], "installer");
+        isos[0]["owner"].as_str().map(str::to_string)
+    };
+    assert_eq!(owner_seen_by(&p).as_deref(), Some("p"));
+    assert_eq!(owner_seen_by(&d.token).as_deref(), Some("p"), "managers see everyone");
+    assert_eq!(owner_seen_by(&q), None, "another tenant learns no user names");
+}
+
+#[test]
+fn a_reused_user_name_does_not_inherit_events_or_jobs() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let power = json!({"name": "p", "role": "power", "password": "password-p", "quota": {"storage": "1G"}});
+    assert_eq!(d.call("POST", "/api/v1/users", Some(power.clone())).0, 201);
+    let p = d.login("p", "password-p");
+    assert_eq!(d.call_as(&p, "POST", "/api/v1/volumes", Some(json!({"name": "old-secret", "size": "1M"}))).0, 201);
+    let up = ureq::put(&format!("{}/api/v1/isos/old-iso", d.url()))
+        .set("Authorization", &format!("Bearer {p}"))
+        .send_bytes(b"an iso")
+        .unwrap();
+    assert_eq!(up.status(), 201);
+    let (_, ev) = d.call_as(&p, "GET", "/api/v1/events", None);
+    assert!(ev.to_string().contains("old-secret"), "the first p sees its own events: {ev}");
+    assert_eq!(d.call_as(&p, "GET", "/api/v1/jobs", None).1.as_array().unwrap().len(), 1);
+    assert!(d.call("DELETE", "/api/v1/volumes/old-secret", None).0 < 300);
+    assert!(d.call("DELETE", "/api/v1/users/p", None).0 < 300);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(d.call("POST", "/api/v1/users", Some(power)).0, 201);
+    let p2 = d.login("p", "password-p");
+    let (_, ev) = d.call_as(&p2, "GET", "/api/v1/events", None);
+    assert!(!ev.to_string().contains("old-secret"), "the new p sees the old p's events: {ev}");
+    let (_, jobs) = d.call_as(&p2, "GET", "/api/v1/jobs", None);
+    assert_eq!(jobs.as_array().unwrap().len(), 0, "the new p sees the old p's jobs: {jobs}");
+    let (_, all) = d.call("GET", "/api/v1/events", None);
+    assert!(all.to_string().contains("old-secret"), "managers still see the history: {all}");
+}
+
+#[test]
+fn errors_axum_answers_itself_are_json_too() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let big = format!("{{\"name\": \"v\", \"size\": \"1M\", \"pad\": \"{}\"}}", "x".repeat(3 << 20));
+    let r = ureq::post(&format!("{}/api/v1/volumes", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .set("Content-Type", "application/json")
+        .send_string(&big);
+    let (st, body) = match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(st, 413, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    assert!(v["error"].as_str().unwrap().contains("too large"), "{v}");
+}

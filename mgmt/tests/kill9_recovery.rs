@@ -198,3 +198,51 @@ fn iso_store_leftovers_are_cleaned_on_start() {
     files.sort();
     assert_eq!(files, ["kept.iso"]);
 }
+
+#[test]
+fn jobs_outlive_the_daemon_and_one_cut_short_shows_failed() {
+    use std::io::Write;
+    let dir = data_dir();
+    let mut d = Daemon::start(dir.path());
+    let up = ureq::put(&format!("{}/api/v1/isos/first", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .send_bytes(b"iso bytes")
+        .unwrap();
+    assert_eq!(up.status(), 201);
+    // An upload that stops halfway: the job runs until the daemon dies.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.api)).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/isos/second HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10485760\r\n\r\n",
+        d.token
+    )
+    .unwrap();
+    s.write_all(&[7u8; 1 << 20]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, jobs) = d.call("GET", "/api/v1/jobs", None);
+        if jobs.as_array().unwrap().iter().any(|j| j["target"] == "second" && j["state"] == "running") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the upload never showed as a running job: {jobs}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ports = (d.api, d.nbd, d.iscsi);
+    d.kill9();
+    drop(s);
+    let d = Daemon::start_with(dir.path(), &[], ports);
+    assert!(d.output().contains("job 2 (iso.upload second) was cut short"), "{}", d.output());
+    let (_, jobs) = d.call("GET", "/api/v1/jobs", None);
+    let jobs = jobs.as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!((jobs[0]["id"].as_u64(), jobs[0]["state"].as_str()), (Some(1), Some("done")), "{jobs:?}");
+    assert_eq!((jobs[1]["id"].as_u64(), jobs[1]["state"].as_str()), (Some(2), Some("failed")), "{jobs:?}");
+    assert!(jobs[1]["error"].as_str().unwrap().contains("interrupted"), "{jobs:?}");
+    // Ids go on after the recorded ones.
+    let up = ureq::put(&format!("{}/api/v1/isos/third", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .send_bytes(b"iso bytes")
+        .unwrap();
+    let v: serde_json::Value = up.into_json().unwrap();
+    assert_eq!(v["job"], 3, "{v}");
+}

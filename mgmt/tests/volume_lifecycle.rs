@@ -33,8 +33,11 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
     assert_eq!(v["size_bytes"], 64 << 20);
     let show = cli_json(&d, &["volume", "show", "disk1"]);
     let nbd_url = show["nbd_url"].as_str().unwrap().to_string();
-    assert_eq!(nbd_url, format!("nbd://127.0.0.1:{}/disk1", d.nbd));
-    assert_eq!(show["iscsi_url"], format!("iscsi://127.0.0.1:{}/iqn.2026-11.io.keel:disk1/0", d.iscsi));
+    // The export name carries the volume's access key, and so does the iSCSI
+    // URL, as the CHAP secret of user disk1.
+    let key = nbd_url.strip_prefix(&format!("nbd://127.0.0.1:{}/disk1:", d.nbd)).expect("nbd_url").to_string();
+    assert!(key.len() == 16 && key.bytes().all(|b| b.is_ascii_alphanumeric()), "{nbd_url}");
+    assert_eq!(show["iscsi_url"], format!("iscsi://disk1%{key}@127.0.0.1:{}/iqn.2026-11.io.keel:disk1/0", d.iscsi));
     assert_eq!(show["allocated_bytes"], 0);
 
     // qemu writes through the URL the API gave, and reads it back.

@@ -172,7 +172,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
             opt::EXPORT_NAME => {
                 let Ok(name) = String::from_utf8(payload) else { return Ok(Outcome::Close) };
                 let Some(dev) = exports.open(&name) else {
-                    tracing::info!(export = %name, "client asked for an export that does not exist");
+                    tracing::info!("client asked for an export that does not exist: {}", exports.unknown_export(&name));
                     return Ok(Outcome::Close);
                 };
                 if neg.contexts_for != name {
@@ -194,6 +194,8 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
             opt::LIST => {
                 if !payload.is_empty() {
                     err_reply(&mut out, o, rep::ERR_INVALID, "NBD_OPT_LIST takes no data");
+                } else if let Some(why) = exports.list_refusal() {
+                    err_reply(&mut out, o, rep::ERR_POLICY, &why);
                 } else {
                     for name in exports.names() {
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
@@ -223,7 +225,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 };
                 let Some(dev) = exports.open(&req.name) else {
-                    let msg = format!("no export named {:?}", req.name);
+                    let msg = exports.unknown_export(&req.name);
                     err_reply(&mut out, o, rep::ERR_UNKNOWN, &msg);
                     s.write_all(&out).await?;
                     continue;
@@ -297,7 +299,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
                         err_reply(&mut out, o, rep::ERR_INVALID, "negotiate structured replies first")
                     }
                     Some(req) if exports.open(&req.name).is_none() => {
-                        err_reply(&mut out, o, rep::ERR_UNKNOWN, &format!("no export named {:?}", req.name))
+                        err_reply(&mut out, o, rep::ERR_UNKNOWN, &exports.unknown_export(&req.name))
                     }
                     Some(req) => {
                         let bitmaps = exports.bitmaps(&req.name);

@@ -19,4 +19,4 @@ pub mod sessions;
 pub mod tls;
 
 pub use server::{Exports, PoolExports, ServerConfig, serve};
-pub use sessions::{CountingExports, ExportCounters, ExportStats};
+pub use sessions::{Counted, CountingExports, ExportCounters, ExportStats};

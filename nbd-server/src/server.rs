@@ -13,6 +13,16 @@ pub trait Exports: Send + Sync + 'static {
     fn open(&self, name: &str) -> Option<Arc<Self::Device>>;
     /// Names of every export (NBD_OPT_LIST).
     fn names(&self) -> Vec<String>;
+    /// Why NBD_OPT_LIST is refused (answered with `NBD_REP_ERR_POLICY`
+    /// and this message), if it is: exports whose names are secrets.
+    fn list_refusal(&self) -> Option<String> {
+        None
+    }
+    /// The message for a client that asked for an export [`Exports::open`]
+    /// did not find.
+    fn unknown_export(&self, name: &str) -> String {
+        format!("no export named {name:?}")
+    }
     /// The snapshots whose changes export `name` can report as
     /// `qemu:dirty-bitmap:SNAPSHOT`.
     fn bitmaps(&self, name: &str) -> Vec<String>;

@@ -119,6 +119,14 @@ impl<E: Exports> Exports for CountingExports<E> {
         self.inner.names()
     }
 
+    fn list_refusal(&self) -> Option<String> {
+        self.inner.list_refusal()
+    }
+
+    fn unknown_export(&self, name: &str) -> String {
+        self.inner.unknown_export(name)
+    }
+
     fn bitmaps(&self, name: &str) -> Vec<String> {
         self.inner.bitmaps(name)
     }

@@ -56,6 +56,7 @@ impl Daemon {
             .args(["--iscsi", &format!("127.0.0.1:{iscsi}")])
             .env_remove("KEEL_DATA")
             .env_remove("KEEL_CRASH_POINT")
+            .env_remove("KEEL_EXPORT_AUTH")
             // Guests run under TCG unless a test asks for the probe: the
             // KVM probe costs seconds of CPU where KVM hangs.
             .env("KEEL_ACCEL", "tcg")
@@ -101,6 +102,13 @@ impl Daemon {
     }
 
     /// A request with `token` ("" for none).
+    /// The `nbd_url` the API gives for volume `volume` (access key included).
+    pub fn nbd_url(&self, volume: &str) -> String {
+        let (st, v) = self.call("GET", &format!("/api/v1/volumes/{volume}"), None);
+        assert_eq!(st, 200, "volume {volume}: {v}");
+        v["nbd_url"].as_str().expect("nbd_url").to_string()
+    }
+
     pub fn call_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         call(&self.url(), token, method, path, body)
     }
