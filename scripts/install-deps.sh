@@ -43,7 +43,10 @@ PACKAGES=(
     # iSCSI clients and a reference iSCSI target (issue 4)
     libiscsi-bin
     tgt
-    # later: python3-libnbd nbd-client open-iscsi
+    # The Linux kernel's own NBD client and iSCSI initiator, run inside the
+    # test guest (nbd-client, iscsistart)
+    nbd-client
+    open-iscsi
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-use keel_tests::guest::{self, BootArgs, MARKER_PREFIX, MARKER_SECTOR};
+use keel_tests::guest::{self, BootArgs, MARKER_SECTOR};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_on_an_nbd_volume_writes_through_to_the_store() {
@@ -25,11 +25,21 @@ async fn guest_on_an_nbd_volume_writes_through_to_the_store() {
     // The guest's write reached Keel: the sector holds the marker, NUL-padded.
     let mut sector = vec![0xffu8; 512];
     h.pool.volume("vol").unwrap().read(MARKER_SECTOR * 512, &mut sector).await.unwrap();
-    assert!(
-        sector.starts_with(MARKER_PREFIX.as_bytes()),
-        "sector {MARKER_SECTOR}: {:?}",
-        String::from_utf8_lossy(&sector)
-    );
-    assert_eq!(&sector[..marker.len()], marker.as_bytes(), "{}", String::from_utf8_lossy(&sector));
-    assert!(sector[marker.len()..].iter().all(|&b| b == 0), "marker not NUL-padded: {sector:?}");
+    guest::assert_marker_sector(&sector, &marker);
+}
+
+/// The Linux kernel's own NBD client (`nbd-client` and the nbd module in
+/// the guest, over QEMU's user networking) against Keel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_linux_kernels_nbd_client_writes_through_to_the_store() {
+    let h = Harness::new(256 * MIB).await;
+    h.pool.create_volume("kvol", 64 * MIB).await.unwrap();
+    let args = BootArgs::new("nbd-marker").append(&format!("keel.nbd={}/kvol", h.addr.port())).qemu(guest::USER_NIC);
+    let out = tokio::task::spawn_blocking(move || guest::boot(&args)).await.unwrap();
+    out.assert_ok();
+    assert!(out.has_line("KEEL-GUEST NBD connected"), "{out}");
+    let marker = out.marker().unwrap_or_else(|| panic!("no marker line on the console:\n{out}"));
+    let mut sector = vec![0xffu8; 512];
+    h.pool.volume("kvol").unwrap().read(MARKER_SECTOR * 512, &mut sector).await.unwrap();
+    guest::assert_marker_sector(&sector, &marker);
 }

@@ -59,6 +59,16 @@
 #                                  "?": a medium that is not ISO9660
 #                     KEEL-GUEST NICS eth0 eth1 ...
 #                 It never powers off by itself.
+#   nbd-marker    the kernel's own NBD client: brings eth0 up as 10.0.2.15
+#                 (QEMU user networking; the host is 10.0.2.2), connects
+#                 /dev/nbd0 with `nbd-client -N EXPORT 10.0.2.2 PORT` from
+#                 keel.nbd=PORT/EXPORT, does what write-marker does on it,
+#                 then disconnects
+#   iscsi-marker  the kernel's own iSCSI initiator: brings eth0 up the same
+#                 way, logs in with `iscsistart` from
+#                 keel.iscsi=PORT,TARGET[,USER,SECRET] (initiator name
+#                 iqn.2026-12.io.keel.test:guest), waits for /dev/sda and
+#                 does what write-marker does on it
 #   (none)        print KEEL-GUEST-BOOTED
 # and, except for vm, ends with `poweroff -f`, so QEMU (-no-reboot) exits.
 # Every line the init prints starts with "KEEL-GUEST".
@@ -82,7 +92,7 @@ SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 # optional ones later tests use (guest-side NBD and iSCSI initiators). Both
 # are loaded for every action.
 REQUIRED_MODULES=(virtio_pci virtio_blk virtio_net)
-OPTIONAL_MODULES=(nbd iscsi_tcp)
+OPTIONAL_MODULES=(nbd iscsi_tcp sd_mod)
 # Optional modules only `keel.action=vm` loads (so the other actions boot no
 # slower): the ACPI power button and evdev for its /dev/input/eventN, and
 # the PIIX IDE controller plus SCSI CD-ROM for an `ide-cd` on the pc machine
@@ -173,6 +183,25 @@ else
     done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$qga_ldd")
 fi
 
+# The kernel's user-space helpers for the network block device actions:
+# nbd-client and iscsistart, with their libraries. Optional: without them
+# those actions report FAIL.
+NET_FILES=()
+for bin in /usr/sbin/nbd-client /usr/sbin/iscsistart; do
+    if [[ ! -x "$bin" ]]; then
+        log "no $bin (scripts/install-deps.sh: nbd-client, open-iscsi): its guest action will fail"
+        continue
+    fi
+    if ! bin_ldd="$(ldd "$bin" 2>&1)" || grep -q 'not found' <<<"$bin_ldd"; then
+        log "cannot resolve the libraries of $bin, left out: $bin_ldd"
+        continue
+    fi
+    NET_FILES+=("$bin")
+    while read -r lib; do
+        NET_FILES+=("$lib")
+    done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$bin_ldd")
+done
+
 # The ISO's boot loader: isolinux.bin and the ldlinux.c32 it loads.
 ISOLINUX_BIN=/usr/lib/ISOLINUX/isolinux.bin
 LDLINUX_C32=/usr/lib/syslinux/modules/bios/ldlinux.c32
@@ -182,7 +211,8 @@ command -v genisoimage >/dev/null || die "no genisoimage (run scripts/install-de
 
 # What the outputs are built from; a different manifest forces a rebuild
 # even when the outputs are newer (e.g. after switching kernels).
-INPUTS=("$SELF" "$KERNEL" "$BUSYBOX" "${MODFILES[@]}" "${QGA_FILES[@]}" "$ISOLINUX_BIN" "$LDLINUX_C32")
+INPUTS=("$SELF" "$KERNEL" "$BUSYBOX" "${MODFILES[@]}" "${QGA_FILES[@]}" "${NET_FILES[@]}" "$ISOLINUX_BIN"
+    "$LDLINUX_C32")
 OUTPUTS=("$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/guest.iso")
 manifest() {
     printf 'kver %s\n' "$KVER"
@@ -229,10 +259,13 @@ ln -s busybox "$ROOT/bin/sh"
 # paths ldd named, so its PT_INTERP and the loader's default search path
 # (no ld.so.cache) find them; plus the fsfreeze hook, whose stdout qemu-ga
 # points at /dev/null, hence the console.
-for f in "${QGA_FILES[@]}"; do
+for f in "${QGA_FILES[@]}" "${NET_FILES[@]}"; do
     mkdir -p "$ROOT$(dirname "$f")"
-    cp -L "$f" "$ROOT$f"
+    [[ -e "$ROOT$f" ]] || cp -L "$f" "$ROOT$f"
 done
+# iscsistart reads its defaults from here; it needs none of them.
+mkdir -p "$ROOT/etc/iscsi"
+: >"$ROOT/etc/iscsi/iscsid.conf"
 if ((${#QGA_FILES[@]} > 0)); then
     ln -s "$QGA" "$ROOT/sbin/keel-qemu-ga"
     cat >"$ROOT/sbin/keel-fsfreeze-hook" <<'HOOK'
@@ -328,8 +361,8 @@ put_marker() {
     say "WROTE $2"
 }
 
-write_marker() {
-    dev=/dev/vda
+write_marker() { # [DEV], /dev/vda by default
+    dev=${1:-/dev/vda}
     wait_for $dev || { say "FAIL no $dev"; return; }
     say "DISK $dev $(blockdev --getsize64 $dev) bytes"
     put_marker $dev "KEEL-GUEST-MARKER $(cut -d' ' -f1 /proc/uptime)" || return
@@ -345,6 +378,64 @@ write_marker() {
     else
         say "FAIL readback differs"
     fi
+}
+
+# --- keel.action=nbd-marker and iscsi-marker --------------------------------
+
+# The value of kernel command-line word NAME=VALUE.
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in
+            "$1"=*) echo "${w#*=}" ;;
+        esac
+    done
+}
+
+# eth0 as 10.0.2.15/24 behind QEMU's user networking (the host is 10.0.2.2).
+net_up() {
+    ip link set lo up
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do
+        usleep 100000
+        i=$((i + 1))
+    done
+    [ -e /sys/class/net/eth0 ] || { say "FAIL no eth0"; return 1; }
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 ||
+        { say "FAIL configuring eth0"; return 1; }
+}
+
+nbd_marker() {
+    spec="$(arg keel.nbd)"
+    port="${spec%%/*}"
+    name="${spec#*/}"
+    [ -n "$spec" ] || { say "FAIL no keel.nbd=PORT/EXPORT"; return; }
+    [ -x /usr/sbin/nbd-client ] || { say "FAIL no nbd-client in the guest"; return; }
+    net_up || return
+    if ! /usr/sbin/nbd-client -N "$name" 10.0.2.2 "$port" /dev/nbd0 >/tmp/nbd.log 2>&1; then
+        say "FAIL nbd-client: $(tr '\n' ' ' </tmp/nbd.log)"
+        return
+    fi
+    say "NBD connected"
+    write_marker /dev/nbd0
+    /usr/sbin/nbd-client -d /dev/nbd0 >/dev/null 2>&1
+}
+
+iscsi_marker() {
+    spec="$(arg keel.iscsi)"
+    [ -n "$spec" ] || { say "FAIL no keel.iscsi=PORT,TARGET[,USER,SECRET]"; return; }
+    [ -x /usr/sbin/iscsistart ] || { say "FAIL no iscsistart in the guest"; return; }
+    IFS=, read -r port target user secret <<EOF_SPEC
+$spec
+EOF_SPEC
+    net_up || return
+    set -- -i iqn.2026-12.io.keel.test:guest -t "$target" -g 1 -a 10.0.2.2 -p "$port"
+    [ -n "$user" ] && set -- "$@" -u "$user" -w "$secret"
+    if ! /usr/sbin/iscsistart "$@" >/tmp/iscsi.log 2>&1; then
+        say "FAIL iscsistart: $(tr '\n' ' ' </tmp/iscsi.log)"
+        return
+    fi
+    say "ISCSI logged in"
+    write_marker /dev/sda
 }
 
 # --- keel.action=vm ---------------------------------------------------------
@@ -513,6 +604,8 @@ vm() {
 
 case "$action" in
     write-marker) write_marker ;;
+    nbd-marker) nbd_marker ;;
+    iscsi-marker) iscsi_marker ;;
     shell)
         say "SHELL (exit to power off)"
         setsid cttyhack sh

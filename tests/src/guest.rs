@@ -300,6 +300,20 @@ impl BootArgs {
     }
 }
 
+/// Panics unless `sector` (512 bytes read from [`MARKER_SECTOR`] of the
+/// guest's disk, through the store) holds `marker`, NUL-padded: the guest's
+/// write landed.
+pub fn assert_marker_sector(sector: &[u8], marker: &str) {
+    let shown = String::from_utf8_lossy(sector);
+    assert!(sector.starts_with(MARKER_PREFIX.as_bytes()), "sector {MARKER_SECTOR}: {shown:?}");
+    assert_eq!(&sector[..marker.len()], marker.as_bytes(), "{shown}");
+    assert!(sector[marker.len()..].iter().all(|&b| b == 0), "marker not NUL-padded: {shown:?}");
+}
+
+/// QEMU arguments for one virtio NIC on user networking, through which the
+/// guest reaches the host's loopback services at 10.0.2.2.
+pub const USER_NIC: [&str; 4] = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"];
+
 /// What a boot produced.
 #[derive(Debug)]
 pub struct Output {
