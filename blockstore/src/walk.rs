@@ -3,10 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{Entry, FANOUT, FANOUT_BITS, crc};
+use std::sync::Arc;
+
 use crate::pool::{Device, Inner, Pool};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -41,17 +44,48 @@ impl<B: Backend> Inner<B> {
     /// Block ranges where devices `a` and `b` map differently. Subtrees the
     /// two share (same page) are skipped without being read, so the cost is
     /// proportional to what changed, not to the size.
+    ///
+    /// The walk runs outside the device locks. A root taken while a page
+    /// on its path is dirty carries that page's old checksum, and once a
+    /// commit has written the page, reading it fails the check: a diff that
+    /// fails so while commits ran is started again, and after
+    /// [`DIFF_TRIES`] such tries takes both roots inside a commit, where
+    /// every page is clean.
     pub async fn diff(&self, a: &Device, b: &Device) -> Result<Vec<Range<u64>>> {
         let _g = self.grace.enter();
-        let (ra, rb, size) = {
-            let sa = a.state.read();
-            let sb = b.state.read();
-            (
-                Node { entry: sa.rec.root, level: sa.rec.depth },
-                Node { entry: sb.rec.root, level: sb.rec.depth },
-                sa.rec.size.max(sb.rec.size),
-            )
-        };
+        for _ in 0..DIFF_TRIES {
+            let seen = self.captures.load(Ordering::SeqCst);
+            // One lock at a time: holding `a`'s while waiting for `b`'s
+            // could deadlock with a commit, which takes every device's lock
+            // in catalog order (and parking_lot queues new readers behind a
+            // waiting writer).
+            let (ra, rb) = (root_of(a), root_of(b));
+            match self.diff_from(a, b, ra, rb).await {
+                Err(Error::Corrupt { .. }) if self.captures.load(Ordering::SeqCst) != seen => continue,
+                r => return r,
+            }
+        }
+        let (ra, rb) = self
+            .commit_with(|l| {
+                let mut root = |d: &Device| {
+                    let st = l.state(d.id).ok_or_else(|| Error::NotFound(d.name.clone()))?;
+                    Ok((Node { entry: st.rec.root, level: st.rec.depth }, st.rec.size))
+                };
+                Ok((root(a)?, root(b)?))
+            })
+            .await?;
+        self.diff_from(a, b, ra, rb).await
+    }
+
+    /// [`Inner::diff`] from roots taken (with sizes).
+    async fn diff_from(
+        &self,
+        a: &Device,
+        b: &Device,
+        (ra, size_a): (Node, u64),
+        (rb, size_b): (Node, u64),
+    ) -> Result<Vec<Range<u64>>> {
+        let size = size_a.max(size_b);
         let top = ra.level.max(rb.level);
         let mut blocks: Vec<Range<u64>> = Vec::new();
         let mut stack = vec![(top, ra, rb, 0u64)];
@@ -91,6 +125,16 @@ impl<B: Backend> Inner<B> {
         }
         Ok(out)
     }
+}
+
+/// How often a diff restarts when commits overtake it before it takes its
+/// roots inside a commit.
+const DIFF_TRIES: usize = 3;
+
+/// A device's root and size, under its lock alone.
+fn root_of(d: &Device) -> (Node, u64) {
+    let st = d.state.read();
+    (Node { entry: st.rec.root, level: st.rec.depth }, st.rec.size)
 }
 
 /// A problem found by [`Pool::check`].
@@ -209,18 +253,29 @@ impl<B: Backend> Pool<B> {
     pub async fn scrub(&self) -> Result<ScrubReport> {
         let inner = &self.inner;
         let _g = inner.grace.enter();
-        let devs: Vec<_> = {
-            let cat = inner.catalog.read();
-            cat.devices.values().map(|d| (d.clone(), cat.full_name(d))).collect()
-        };
+        // Roots taken inside a commit: every page under them is clean (a
+        // root taken outside could carry a dirty page's old checksum, which
+        // a concurrent commit would make look like damage), and the grace
+        // period keeps them from reuse until the scrub ends.
+        let devs: Vec<(Arc<Device>, String, Entry, u8)> = inner
+            .commit_with(|l| {
+                let devs: Vec<Arc<Device>> = l.cat.devices.values().cloned().collect();
+                Ok(devs
+                    .into_iter()
+                    .filter_map(|d| {
+                        let name = l.cat.full_name(&d);
+                        let st = l.state(d.id)?;
+                        let (root, depth) = (st.rec.root, st.rec.depth);
+                        Some((d, name, root, depth))
+                    })
+                    .collect())
+            })
+            .await?;
         let mut report = ScrubReport::default();
         let mut seen: HashSet<u64> = HashSet::new();
         let mut buf = AlignedBuf::new(BLOCK_SIZE);
-        for (d, name) in &devs {
-            let (root, depth) = {
-                let st = d.state.read();
-                (st.rec.root, st.rec.depth)
-            };
+        for (d, name, root, depth) in &devs {
+            let (root, depth) = (*root, *depth);
             let mut stack = vec![(root, depth, 0u64)];
             while let Some((e, level, base)) = stack.pop() {
                 if !e.is_mapped() || !seen.insert(e.phys) {
