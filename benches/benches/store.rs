@@ -215,6 +215,39 @@ fn read_with_snapshots(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 16 MiB copy inside a volume (what EXTENDED COPY does): shared blocks
+/// (`copy_within`, aligned) against reading and writing the same bytes.
+fn copy_16m(c: &mut Criterion) {
+    let rt = runtime();
+    const LEN: u64 = 16 * MIB;
+    let pool = rt.block_on(new_pool(256 * MIB));
+    let vol = rt.block_on(filled_volume(&pool, "v", 64 * MIB));
+    let mut g = c.benchmark_group("copy_16m");
+    g.throughput(Throughput::Bytes(LEN));
+    // Alternate sources, so every copy changes every destination entry.
+    let mut from = 0u64;
+    g.bench_function("shared_copy_within", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                vol.copy_within(from, 32 * MIB, LEN, false).await.expect("copy");
+                from = LEN - from;
+            })
+        })
+    });
+    let mut buf = AlignedBuf::new(MIB as usize);
+    g.bench_function("read_and_write", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for k in 0..LEN / MIB {
+                    vol.read(k * MIB, &mut buf).await.expect("read");
+                    vol.write(32 * MIB + k * MIB, &buf, false).await.expect("write");
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -225,6 +258,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = small_io, large_io, snapshot_create, read_with_snapshots
+    targets = small_io, large_io, snapshot_create, read_with_snapshots, copy_16m
 }
 criterion_main!(benches);

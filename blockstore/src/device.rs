@@ -36,6 +36,10 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
     /// Make a range read as zeros, deallocating whole blocks.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Copy `len` bytes from offset `src` to offset `dst` of this device
+    /// (the ranges may overlap, as with `memmove`); durable on return when
+    /// `fua`. The store shares whole blocks instead of copying them.
+    fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send;
     /// Allocated and unallocated extents of a range.
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send;
     /// Byte ranges changed since snapshot `snapshot` of this volume.
@@ -72,6 +76,9 @@ impl<B: Backend> BlockDevice for Volume<B> {
     }
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         Volume::write_zeroes(self, offset, len, fua).await
+    }
+    async fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> Result<()> {
+        Volume::copy_within(self, src, dst, len, fua).await
     }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Volume::allocation(self, offset, len).await

@@ -517,6 +517,116 @@ impl<B: Backend> Volume<B> {
         }
     }
 
+    /// Copy `len` bytes from offset `src` to offset `dst` of this device,
+    /// as `memmove` would (the ranges may overlap). Where both offsets sit
+    /// at the same place within a block, the whole blocks are not copied
+    /// but shared: the destination maps the source's blocks (their
+    /// reference counts go up, so each side's later writes stay its own),
+    /// in O(blocks) map updates, no data I/O and no new data space. Partial
+    /// blocks, and ranges whose offsets differ within a block, are copied
+    /// through a buffer. Durable on return when `fua`.
+    pub async fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> Result<()> {
+        self.check(src, len, false)?;
+        self.check(dst, len, true)?;
+        if len == 0 || src == dst {
+            return self.after_write(fua).await;
+        }
+        let backward = dst > src && dst < src + len;
+        let shared = (src % BS == dst % BS).then(|| {
+            // Whole blocks of the source range: [head, head + mid).
+            let head = (BS - src % BS) % BS;
+            let head = head.min(len);
+            let mid = (len - head) / BS * BS;
+            (head, mid)
+        });
+        match shared {
+            Some((head, mid)) if mid > 0 => {
+                let tail = len - head - mid;
+                let parts = [(0, head, false), (head, mid, true), (head + mid, tail, false)];
+                let order: Vec<_> = if backward { parts.iter().rev().collect() } else { parts.iter().collect() };
+                for &&(at, n, share) in &order {
+                    if n == 0 {
+                        continue;
+                    }
+                    if share {
+                        self.share_blocks((src + at) / BS, (dst + at) / BS, n / BS, backward).await?;
+                    } else {
+                        self.copy_bytes(src + at, dst + at, n, backward).await?;
+                    }
+                }
+            }
+            _ => self.copy_bytes(src, dst, len, backward).await?,
+        }
+        self.after_write(fua).await
+    }
+
+    /// Copy through a buffer, a piece at a time, back to front when
+    /// `backward` (an overlapping move to a higher offset).
+    async fn copy_bytes(&self, src: u64, dst: u64, len: u64, backward: bool) -> Result<()> {
+        let mut buf = self.pool.bounce();
+        let step = buf.len() as u64;
+        let r = async {
+            let mut done = 0u64;
+            while done < len {
+                let n = step.min(len - done);
+                let at = if backward { len - done - n } else { done };
+                let b = &mut buf[..n as usize];
+                self.read(src + at, b).await?;
+                self.write(dst + at, b, false).await?;
+                done += n;
+            }
+            Ok(())
+        }
+        .await;
+        self.pool.bounce_back(buf);
+        r
+    }
+
+    /// Map `n` blocks from `dst_first` to the blocks `src_first..` maps,
+    /// one block at a time in the safe order for an overlapping move, each
+    /// entry read right before it is copied and under the same hold of the
+    /// device's lock, so the source still holds the block when its count
+    /// goes up (a block whose count fell to zero is never revived).
+    async fn share_blocks(&self, src_first: u64, dst_first: u64, n: u64, backward: bool) -> Result<()> {
+        /// Blocks shared per hold of the lock (others get their turn).
+        const BATCH: u64 = 256;
+        let _g = self.pool.grace.enter();
+        let mut held = Held::default();
+        let mut done = 0u64;
+        while done < n {
+            let stop = {
+                let mut st = self.dev.state.write();
+                if st.deleted {
+                    return Err(Error::NotFound(self.name.clone()));
+                }
+                let cx = self.pool.tree_cx_holding(&held);
+                let mut stop = None;
+                let until = (done + BATCH).min(n);
+                while done < until {
+                    let k = if backward { n - 1 - done } else { done };
+                    let mut e = [Entry::ZERO; 1];
+                    if let Err(m) = st.lookup(&cx, src_first + k, &mut e) {
+                        stop = Some(Stop::Miss(m));
+                        break;
+                    }
+                    if let Err(s) = st.set(&cx, dst_first + k, e[0], None) {
+                        stop = Some(s);
+                        break;
+                    }
+                    done += 1;
+                }
+                stop
+            };
+            match stop {
+                None => self.after_write(false).await?,
+                Some(Stop::Miss(m)) => self.pool.load_held(m.0, &mut held).await?,
+                Some(Stop::Err(e)) => return Err(e),
+                Some(Stop::Raced) => unreachable!("sharing does not compare"),
+            }
+        }
+        Ok(())
+    }
+
     /// Make every write acknowledged so far durable (the whole pool's).
     pub async fn flush(&self) -> Result<()> {
         self.pool.flush().await

@@ -137,3 +137,26 @@ async fn operating_parameters_and_vpd_8f() {
     assert_eq!(at, vpd.data_in.len());
     assert_eq!(types, vec![0x0000, 0x0004, 0x0008, 0x000C, 0x8001]);
 }
+
+/// Block-aligned copies take no new data space: the store shares the
+/// source's blocks (copy-on-write), and both sides then live on alone.
+#[tokio::test]
+async fn aligned_copies_share_blocks_instead_of_copying() {
+    let (p, lu) = lu(8 * MIB).await;
+    let n = nexus(1, "iqn.i1");
+    let blocks = 4096u16; // 2 MiB
+    let data = pattern(9, blocks as usize * 512);
+    assert_good(&exec(&lu, &n, &write10(0, blocks), &data).await);
+    assert_good(&exec(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await); // SYNCHRONIZE CACHE
+    let before = p.stats().allocated_bytes;
+    let list = list(1, 0, &[target(naa(), false)], &[segment(0, 0, blocks, 0, 8192)]);
+    assert_good(&exec(&lu, &n, &xcopy_cdb(list.len()), &list).await);
+    assert_good(&exec(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+    let grown = p.stats().allocated_bytes - before;
+    assert!(grown <= 64 * 1024, "a 2 MiB copy took {grown} bytes: it was copied, not shared");
+    assert_eq!(exec(&lu, &n, &read10(8192, blocks), &[]).await.data_in, data);
+    // Overwrite the source: the copy keeps the old data.
+    let new = pattern(10, 8 * 512);
+    assert_good(&exec(&lu, &n, &write10(0, 8), &new).await);
+    assert_eq!(exec(&lu, &n, &read10(8192, 8), &[]).await.data_in, data[..8 * 512]);
+}

@@ -106,6 +106,10 @@ impl BlockDevice for InUse {
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.vol.write_zeroes(offset, len, fua).await
     }
+    async fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> Result<()> {
+        self.count_write(len as usize);
+        self.vol.copy_within(src, dst, len, fua).await
+    }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.vol.allocation(offset, len).await
     }

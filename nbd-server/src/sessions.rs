@@ -182,6 +182,10 @@ impl<D: BlockDevice> BlockDevice for Counted<D> {
         self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
         self.dev.write_zeroes(offset, len, fua).await
     }
+    async fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> Result<()> {
+        self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        self.dev.copy_within(src, dst, len, fua).await
+    }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.dev.allocation(offset, len).await
     }
@@ -238,6 +242,9 @@ mod tests {
             Ok(())
         }
         async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<()> {
+            Ok(())
+        }
+        async fn copy_within(&self, _: u64, _: u64, _: u64, _: bool) -> Result<()> {
             Ok(())
         }
         async fn allocation(&self, _: u64, _: u64) -> Result<Vec<Extent>> {

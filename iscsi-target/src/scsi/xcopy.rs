@@ -1,6 +1,7 @@
 //! EXTENDED COPY (LID1) and RECEIVE COPY RESULTS (SPC-4 6.4, 6.18): block
 //! device to block device copies between identification-descriptor copy
-//! targets that name this LU, done by reading and writing.
+//! targets that name this LU, done by the store as a copy-on-write share of
+//! whole blocks (no data is read or written for them).
 
 use keel_blockstore::BlockDevice;
 
@@ -22,8 +23,6 @@ const TARGET_IDENTIFICATION: u8 = 0xE4;
 const SEGMENT_BLOCK_TO_BLOCK: u8 = 0x02;
 /// Copy status entries kept (oldest dropped first).
 const MAX_HELD_STATUS: usize = 64;
-/// Bytes read and written per step of a copy.
-const STEP: u64 = 1 << 20;
 
 /// The outcome of one completed copy, for RECEIVE COPY RESULTS COPY STATUS.
 #[derive(Debug, Clone)]
@@ -220,7 +219,8 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
-    /// Copy `n` blocks within the LU, in the direction that survives overlap.
+    /// Copy `n` blocks within the LU (the store shares whole blocks rather
+    /// than copying them, and handles overlap like `memmove`).
     async fn copy_blocks(&self, src: u64, dst: u64, n: u64) -> Result<(), Fail> {
         let (src, dst, len) = (src * BLOCK as u64, dst * BLOCK as u64, n * BLOCK as u64);
         if len == 0 || src == dst {
@@ -228,17 +228,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         }
         let fua = !self.state.lock().modes.wce;
         let _g = self.io.read().await;
-        let mut buf = vec![0u8; STEP.min(len) as usize];
-        let backwards = dst > src && dst < src + len;
-        let mut done = 0;
-        while done < len {
-            let step = STEP.min(len - done);
-            let off = if backwards { len - done - step } else { done };
-            let b = &mut buf[..step as usize];
-            self.dev.read(src + off, b).await.map_err(dev_err)?;
-            self.dev.write(dst + off, b, fua).await.map_err(dev_err)?;
-            done += step;
-        }
+        self.dev.copy_within(src, dst, len, fua).await.map_err(dev_err)?;
         Ok(())
     }
 
