@@ -128,6 +128,25 @@ fn probe_in(dir: &Path, qemu: &Path, accel: Accel, timeout: Duration) -> Result<
             b""
         }
     };
+    // The probe must not outlive us: a KVM guest that hangs (the case the
+    // probe exists for) would spin forever once a killed daemon orphaned it.
+    // This thread waits for the child below, so the death signal (sent when
+    // the forking thread ends) comes no earlier than we want.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only async-signal-safe
+    // functions (prctl, getppid) and allocates nothing.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited before the probe started"));
+            }
+            Ok(())
+        });
+    }
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -187,6 +206,50 @@ mod tests {
         assert_eq!(c.accel, Accel::Kvm);
         let c = resolve(Path::new("/nonexistent/qemu"), Accel::Tcg);
         assert_eq!(c.accel, Accel::Tcg);
+    }
+
+    /// A probe guest that hangs dies with the process that probes: this
+    /// test re-runs itself as the prober (with a "QEMU" that sleeps), kills
+    /// that process with SIGKILL, and expects the sleeper to be gone.
+    #[test]
+    fn a_hanging_probe_dies_with_its_prober() {
+        if let Ok(dir) = std::env::var("KEEL_PROBER_DIR") {
+            let qemu = Path::new(&dir).join("qemu");
+            let _ = probe(&qemu, Accel::Kvm, Duration::from_secs(600));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = dir.path().join("qemu");
+        let pid_file = dir.path().join("pid");
+        std::fs::write(&qemu, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pid_file.display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut prober = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "accel::tests::a_hanging_probe_dies_with_its_prober", "--nocapture"])
+            .env("KEEL_PROBER_DIR", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sleeper: i32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()) {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the probe never started");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+        assert!(alive(sleeper));
+        prober.kill().unwrap();
+        prober.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(sleeper) {
+            // The sleeper is reparented and reaped by init once it dies.
+            assert!(Instant::now() < deadline, "the probe guest outlived the killed prober");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
