@@ -590,39 +590,46 @@ impl<B: Backend> Volume<B> {
     async fn share_blocks(&self, src_first: u64, dst_first: u64, n: u64, backward: bool) -> Result<()> {
         /// Blocks shared per hold of the lock (others get their turn).
         const BATCH: u64 = 256;
-        let _g = self.pool.grace.enter();
-        let mut held = Held::default();
         let mut done = 0u64;
         while done < n {
-            let stop = {
-                let mut st = self.dev.state.write();
-                if st.deleted {
-                    return Err(Error::NotFound(self.name.clone()));
-                }
-                let cx = self.pool.tree_cx_holding(&held);
-                let mut stop = None;
-                let until = (done + BATCH).min(n);
-                while done < until {
-                    let k = if backward { n - 1 - done } else { done };
-                    let mut e = [Entry::ZERO; 1];
-                    if let Err(m) = st.lookup(&cx, src_first + k, &mut e) {
-                        stop = Some(Stop::Miss(m));
-                        break;
+            // A grace period (and the pages held under it) per batch, so a
+            // long copy does not keep the blocks freed meanwhile from reuse.
+            let grace = self.pool.grace.enter();
+            let mut held = Held::default();
+            let batch_end = (done + BATCH).min(n);
+            while done < batch_end {
+                let stop = {
+                    let mut st = self.dev.state.write();
+                    if st.deleted {
+                        return Err(Error::NotFound(self.name.clone()));
                     }
-                    if let Err(s) = st.set(&cx, dst_first + k, e[0], None) {
-                        stop = Some(s);
-                        break;
+                    let cx = self.pool.tree_cx_holding(&held);
+                    let mut stop = None;
+                    while done < batch_end {
+                        let k = if backward { n - 1 - done } else { done };
+                        let mut e = [Entry::ZERO; 1];
+                        if let Err(m) = st.lookup(&cx, src_first + k, &mut e) {
+                            stop = Some(Stop::Miss(m));
+                            break;
+                        }
+                        if let Err(s) = st.set(&cx, dst_first + k, e[0], None) {
+                            stop = Some(s);
+                            break;
+                        }
+                        done += 1;
                     }
-                    done += 1;
+                    stop
+                };
+                match stop {
+                    None => {}
+                    Some(Stop::Miss(m)) => self.pool.load_held(m.0, &mut held).await?,
+                    Some(Stop::Err(e)) => return Err(e),
+                    Some(Stop::Raced) => unreachable!("sharing does not compare"),
                 }
-                stop
-            };
-            match stop {
-                None => self.after_write(false).await?,
-                Some(Stop::Miss(m)) => self.pool.load_held(m.0, &mut held).await?,
-                Some(Stop::Err(e)) => return Err(e),
-                Some(Stop::Raced) => unreachable!("sharing does not compare"),
             }
+            drop(held);
+            drop(grace);
+            self.after_write(false).await?;
         }
         Ok(())
     }

@@ -640,10 +640,19 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 let mut out = Vec::new();
                 for (k, v) in text::parse(data) {
                     if k == "SendTargets" {
-                        let only = match v.as_str() {
-                            "All" if self.s.lu.is_none() => None,
-                            "All" | "" => Some(self.s.target.clone()).filter(|t| !t.is_empty()),
-                            name => Some(name.to_string()),
+                        let only = if self.s.lu.is_none() {
+                            // Discovery: every target (the host filters what
+                            // discovery may learn), or the one named.
+                            match v.as_str() {
+                                "All" | "" => None,
+                                name => Some(name.to_string()),
+                            }
+                        } else if v == "All" || v.is_empty() || *v == self.s.target {
+                            // A normal session learns its own target's
+                            // addresses, and nothing of other targets.
+                            Some(self.s.target.clone())
+                        } else {
+                            Some(String::new())
                         };
                         let mut last = String::new();
                         let discovery = self.s.lu.is_none();

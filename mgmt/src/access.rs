@@ -22,6 +22,12 @@
 //!
 //! `--export-auth none` (config `export_auth = "none"`) turns the keys off
 //! for appliances on a host where every local user is trusted.
+//!
+//! The daemon's own NBD clients (QEMU for VM disks, qemu-img for OVA export
+//! and import) use a private Unix socket instead (`DATA/nbd.sock`, mode
+//! 0600, plain device names): a key on their command lines would be readable
+//! by every local user through `/proc/PID/cmdline`. Internal volumes
+//! (`_`-named appliance bases) are served there only.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -73,6 +79,9 @@ impl AccessKeys {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
+        // The rename must survive a crash too: a lost secret changes every
+        // volume's key.
+        std::fs::File::open(data)?.sync_all()?;
         Ok(AccessKeys { secret, required })
     }
 
@@ -130,6 +139,19 @@ impl AccessKeys {
     }
 }
 
+/// Where the daemon's private NBD socket lives: `DATA/nbd.sock`, or, when
+/// that path is too long for a socket address (108 bytes), a 0700 directory
+/// under the temporary directory named after the data directory.
+pub fn nbd_socket_path(data: &Path) -> std::path::PathBuf {
+    let abs = std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf());
+    let p = abs.join("nbd.sock");
+    if p.as_os_str().len() < 100 {
+        return p;
+    }
+    let tag = blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex();
+    std::env::temp_dir().join(format!("keel-{}", &tag[..16])).join("nbd.sock")
+}
+
 /// The volume part of a device name (`VOLUME@SNAP` -> `VOLUME`).
 fn volume_of(device: &str) -> &str {
     device.split_once('@').map_or(device, |(v, _)| v)
@@ -151,8 +173,23 @@ impl AppExports {
         AppExports { app }
     }
 
+    /// The device a TCP client's export name opens: never an internal one
+    /// (`_`-named: appliance bases, served only on the private socket), and
+    /// with keys on only a volume with a record (one being created, or a
+    /// record from before keys, has no key of its own yet).
     fn device(&self, export: &str) -> Option<String> {
-        self.app.access.check(export, |v| self.app.key_salt(v))
+        let device = self.app.access.check(export, |v| self.app.key_salt(v))?;
+        if device.starts_with('_') {
+            return None;
+        }
+        if self.app.access.required() {
+            let volume = volume_of(&device);
+            let rec = self.app.meta.get::<crate::model::VolumeMeta>(crate::db::VOLUMES, volume).ok().flatten()?;
+            if rec.key_salt == 0 {
+                return None;
+            }
+        }
+        Some(device)
     }
 }
 
@@ -184,6 +221,13 @@ impl Exports for AppExports {
             )
         } else {
             format!("no export named {shown:?}")
+        }
+    }
+
+    fn log_name(&self, name: &str) -> String {
+        match name.rsplit_once(':') {
+            Some((d, k)) if k.len() == KEY_LEN => format!("{d}:<key>"),
+            _ => name.to_string(),
         }
     }
 

@@ -470,10 +470,11 @@ async fn upload_iso(
         }
         Err(e) => Err(e),
     };
-    app.finish_job(&job, r.as_ref().err().map(|e| e.message.clone()));
+    let id = job.id;
+    job.finish(r.as_ref().err().map(|e| e.message.clone()));
     let iso = r?;
     let mut v = serde_json::to_value(&iso).expect("ISO records serialize");
-    v["job"] = job.id.into();
+    v["job"] = id.into();
     Ok((StatusCode::CREATED, Json(v)))
 }
 

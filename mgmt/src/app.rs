@@ -118,6 +118,8 @@ pub struct App {
     pub token_ttl: u64,
     /// The volumes' data-plane access keys.
     pub access: crate::access::AccessKeys,
+    /// The private NBD socket the daemon's own clients (QEMU, qemu-img) use.
+    pub nbd_socket: PathBuf,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -304,6 +306,43 @@ pub struct Job {
     pub started: u64,
 }
 
+/// A running job's handle (see [`App::start_job`]): derefs to the [`Job`]
+/// for progress; ends it when finished or dropped.
+pub struct JobRun<'a> {
+    app: &'a App,
+    job: Option<Arc<Job>>,
+}
+
+impl JobRun<'_> {
+    /// End the job: done, or failed with `error`.
+    pub fn finish(mut self, error: Option<String>) {
+        if let Some(job) = self.job.take() {
+            self.app.finish_job(&job, error);
+        }
+    }
+
+    /// Hand the job to a task that outlives this borrow; the task takes it
+    /// back with [`App::adopt_job`].
+    pub fn detach(mut self) -> Arc<Job> {
+        self.job.take().expect("a live job")
+    }
+}
+
+impl std::ops::Deref for JobRun<'_> {
+    type Target = Job;
+    fn deref(&self) -> &Job {
+        self.job.as_ref().expect("a live job")
+    }
+}
+
+impl Drop for JobRun<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.app.finish_job(&job, Some("abandoned: it stopped before it finished (the client went away?)".into()));
+        }
+    }
+}
+
 impl Job {
     /// Record what the job produced (shown in the job's `result`).
     pub fn set_result(&self, v: serde_json::Value) {
@@ -445,6 +484,7 @@ impl App {
     ) -> Result<App, keel_images::library::Error> {
         let nbd = Arc::new(CountingExports::new(PoolExports::new(pool.clone())));
         let library = crate::appliances::open_library(&data)?;
+        let nbd_socket = crate::access::nbd_socket_path(&data);
         Ok(App {
             pool,
             meta,
@@ -459,6 +499,7 @@ impl App {
             library,
             token_ttl: DEFAULT_TOKEN_TTL,
             access,
+            nbd_socket,
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
         })
     }
@@ -537,6 +578,22 @@ impl App {
     }
 
     // ----- volumes -----
+
+    /// Give every volume record from before access keys (salt 0) a key of
+    /// its own; returns how many. (A salt-0 key derives from the name
+    /// alone, which an earlier volume of the same name shared.)
+    pub fn salt_legacy_volumes(&self) -> db::Result<usize> {
+        let old: Vec<(String, VolumeMeta)> = self.meta.list(VOLUMES)?;
+        let old: Vec<_> = old.into_iter().filter(|(_, m)| m.key_salt == 0).collect();
+        self.meta.write(|w| {
+            for (name, mut m) in old.iter().cloned() {
+                m.key_salt = rand::random::<u64>().max(1);
+                w.put(VOLUMES, &name, &m)?;
+            }
+            Ok::<_, db::Error>(())
+        })?;
+        Ok(old.len())
+    }
 
     /// The key salt of volume `name` (0 for internal volumes, which have no
     /// record).
@@ -768,7 +825,7 @@ impl App {
             created: now(),
             origin: origin.map(Into::into),
             iscsi: IscsiExport::default(),
-            key_salt: rand::random(),
+            key_salt: rand::random::<u64>().max(1),
         };
         self.meta.write(|w| {
             w.put(VOLUMES, name, &m)?;
@@ -1020,9 +1077,9 @@ impl App {
                  disconnect them first, so none keeps the old key's access"
             )));
         }
-        let mut salt = rand::random();
+        let mut salt = rand::random::<u64>().max(1);
         while salt == m.key_salt {
-            salt = rand::random();
+            salt = rand::random::<u64>().max(1);
         }
         m.key_salt = salt;
         self.meta.write(|w| {
@@ -1265,14 +1322,21 @@ impl App {
     // ----- jobs, events, pools -----
 
     /// Start a job: tracked in memory for its progress, recorded as running.
-    pub fn start_job(&self, kind: &str, target: &str, owner: &str, total: u64) -> Arc<Job> {
+    /// The handle ends it: [`JobRun::finish`], or, dropped unfinished (an
+    /// early return, a client that went away), as failed.
+    pub fn start_job(&self, kind: &str, target: &str, owner: &str, total: u64) -> JobRun<'_> {
         let job = self.jobs.start(kind, target, owner, total);
         self.record_job(&Jobs::view(&job));
-        job
+        JobRun { app: self, job: Some(job) }
+    }
+
+    /// Take back a job handed to a task with [`JobRun::detach`].
+    pub fn adopt_job(&self, job: Arc<Job>) -> JobRun<'_> {
+        JobRun { app: self, job: Some(job) }
     }
 
     /// End a job (with an error if it failed) and record how it ended.
-    pub fn finish_job(&self, job: &Job, error: Option<String>) {
+    fn finish_job(&self, job: &Job, error: Option<String>) {
         job.finish(error);
         self.record_job(&Jobs::view(job));
         self.jobs.jobs.lock().remove(&job.id);
@@ -1281,8 +1345,16 @@ impl App {
     fn record_job(&self, v: &JobView) {
         let r = self.meta.write(|w| {
             w.put(JOBS, &job_key(v.id), v)?;
+            // Keep the newest JOBS_KEPT; one still running stays until it ends.
             if v.id > JOBS_KEPT {
-                w.remove(JOBS, &job_key(v.id - JOBS_KEPT))?;
+                let old = job_key(v.id - JOBS_KEPT);
+                if w.get::<JobView>(JOBS, &old)?.is_some_and(|j| j.state != JobState::Running) {
+                    w.remove(JOBS, &old)?;
+                }
+            }
+            if v.state != JobState::Running && v.id + JOBS_KEPT <= self.jobs.next.load(Ordering::Relaxed) {
+                // It ran so long that newer jobs pushed it out meanwhile.
+                w.remove(JOBS, &job_key(v.id))?;
             }
             Ok::<_, db::Error>(())
         });
@@ -1310,10 +1382,15 @@ impl App {
     /// Jobs `actor` may see (its own; a manager sees all), the running ones
     /// with their live progress.
     pub fn list_jobs(&self, actor: &User) -> ApiResult<Vec<JobView>> {
+        // Running jobs first, then the records: a job that ends in between
+        // shows its final record, not its last running view.
+        let running: Vec<JobView> = self.jobs.jobs.lock().values().map(|j| Jobs::view(j)).collect();
         let mut all: std::collections::BTreeMap<u64, JobView> =
             self.meta.list::<JobView>(JOBS)?.into_iter().map(|(_, j)| (j.id, j)).collect();
-        for j in self.jobs.jobs.lock().values() {
-            all.insert(j.id, Jobs::view(j));
+        for j in running {
+            if all.get(&j.id).is_none_or(|r| r.state == JobState::Running) {
+                all.insert(j.id, j);
+            }
         }
         // A job older than the actor was started by an earlier holder of the
         // name.
@@ -1525,7 +1602,7 @@ mod tests {
             created: 0,
             origin: None,
             iscsi: IscsiExport::default(),
-            key_salt: rand::random(),
+            key_salt: rand::random::<u64>().max(1),
         };
         app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
         let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();

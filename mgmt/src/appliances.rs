@@ -208,9 +208,11 @@ impl App {
         let total: u64 = m.disks.iter().map(|d| self.pool.volume(&d.volume).map(|v| v.size()).unwrap_or(0)).sum();
         let job = self.start_job("vm.backup", name, &actor.name, total);
         let view = self.show_job(actor, job.id)?;
+        let job = job.detach();
         let app = self.clone();
         let (actor, name) = (actor.clone(), name.to_string());
         tokio::spawn(async move {
+            let job = app.adopt_job(job);
             let t0 = Instant::now();
             let r = app.run_backup(&actor, &m, &name, &snap, &job).await;
             match r {
@@ -233,7 +235,7 @@ impl App {
                     );
                     app.log_event(&actor.name, "vm.backup", &name, &detail);
                     job.set_result(result);
-                    app.finish_job(&job, None);
+                    job.finish(None);
                 }
                 Err(e) => {
                     app.log_event(&actor.name, "vm.backup-failed", &name, &e.message);
@@ -241,7 +243,7 @@ impl App {
                     if let Err(g) = app.library.gc().await {
                         tracing::warn!("collecting after the failed backup {name}: {g}");
                     }
-                    app.finish_job(&job, Some(e.message));
+                    job.finish(Some(e.message));
                 }
             }
         });
@@ -374,12 +376,11 @@ impl App {
         Ok(made)
     }
 
-    /// A QEMU `json:` file name for device `device` of this daemon over
-    /// NBD.
+    /// A QEMU `json:` file name for device `device` of this daemon, over
+    /// its private NBD socket (no key on qemu-img's command line).
     fn nbd_json(&self, device: &str) -> String {
-        let nbd = self.addrs.nbd;
-        let spec = serde_json::json!({"driver": "raw", "file": {"driver": "nbd", "export": self.export_name(device),
-            "server": {"type": "inet", "host": nbd.ip().to_string(), "port": nbd.port().to_string()}}});
+        let spec = serde_json::json!({"driver": "raw", "file": {"driver": "nbd", "export": device,
+            "server": {"type": "unix", "path": self.nbd_socket}}});
         format!("json:{spec}")
     }
 
@@ -554,12 +555,12 @@ impl App {
             let progress = |b: u64| job.done.store(done + b, Ordering::Relaxed);
             if let Err(e) = self.library.restore_disk(disk, &vol, false, &progress).await {
                 let e = ApiError::from(e);
-                self.finish_job(&job, Some(e.message.clone()));
+                job.finish(Some(e.message.clone()));
                 return Err(e);
             }
             done += disk.size;
         }
-        self.finish_job(&job, None);
+        job.finish(None);
         // The disks changed under the backup base: the next backup reads all.
         let old = m.backup_base.as_ref().map(|b| b.snapshot.clone());
         let m = self.update_vm(vm, Some((&actor.name, "vm.restore", app)), |v| v.backup_base = None)?;

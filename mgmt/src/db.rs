@@ -149,6 +149,14 @@ const MIGRATIONS: [Migration; 3] = [
     },
     |w| {
         w.tx.open_table(JOBS.def()).map_err(dbe)?;
+        // The log is bounded from now on: drop what is over the bound.
+        let mut t = w.tx.open_table(EVENTS).map_err(dbe)?;
+        let len = t.len().map_err(dbe)?;
+        if len > EVENTS_KEPT {
+            let first = t.first().map_err(dbe)?.map_or(0, |(k, _)| k.value());
+            let cut = first + (len - EVENTS_KEPT);
+            t.retain_in(..cut, |_, _| false).map_err(dbe)?;
+        }
         Ok(())
     },
 ];

@@ -55,7 +55,15 @@ impl Targets for AppTargets {
     }
 
     fn access(&self, name: &str) -> Option<Access> {
-        let t = self.app.target(name)?;
+        let Some(t) = self.app.target(name) else {
+            // With keys on, a target that does not exist asks for CHAP like
+            // one that does (with a secret nobody knows), so a login does
+            // not reveal which volume names exist.
+            let keyed = self.app.access.required() && name.starts_with(crate::model::IQN_PREFIX);
+            let user = name.strip_prefix(crate::model::IQN_PREFIX).unwrap_or(name).to_string();
+            let secret = crate::auth::new_password();
+            return keyed.then(|| Access { initiators: Vec::new(), chap: Some(Chap { user, secret }), mutual: None });
+        };
         Some(Access {
             initiators: t.initiators,
             chap: t.chap.map(|c| Chap { user: c.user, secret: c.secret }),

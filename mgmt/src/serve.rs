@@ -136,6 +136,7 @@ pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions
         let pool = Pool::create(backend, opts.clone()).await?;
         pool.close().await?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        std::fs::File::open(data).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", data.display()))?;
         println!("created pool {} ({}, engine {engine_name})", path.display(), human(size));
     }
     let backend = AnyBackend::open(&path, engine).with_context(|| format!("opening {}", path.display()))?;
@@ -180,6 +181,7 @@ fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<Pat
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(data).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", data.display()))?;
     let admin = User {
         name: "admin".into(),
         role: Role::Manager,
@@ -225,6 +227,31 @@ fn reconcile_isos(meta: &Meta, data: &Path) -> Result<Vec<String>> {
     Ok(said)
 }
 
+/// Bind the daemon's private NBD socket (for its own QEMU and qemu-img),
+/// owner-only: a stale socket from an earlier run is replaced; VMs still
+/// running reconnect to the new one.
+fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(l)
+}
+
 /// Run the appliance until SIGINT or SIGTERM.
 pub async fn serve(s: Settings) -> Result<()> {
     let opts = PoolOptions { cache_bytes: s.cache as usize, ..Default::default() };
@@ -255,6 +282,14 @@ pub async fn serve(s: Settings) -> Result<()> {
         println!("reconciled: {line}");
         said.push(line);
     }
+    match app.salt_legacy_volumes().context("giving old volumes access keys")? {
+        0 => {}
+        n => {
+            let line = format!("gave {n} volume(s) from before access keys a key of their own (their URLs changed)");
+            println!("reconciled: {line}");
+            said.push(line);
+        }
+    }
     let app = Arc::new(app);
     for line in &said {
         app.log_event("keel", "reconcile", "", line);
@@ -276,6 +311,9 @@ pub async fn serve(s: Settings) -> Result<()> {
         .with_context(|| format!("binding the iSCSI target to {}", s.addrs.iscsi))?;
     let exports = Arc::new(crate::access::AppExports::new(app.clone()));
     let nbd = tokio::spawn(keel_nbd_server::serve(nbd_listener, exports, Arc::new(config)));
+    let private = bind_private_socket(&app.nbd_socket)?;
+    let private_config = Arc::new(keel_nbd_server::ServerConfig::default());
+    let nbd_private = tokio::spawn(keel_nbd_server::serve_unix(private, app.nbd.clone(), private_config));
     let targets = Arc::new(crate::iscsi::AppTargets::new(app.clone()));
     let iscsi_server = keel_iscsi_target::Server::new(targets, keel_iscsi_target::ServerConfig::default());
     let iscsi = tokio::spawn(iscsi_server.serve(iscsi_listener));
@@ -334,6 +372,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     let quiet = app.quiesce().await;
     app.meter_all();
     nbd.abort();
+    nbd_private.abort();
     iscsi.abort();
     pool.close().await?;
     drop(quiet);

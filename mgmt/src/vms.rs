@@ -640,7 +640,6 @@ impl App {
 
     /// The QEMU configuration of `m`.
     fn vm_config(&self, m: &VmMeta, accel: Accel) -> VmConfig {
-        let nbd = self.addrs.nbd;
         VmConfig {
             name: m.name.clone(),
             cpus: m.cpus,
@@ -651,11 +650,7 @@ impl App {
                 .iter()
                 .map(|d| VmDisk {
                     id: d.id.clone(),
-                    source: DiskSource::Nbd {
-                        host: nbd.ip().to_string(),
-                        port: nbd.port(),
-                        export: self.export_name(&d.volume),
-                    },
+                    source: DiskSource::NbdUnix { path: self.nbd_socket.clone(), export: d.volume.clone() },
                     read_only: false,
                 })
                 .collect(),
@@ -904,14 +899,9 @@ impl App {
         let disk = VmDiskMeta { id: next_id("disk", m.disks.iter().map(|d| d.id.as_str())), volume: volume.into() };
         if m.state.has_qemu() {
             let run = self.running_vm(&m)?;
-            let nbd = self.addrs.nbd;
             let d = VmDisk {
                 id: disk.id.clone(),
-                source: DiskSource::Nbd {
-                    host: nbd.ip().to_string(),
-                    port: nbd.port(),
-                    export: self.export_name(volume),
-                },
+                source: DiskSource::NbdUnix { path: self.nbd_socket.clone(), export: volume.into() },
                 read_only: false,
             };
             let limit = Duration::from_secs(10);

@@ -91,6 +91,21 @@ fn volumes_open_only_with_their_access_key() {
     assert!(!ok, "bob's key logged in to alice's target: {msg}");
     let (ok, msg) = output(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &a_iscsi, &a_url]));
     assert!(ok && msg.contains("identical"), "QEMU reads the iSCSI URL as it is: {msg}");
+    // A login to a target that does not exist fails like one without the
+    // right secret: logins do not reveal which volume names exist.
+    let ghost = format!("iscsi://127.0.0.1:{}/iqn.2026-11.io.keel:no-such-vol/0", d.iscsi);
+    let (ok, ghost_msg) = output(Command::new("iscsi-inq").arg(&ghost));
+    assert!(!ok, "{ghost_msg}");
+    let (_, real_msg) = output(Command::new("iscsi-inq").arg(&plain));
+    let strip = |m: &str| m.replace("no-such-vol", "X").replace("a-vol", "X");
+    assert_eq!(strip(&ghost_msg), strip(&real_msg), "a missing target answers differently from a locked one");
+    // The daemon's own clients (QEMU, qemu-img) use its private socket,
+    // owner-only, with plain names: nothing secret on their command lines.
+    let sock = dir.path().join("nbd.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let (ok, msg) = qemu_img_info(&format!("nbd+unix:///a-vol?socket={}", sock.display()));
+    assert!(ok, "the private socket serves plain names: {msg}");
     // Discovery names no volumes.
     let (_, msg) = output(Command::new("iscsi-ls").arg(format!("iscsi://127.0.0.1:{}", d.iscsi)));
     assert!(!msg.contains("a-vol") && !msg.contains("b-vol"), "discovery lists tenants' volumes: {msg}");

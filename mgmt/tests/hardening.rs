@@ -221,3 +221,40 @@ fn errors_axum_answers_itself_are_json_too() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     assert!(v["error"].as_str().unwrap().contains("too large"), "{v}");
 }
+
+#[test]
+fn an_upload_whose_client_goes_away_ends_its_job_as_failed() {
+    use std::io::Write;
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.api)).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/isos/cut HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10485760\r\n\r\n",
+        d.token
+    )
+    .unwrap();
+    s.write_all(&[7u8; 1 << 20]).unwrap();
+    let job_state = || {
+        let (_, jobs) = d.call("GET", "/api/v1/jobs", None);
+        jobs.as_array().unwrap().iter().find(|j| j["target"] == "cut").cloned()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while job_state().is_none_or(|j| j["state"] != "running") {
+        assert!(std::time::Instant::now() < deadline, "the upload never showed as running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(s);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let j = job_state().unwrap();
+        if j["state"] == "failed" {
+            assert!(!j["error"].as_str().unwrap().is_empty(), "{j}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job stayed {j} after its client left");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, isos) = d.call("GET", "/api/v1/isos", None);
+    assert_eq!(isos.as_array().unwrap().len(), 0, "the cut upload left an ISO: {isos}");
+}

@@ -63,8 +63,35 @@ enum Outcome<D> {
     Transmit(Arc<D>, String),
 }
 
+/// A stream a connection runs on: TCP, or a Unix socket (the appliance's
+/// private channel), split into owned halves for the transmission phase.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The read half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// The write half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Split without a lock between the halves.
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Socket for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
 /// Serve one connection to the end.
-pub async fn run<E: Exports>(mut sock: TcpStream, exports: Arc<E>, config: Arc<ServerConfig>) -> io::Result<()> {
+pub async fn run<E: Exports, S: Socket>(mut sock: S, exports: Arc<E>, config: Arc<ServerConfig>) -> io::Result<()> {
     let mut neg = Negotiated::default();
     let limit = Duration::from_secs(config.handshake_timeout_secs);
     let mut greeting = Vec::new();
@@ -85,8 +112,8 @@ pub async fn run<E: Exports>(mut sock: TcpStream, exports: Arc<E>, config: Arc<S
     match outcome {
         Outcome::Close => Ok(()),
         Outcome::Transmit(dev, name) => {
-            tracing::debug!(export = %name, "NBD transmission");
-            let (r, w) = sock.into_split();
+            tracing::debug!(export = %exports.log_name(&name), "NBD transmission");
+            let (r, w) = sock.halves();
             transmit(r, w, dev, neg, &config).await
         }
         Outcome::StartTls => {
@@ -101,7 +128,7 @@ pub async fn run<E: Exports>(mut sock: TcpStream, exports: Arc<E>, config: Arc<S
                 .map_err(|_| io::Error::other("handshake timed out"))??;
             match outcome {
                 Outcome::Transmit(dev, name) => {
-                    tracing::debug!(export = %name, "NBD transmission over TLS");
+                    tracing::debug!(export = %exports.log_name(&name), "NBD transmission over TLS");
                     let (r, w) = tokio::io::split(tls);
                     transmit(r, w, dev, neg, &config).await
                 }

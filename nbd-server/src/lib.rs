@@ -18,5 +18,5 @@ pub mod server;
 pub mod sessions;
 pub mod tls;
 
-pub use server::{Exports, PoolExports, ServerConfig, serve};
+pub use server::{Exports, PoolExports, ServerConfig, serve, serve_unix};
 pub use sessions::{Counted, CountingExports, ExportCounters, ExportStats};

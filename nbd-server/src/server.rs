@@ -23,6 +23,10 @@ pub trait Exports: Send + Sync + 'static {
     fn unknown_export(&self, name: &str) -> String {
         format!("no export named {name:?}")
     }
+    /// An export name as logs may show it (without anything secret in it).
+    fn log_name(&self, name: &str) -> String {
+        name.to_string()
+    }
     /// The snapshots whose changes export `name` can report as
     /// `qemu:dirty-bitmap:SNAPSHOT`.
     fn bitmaps(&self, name: &str) -> Vec<String>;
@@ -89,6 +93,33 @@ impl Default for ServerConfig {
             max_inflight: 128,
             handshake_timeout_secs: 30,
         }
+    }
+}
+
+/// Serve `exports` on Unix socket `listener` until the task is dropped
+/// (who may connect is the socket file's permissions' business).
+pub async fn serve_unix<E: Exports>(
+    listener: tokio::net::UnixListener,
+    exports: Arc<E>,
+    config: Arc<ServerConfig>,
+) -> std::io::Result<()> {
+    loop {
+        let sock = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let exports = exports.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            match crate::connection::run(sock, exports, config).await {
+                Ok(()) => tracing::debug!("NBD connection (unix socket) closed"),
+                Err(e) => tracing::info!("NBD connection (unix socket) ended: {e}"),
+            }
+        });
     }
 }
 

@@ -127,6 +127,10 @@ impl<E: Exports> Exports for CountingExports<E> {
         self.inner.unknown_export(name)
     }
 
+    fn log_name(&self, name: &str) -> String {
+        self.inner.log_name(name)
+    }
+
     fn bitmaps(&self, name: &str) -> Vec<String> {
         self.inner.bitmaps(name)
     }

@@ -134,7 +134,8 @@ fn probe_in(dir: &Path, qemu: &Path, accel: Accel, timeout: Duration) -> Result<
     // the forking thread ends) comes no earlier than we want.
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: between fork and exec the closure calls only async-signal-safe
-    // functions (prctl, getppid) and allocates nothing.
+    // functions (prctl, getppid) and allocates nothing (its errors are raw
+    // OS errors).
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
@@ -142,7 +143,9 @@ fn probe_in(dir: &Path, qemu: &Path, accel: Accel, timeout: Duration) -> Result<
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the parent exited before the probe started"));
+                // The parent is gone already (no allocation here: after a
+                // fork in a threaded process, malloc may deadlock).
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

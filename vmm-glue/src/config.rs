@@ -37,6 +37,15 @@ pub enum DiskSource {
         /// Export name.
         export: String,
     },
+    /// An NBD export on a Unix socket (the appliance's private channel:
+    /// nothing secret goes on QEMU's command line, which every local user
+    /// can read).
+    NbdUnix {
+        /// Socket path.
+        path: PathBuf,
+        /// Export name.
+        export: String,
+    },
     /// An iSCSI LUN (QEMU's built-in libiscsi client).
     Iscsi {
         /// `host:port` of the portal.
@@ -75,6 +84,12 @@ impl VmDisk {
             DiskSource::Nbd { host, port, export } => json!({
                 "driver": "nbd",
                 "server": { "type": "inet", "host": host, "port": port.to_string() },
+                "export": export,
+                "reconnect-delay": NBD_RECONNECT_SECS,
+            }),
+            DiskSource::NbdUnix { path, export } => json!({
+                "driver": "nbd",
+                "server": { "type": "unix", "path": path },
                 "export": export,
                 "reconnect-delay": NBD_RECONNECT_SECS,
             }),
