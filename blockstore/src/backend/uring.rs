@@ -5,15 +5,14 @@
 //! # Design
 //!
 //! * **One ring per backend**, `RING_ENTRIES` submission entries (the kernel
-//!   sizes the completion queue at twice that), set up with
-//!   `IORING_SETUP_COOP_TASKRUN` and `IORING_SETUP_SUBMIT_ALL` when the
-//!   kernel has them (5.19 / 5.18; without them the ring works the same, a
-//!   little slower). `COOP_TASKRUN` stops the kernel from interrupting a
-//!   running submitter with an IPI to post its completions: they are posted
-//!   at that thread's next entry into the kernel (its next submission, its
-//!   next `epoll_wait`, at the latest the next timer tick), and a sleeping
-//!   submitter is still woken for them. We cannot use `SINGLE_ISSUER` or
-//!   `DEFER_TASKRUN`: every tokio worker submits.
+//!   sizes the completion queue at twice that), with `IORING_SETUP_SUBMIT_ALL`
+//!   when the kernel has it (5.18). The kernel posts a block device's CQE from
+//!   task work of the thread that submitted the SQE: it interrupts (or wakes)
+//!   that thread to do so. We do not set `COOP_TASKRUN`, which would defer
+//!   that until the submitter next enters the kernel: it measured no better
+//!   here, and it would leave an idle worker asleep while a busy one (say,
+//!   checksumming a 1 MiB read) sits on completions. `SINGLE_ISSUER` and
+//!   `DEFER_TASKRUN` are out of reach: every tokio worker submits.
 //! * **Submission** happens on the calling task's thread: push one SQE and
 //!   `io_uring_enter(to_submit)` while holding `Shared::sq_lock` (a
 //!   `parking_lot::Mutex`, held for two short operations, never across an
@@ -250,15 +249,12 @@ impl UringBackend {
     pub fn open(path: &Path) -> io::Result<UringBackend> {
         let (file, direct, len) = super::open_direct(path)?;
 
-        let mut ring: IoUring =
-            match IoUring::builder().dontfork().setup_coop_taskrun().setup_submit_all().build(RING_ENTRIES) {
-                Ok(ring) => ring,
-                // Kernels before 5.19 refuse the flags they do not know.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    IoUring::builder().dontfork().build(RING_ENTRIES)?
-                }
-                Err(e) => return Err(e),
-            };
+        let mut ring: IoUring = match IoUring::builder().dontfork().setup_submit_all().build(RING_ENTRIES) {
+            Ok(ring) => ring,
+            // Kernels before 5.18 refuse the flag.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder().dontfork().build(RING_ENTRIES)?,
+            Err(e) => return Err(e),
+        };
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks IORING_ENTER_EXT_ARG (Linux 5.11)"));
         }
