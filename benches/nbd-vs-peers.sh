@@ -57,6 +57,8 @@
 #   KEEP_FILES    1 to keep the data files afterwards [0]
 #   DISK          1 to also run each test with fio straight on the raw file
 #                 (io_uring, O_DIRECT, no NBD), as a reference [1]
+#   KEEL_NBD_SERVER  a prebuilt keel-nbd-bench-server to run instead of
+#                 building this tree's (A/B runs of two revisions) [unset]
 #
 # Every command and its raw output go to $BENCH_DIR/nbd-vs-peers-<time>.log.
 set -euo pipefail
@@ -149,10 +151,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-echo "== building keel-nbd-bench-server (release)"
-(cd "$root" && cargo build --release -p keel-benches --bin keel-nbd-bench-server) 2>&1 | tail -n 2
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-ks="$target_dir/release/keel-nbd-bench-server"
+if [[ -n ${KEEL_NBD_SERVER:-} ]]; then
+	# A/B runs: a prebuilt server (e.g. of another revision), no build.
+	ks=$KEEL_NBD_SERVER
+else
+	echo "== building keel-nbd-bench-server (release)"
+	(cd "$root" && cargo build --release -p keel-benches --bin keel-nbd-bench-server) 2>&1 | tail -n 2
+	target_dir=${CARGO_TARGET_DIR:-$root/target}
+	ks="$target_dir/release/keel-nbd-bench-server"
+fi
 [[ -x $ks ]] || die "$ks was not built"
 
 {

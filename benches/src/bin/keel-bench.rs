@@ -526,6 +526,13 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(sh);
     drop(vol);
+    if let AnyBackend::Uring(u) = pool.backend() {
+        let s = u.reap_stats();
+        eprintln!(
+            "keel-bench: io_uring completions reaped by polls {}, by the reactor {}, by the fallback thread {}",
+            s.by_poll, s.by_reactor, s.by_thread
+        );
+    }
     pool.close().await?;
 
     println!(

@@ -20,7 +20,7 @@ mod uring;
 pub use aligned::AlignedBuf;
 pub use file::FileBackend;
 pub use mem::MemBackend;
-pub use uring::UringBackend;
+pub use uring::{ReapStats, UringBackend};
 
 use std::future::Future;
 use std::io;

@@ -1,61 +1,108 @@
 //! The io_uring engine: positional reads, writes and fdatasync submitted to
-//! one io_uring per backend, completed by a dedicated thread.
+//! one io_uring per backend and reaped, as far as possible, by threads that
+//! are running anyway (fio's model), not by a thread of their own.
 //!
 //! # Design
 //!
 //! * **One ring per backend**, `RING_ENTRIES` submission entries (the kernel
-//!   sizes the completion queue at twice that).
+//!   sizes the completion queue at twice that), with `IORING_SETUP_SUBMIT_ALL`
+//!   when the kernel has it (5.18). The kernel posts a block device's CQE from
+//!   task work of the thread that submitted the SQE: it interrupts (or wakes)
+//!   that thread to do so. We do not set `COOP_TASKRUN`, which would defer
+//!   that until the submitter next enters the kernel: it measured no better
+//!   here, and it would leave an idle worker asleep while a busy one (say,
+//!   checksumming a 1 MiB read) sits on completions. `SINGLE_ISSUER` and
+//!   `DEFER_TASKRUN` are out of reach: every tokio worker submits.
 //! * **Submission** happens on the calling task's thread: push one SQE and
 //!   `io_uring_enter(to_submit)` while holding `Shared::sq_lock` (a
 //!   `parking_lot::Mutex`, held for two short operations, never across an
 //!   `.await`). Every submitter drains the submission queue before it releases
-//!   the lock, so the queue is empty whenever the lock is free.
-//! * **Completion** is the job of one thread per backend (`keel-uring-cq`). It
-//!   blocks in `io_uring_enter(to_submit = 0, min_complete = 1, GETEVENTS)`:
-//!   with `to_submit = 0` that call only waits for the completion queue to hold
-//!   at least one entry, so it never touches the submission queue and needs no
-//!   lock; the kernel serializes concurrent `io_uring_enter` callers on its own
-//!   (submission under `ctx->uring_lock`, waiting on the CQ wait queue). The
-//!   thread is the *only* consumer of the completion queue, so it can use
-//!   `completion_shared` without further locking. It drains every CQE, stores
-//!   the result in the slot named by `user_data` and wakes the task waiting on
-//!   it. There is no lost-wakeup window: the wait returns at once when CQEs
-//!   are already queued, and the thread only publishes the CQ head after it
-//!   has consumed the entries. We do not set `COOP_TASKRUN`/`DEFER_TASKRUN`,
-//!   so completion task work queued to a submitting thread is run promptly
-//!   (the kernel interrupts that thread) and never waits for it to re-enter
-//!   the ring.
+//!   the lock, so the queue is empty whenever the lock is free. That enter
+//!   also runs the thread's pending completion task work, so CQEs of earlier
+//!   I/Os are in the queue when it returns.
+//! * **Reaping** (draining the completion queue, storing each result in the
+//!   slot named by `user_data` and waking its task) is done under
+//!   `Shared::cq_lock`, which is only ever held for the drain itself, never
+//!   across a wait, by whoever gets there:
+//!   1. *the I/O futures*: each poll that finds its result missing first
+//!      tries the lock and drains what is there (`try_lock`: if someone else
+//!      is draining, it does not wait). Under load most CQEs are found this
+//!      way, right after the enter that posted them, by a thread that is
+//!      already running, and the tasks they wake are scheduled on that
+//!      worker without waking another thread;
+//!   2. *the runtime's reactor*, when all workers are idle: the ring fd is
+//!      registered with the tokio I/O driver of the runtime the first pending
+//!      I/O is polled in (`tokio::io::unix::AsyncFd`, readable when the CQ is
+//!      not empty), with a waker of our own (`ReactorWake`) rather than a
+//!      task's. When a worker parks in `epoll_wait`, a posted CQE wakes it
+//!      directly (the same wake that brings it in to run its completion task
+//!      work), and `ReactorWake::wake` drains the queue from inside the
+//!      driver and re-arms itself. The waker stays registered for as long as
+//!      the runtime lives, so there is always exactly one registration
+//!      however many I/Os wait. Readiness is cleared *before* each drain and
+//!      re-polled after it, so a CQE posted during the drain raises a new
+//!      edge: none is lost. (A runtime built without `enable_io` has no
+//!      reactor: registering panics inside tokio; we catch that once per
+//!      backend and use the fallback.)
+//!   3. *the fallback thread* (`keel-uring-cq`), which guarantees progress
+//!      when neither of the above will run: I/O polled outside any tokio
+//!      runtime (e.g. `futures::executor::block_on`), a runtime without a
+//!      reactor, or the reactor's runtime shut down. A future that goes
+//!      pending without the reactor's cover marks its slot `foreign`; while
+//!      any slot is foreign (or the reactor is gone and I/O is in flight) the
+//!      thread waits in `io_uring_enter(GETEVENTS, min_complete = 1)` (no
+//!      submission, no lock) and drains. Otherwise it sleeps on a condvar
+//!      and, every `WATCHDOG` interval, drains whatever sits in the queue, so
+//!      a runtime that holds the reactor but is not being driven (a
+//!      current-thread runtime outside `block_on`) delays I/O by at most that
+//!      interval instead of hanging it.
+//!
+//!   A poll stores its waker in its slot under the slot's lock and a reaper
+//!   stores the result and takes the waker under the same lock, so a result
+//!   is either seen by the poll or wakes the waker it stored: no lost
+//!   wake-ups.
 //! * **Per-I/O state** lives in a slot table allocated at open: `RING_ENTRIES`
-//!   slots, each a small `Mutex<{result, waker}>` plus a `Condvar` used only by
-//!   the synchronous cancel path, a stack of free slot indices, and a
-//!   `tokio::sync::Semaphore` with one permit per slot that tasks acquire
-//!   (asynchronously) before popping a free slot. `user_data` is the slot
-//!   index. Nothing is heap-allocated per I/O. Because at most `RING_ENTRIES`
-//!   operations are in flight (plus the shutdown NOP), the completion queue
-//!   (2 x `RING_ENTRIES`) cannot overflow.
-//! * **Shutdown**: dropping the backend submits a NOP whose `user_data` is
-//!   `SHUTDOWN`; the completion thread exits when it reaps it and is joined.
+//!   slots, each a small `Mutex<{result, waker, foreign}>`, a stack of free
+//!   slot indices, and a `tokio::sync::Semaphore` with one permit per slot
+//!   that tasks acquire (asynchronously) before popping a free slot.
+//!   `user_data` is the slot index. Nothing is heap-allocated per I/O (the
+//!   reactor registration and its waker are made once per backend and
+//!   runtime). Because at most `RING_ENTRIES` operations are in flight (plus
+//!   the shutdown NOP), the completion queue (2 x `RING_ENTRIES`) cannot
+//!   overflow.
+//! * **Shutdown**: dropping the backend removes the reactor registration,
+//!   tells the fallback thread to exit (flag, condvar, and a NOP so a wait in
+//!   the kernel returns) and joins it.
+//!
+//! Waits in the kernel use `IORING_ENTER_EXT_ARG` timeouts (Linux 5.11), so
+//! a wait whose CQE was taken by another reaper just before it began ends
+//! after the timeout; `open` refuses rings without that feature.
 //!
 //! # Cancellation
 //!
 //! The futures borrow the caller's buffer and hand its address to the kernel.
 //! If such a future is dropped while its SQE is in flight, the slot guard's
-//! `Drop` blocks the dropping thread until the kernel has posted the CQE, so
-//! the borrow (which lasts as long as the future) cannot end while the kernel
-//! may still touch the buffer. The wait is bounded by one device I/O. See the
-//! caveat on leaking in [`SlotGuard::submit`].
+//! `Drop` blocks the dropping thread until the CQE has been reaped (it reaps
+//! itself, waiting in the kernel between drains, so this works even when the
+//! dropping thread is the only one that drives the runtime), so the borrow
+//! (which lasts as long as the future) cannot end while the kernel may still
+//! touch the buffer. The wait is bounded by one device I/O. See the caveat on
+//! leaking in [`SlotGuard::submit`].
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use parking_lot::{Condvar, Mutex};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::aligned::is_aligned;
@@ -63,38 +110,125 @@ use super::{BLOCK_SIZE, Backend};
 
 /// Submission queue entries, and the number of I/O slots.
 const RING_ENTRIES: u32 = 256;
-/// `user_data` of the NOP that tells the completion thread to exit.
+/// `user_data` of the NOP that wakes the fallback thread at shutdown.
 const SHUTDOWN: u64 = u64::MAX;
 /// Largest length put in one SQE (the field is a u32; keep it block aligned
 /// so a remainder after a full-length transfer stays aligned for O_DIRECT).
 const MAX_SQE_LEN: usize = (u32::MAX as usize) & !(BLOCK_SIZE - 1);
+/// How often the fallback thread drains the queue while the reactor covers
+/// every waiter (see the module docs).
+const WATCHDOG: Duration = Duration::from_millis(10);
+/// Longest single wait of the fallback thread in the kernel.
+const FALLBACK_WAIT: Duration = Duration::from_millis(10);
+/// Longest single wait in the kernel of a dropped future's cancellation.
+const CANCEL_WAIT: Duration = Duration::from_millis(1);
+
+/// `Shared::reactor_state`: no registration yet (or dropped).
+const REACTOR_NONE: u8 = 0;
+/// Registered and armed: every posted CQE will be reaped by the reactor.
+const REACTOR_ARMED: u8 = 1;
+/// The runtime it was registered with is shutting down or gone.
+const REACTOR_DEAD: u8 = 2;
+/// Registration failed (a runtime without IO); not retried.
+const REACTOR_UNAVAILABLE: u8 = 3;
 
 /// io_uring + O_DIRECT engine.
 pub struct UringBackend {
     shared: Arc<Shared>,
-    completer: Option<JoinHandle<()>>,
+    fallback: Option<JoinHandle<()>>,
     len: u64,
     direct: bool,
 }
 
-/// State shared by the submitting tasks and the completion thread.
+/// State shared by the submitting tasks, the reactor and the fallback
+/// thread.
 struct Shared {
+    /// The ring fd's registration with a tokio reactor. Declared before
+    /// `ring`, whose fd it refers to, so it is dropped first (it is normally
+    /// taken out earlier, in `UringBackend::drop`).
+    reactor: Mutex<Option<Reactor>>,
+    /// One of the `REACTOR_*` constants.
+    reactor_state: AtomicU8,
     ring: IoUring,
     file: File,
     /// Serializes every use of the submission queue (`submission_shared`).
     sq_lock: Mutex<()>,
+    /// Serializes every use of the completion queue (`completion_shared`).
+    /// Held only while draining, never across a wait.
+    cq_lock: Mutex<()>,
     slots: Box<[Slot]>,
     /// Indices of idle slots. Capacity `RING_ENTRIES`, never reallocates.
     free: Mutex<Vec<u32>>,
     /// One permit per idle slot: acquiring a permit guarantees `free` is not
     /// empty.
     permits: Semaphore,
+    /// Slots whose waiting future is not covered by the reactor.
+    foreign_waiters: AtomicUsize,
+    /// The fallback thread sleeps on `fallback_cv` under this lock.
+    fallback_lock: Mutex<()>,
+    fallback_cv: Condvar,
+    /// Set when the backend is dropped: the fallback thread exits.
+    shutdown: AtomicBool,
+    /// For the reactor's waker, which must not keep `Shared` alive.
+    this: Weak<Shared>,
+    /// CQEs reaped, indexed by `Reaper`.
+    reaped: [AtomicU64; 3],
+}
+
+/// Who drained a CQE (for [`UringBackend::reap_stats`]).
+#[derive(Clone, Copy)]
+enum Reaper {
+    Poll = 0,
+    Reactor = 1,
+    Thread = 2,
+}
+
+/// How many completions each reaping path has handled since open; a
+/// diagnostic for benchmarks and tests (see the module docs for the paths).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReapStats {
+    /// Found by a polled I/O future on its own thread.
+    pub by_poll: u64,
+    /// Found by the runtime's reactor (a worker woken from `epoll_wait`).
+    pub by_reactor: u64,
+    /// Found by the fallback thread, or by a dropped future cancelling.
+    pub by_thread: u64,
+}
+
+/// The ring fd registered with one runtime's reactor.
+struct Reactor {
+    fd: AsyncFd<RingFd>,
+    /// `Waker::from(Arc<ReactorWake>)`: the only waker ever registered.
+    waker: Waker,
+}
+
+/// The ring's fd, borrowed (the ring owns it and outlives the registration).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Woken by the reactor when the completion queue becomes non-empty.
+struct ReactorWake {
+    shared: Weak<Shared>,
+}
+
+impl Wake for ReactorWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.reactor_round();
+        }
+    }
 }
 
 struct Slot {
     state: Mutex<SlotState>,
-    /// Signalled on completion when a dropping future waits synchronously.
-    done: Condvar,
 }
 
 #[derive(Default)]
@@ -103,19 +237,27 @@ struct SlotState {
     result: Option<i32>,
     /// The task to wake when the result arrives.
     waker: Option<Waker>,
-    /// A thread is blocked on `Slot::done` waiting for the result.
-    sync_waiter: bool,
+    /// Counted in `Shared::foreign_waiters`.
+    foreign: bool,
 }
 
 impl UringBackend {
     /// Open an existing file or device. Fails (so [`super::Engine::Auto`] can
     /// fall back) when io_uring is unavailable: no kernel support, disabled
     /// by `kernel.io_uring_disabled`, blocked by seccomp, or too old to have
-    /// the READ/WRITE/FSYNC opcodes.
+    /// the READ/WRITE/FSYNC opcodes and `IORING_ENTER_EXT_ARG` (5.11).
     pub fn open(path: &Path) -> io::Result<UringBackend> {
         let (file, direct, len) = super::open_direct(path)?;
 
-        let mut ring: IoUring = IoUring::builder().dontfork().build(RING_ENTRIES)?;
+        let mut ring: IoUring = match IoUring::builder().dontfork().setup_submit_all().build(RING_ENTRIES) {
+            Ok(ring) => ring,
+            // Kernels before 5.18 refuse the flag.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder().dontfork().build(RING_ENTRIES)?,
+            Err(e) => return Err(e),
+        };
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks IORING_ENTER_EXT_ARG (Linux 5.11)"));
+        }
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in [
@@ -130,23 +272,31 @@ impl UringBackend {
         }
         nop_round_trip(&mut ring)?;
 
-        let slots: Box<[Slot]> =
-            (0..RING_ENTRIES).map(|_| Slot { state: Mutex::new(SlotState::default()), done: Condvar::new() }).collect();
+        let slots: Box<[Slot]> = (0..RING_ENTRIES).map(|_| Slot { state: Mutex::new(SlotState::default()) }).collect();
         // Pop order does not matter; reverse so slot 0 is handed out first.
         let free: Vec<u32> = (0..RING_ENTRIES).rev().collect();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|this| Shared {
+            reactor: Mutex::new(None),
+            reactor_state: AtomicU8::new(REACTOR_NONE),
             ring,
             file,
             sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
             slots,
             free: Mutex::new(free),
             permits: Semaphore::new(RING_ENTRIES as usize),
+            foreign_waiters: AtomicUsize::new(0),
+            fallback_lock: Mutex::new(()),
+            fallback_cv: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            this: this.clone(),
+            reaped: Default::default(),
         });
-        let completer = {
+        let fallback = {
             let shared = Arc::clone(&shared);
-            std::thread::Builder::new().name("keel-uring-cq".into()).spawn(move || shared.completion_loop())?
+            std::thread::Builder::new().name("keel-uring-cq".into()).spawn(move || shared.fallback_loop())?
         };
-        Ok(UringBackend { shared, completer: Some(completer), len, direct })
+        Ok(UringBackend { shared, fallback: Some(fallback), len, direct })
     }
 
     /// Whether O_DIRECT is in effect.
@@ -170,6 +320,12 @@ impl UringBackend {
 
     fn fd(&self) -> types::Fd {
         types::Fd(self.shared.file.as_raw_fd())
+    }
+
+    /// Completions reaped by each path so far.
+    pub fn reap_stats(&self) -> ReapStats {
+        let n = |r: Reaper| self.shared.reaped[r as usize].load(Ordering::Relaxed);
+        ReapStats { by_poll: n(Reaper::Poll), by_reactor: n(Reaper::Reactor), by_thread: n(Reaper::Thread) }
     }
 }
 
@@ -240,10 +396,10 @@ impl Shared {
                     Some(libc::EINTR) => {}
                     Some(libc::EAGAIN | libc::EBUSY | libc::ENOMEM) => {
                         // Rare (kernel allocation failure, CQ overflow
-                        // backlog). The completion thread keeps reaping
-                        // without this lock, so it resolves; meanwhile other
-                        // submitters queue on `sq_lock` (blocking their
-                        // threads for at most the back-off).
+                        // backlog). Reapers never take this lock, so it
+                        // resolves; meanwhile other submitters queue on
+                        // `sq_lock` (blocking their threads for at most the
+                        // back-off).
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_millis(10));
                     }
@@ -262,37 +418,41 @@ impl Shared {
         }
     }
 
-    /// Body of the completion thread.
-    fn completion_loop(&self) {
-        loop {
-            // SAFETY: no submissions (to_submit = 0) and no argument pointer;
-            // this only waits until the CQ holds at least one entry.
-            let waited = unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(0, 1, io_uring::EnterFlags::GETEVENTS.bits(), None)
-            };
-            if let Err(e) = waited {
-                match e.raw_os_error() {
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
-                    _ => {
-                        tracing::error!("io_uring completion wait failed: {e}");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+    /// Drain the completion queue unless another thread is draining it.
+    /// For callers that are not responsible for progress (a polled future).
+    fn try_reap(&self) {
+        if let Some(cq) = self.cq_lock.try_lock() {
+            self.drain_locked(Reaper::Poll);
+            drop(cq);
+        }
+    }
+
+    /// Drain the completion queue, waiting for the lock if needed (it is only
+    /// ever held for a drain).
+    fn reap(&self, by: Reaper) {
+        let _cq = self.cq_lock.lock();
+        self.drain_locked(by);
+    }
+
+    /// Complete every CQE in the queue. Call with `cq_lock` held.
+    fn drain_locked(&self, by: Reaper) {
+        // SAFETY: `cq_lock` is held, and every CompletionQueue is created
+        // under it and dropped before it is released, so no other
+        // CompletionQueue exists.
+        let cq = unsafe { self.ring.completion_shared() };
+        let mut n = 0;
+        for cqe in cq {
+            match cqe.user_data() {
+                SHUTDOWN => {}
+                idx => {
+                    self.complete(idx, cqe.result());
+                    n += 1;
                 }
             }
-            // SAFETY: this thread is the only place a CompletionQueue is ever
-            // created once the ring is shared.
-            let cq = unsafe { self.ring.completion_shared() };
-            let mut shutdown = false;
-            for cqe in cq {
-                match cqe.user_data() {
-                    SHUTDOWN => shutdown = true,
-                    idx => self.complete(idx, cqe.result()),
-                }
-            }
-            // Dropping `cq` (consumed by the loop) published the new head.
-            if shutdown {
-                return;
-            }
+        }
+        // Dropping `cq` (consumed by the loop) published the new head.
+        if n > 0 {
+            self.reaped[by as usize].fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -304,13 +464,154 @@ impl Shared {
         let waker = {
             let mut st = slot.state.lock();
             st.result = Some(result);
-            if st.sync_waiter {
-                slot.done.notify_one();
-            }
             st.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
+        }
+    }
+
+    /// Wait in the kernel until the completion queue holds an entry, or
+    /// `timeout`. Takes no lock and submits nothing.
+    fn wait_cq(&self, timeout: Duration) {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let flags = io_uring::EnterFlags::GETEVENTS.bits() | io_uring::EnterFlags::EXT_ARG.bits();
+        // SAFETY: no submissions (to_submit = 0); with EXT_ARG the argument
+        // must be an `io_uring_getevents_arg`, which `SubmitArgs` is
+        // (repr(transparent)), and it and the timespec it points to outlive
+        // the call.
+        let waited = unsafe { self.ring.submitter().enter(0, 1, flags, Some(&args)) };
+        if let Err(e) = waited {
+            match e.raw_os_error() {
+                Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
+                _ => {
+                    tracing::error!("io_uring completion wait failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Whether a posted CQE will be reaped by the reactor without anyone
+    /// polling; registers with the current runtime's reactor if there is
+    /// none yet.
+    fn reactor_covers(&self) -> bool {
+        match self.reactor_state.load(Ordering::Acquire) {
+            REACTOR_ARMED => true,
+            REACTOR_UNAVAILABLE => false,
+            _ => self.start_reactor(),
+        }
+    }
+
+    #[cold]
+    fn start_reactor(&self) -> bool {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return false;
+        }
+        {
+            let mut reactor = self.reactor.lock();
+            match self.reactor_state.load(Ordering::Acquire) {
+                REACTOR_ARMED => return true,
+                REACTOR_UNAVAILABLE => return false,
+                _ => {}
+            }
+            // Drop a registration with a dead runtime before making one.
+            *reactor = None;
+            let fd = RingFd(self.ring.as_raw_fd());
+            // tokio panics (rather than returning an error) when the runtime
+            // was built without IO; that is the only way to find out.
+            let made = std::panic::catch_unwind(|| {
+                // SAFETY: the fd is the ring's, owned by `self.ring`, which
+                // stays open for as long as this registration: it is kept in
+                // `self.reactor`, dropped before `ring` (field order) and in
+                // practice earlier, in `UringBackend::drop`.
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            });
+            match made {
+                Ok(Ok(fd)) => {
+                    let waker = Waker::from(Arc::new(ReactorWake { shared: self.this.clone() }));
+                    *reactor = Some(Reactor { fd, waker });
+                    self.reactor_state.store(REACTOR_ARMED, Ordering::Release);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("io_uring: cannot register the ring with the tokio reactor ({e}); using a thread");
+                    self.reactor_state.store(REACTOR_UNAVAILABLE, Ordering::Release);
+                    return false;
+                }
+                Err(_) => {
+                    tracing::warn!("io_uring: the tokio runtime has no IO driver (enable_io); using a thread");
+                    self.reactor_state.store(REACTOR_UNAVAILABLE, Ordering::Release);
+                    return false;
+                }
+            }
+        }
+        // Arm it (and reap anything already there).
+        self.reactor_round();
+        self.reactor_state.load(Ordering::Acquire) == REACTOR_ARMED
+    }
+
+    /// Clear the ring fd's readiness, drain, and re-arm, until the reactor
+    /// holds our waker with no readiness pending. Runs when the reactor
+    /// wakes `ReactorWake`, and once at registration.
+    fn reactor_round(&self) {
+        loop {
+            {
+                let reactor = self.reactor.lock();
+                let Some(r) = reactor.as_ref() else { return };
+                let mut cx = Context::from_waker(&r.waker);
+                match r.fd.poll_read_ready(&mut cx) {
+                    // Registered: the next CQE posted wakes us.
+                    Poll::Pending => return,
+                    // Cleared before draining: a CQE posted from here on
+                    // raises a new edge that the next poll sees.
+                    Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
+                    Poll::Ready(Err(_)) => {
+                        // The runtime is shutting down: hand over to the
+                        // fallback thread.
+                        self.reactor_state.store(REACTOR_DEAD, Ordering::Release);
+                        drop(reactor);
+                        self.notify_fallback();
+                        return;
+                    }
+                }
+            }
+            self.reap(Reaper::Reactor);
+        }
+    }
+
+    fn notify_fallback(&self) {
+        let _g = self.fallback_lock.lock();
+        self.fallback_cv.notify_one();
+    }
+
+    /// Whether the fallback thread must wait on the completion queue.
+    fn needs_fallback(&self) -> bool {
+        self.foreign_waiters.load(Ordering::Acquire) > 0
+            || (self.reactor_state.load(Ordering::Acquire) != REACTOR_ARMED
+                && self.permits.available_permits() < RING_ENTRIES as usize)
+    }
+
+    /// Body of the fallback thread.
+    fn fallback_loop(&self) {
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            if self.needs_fallback() {
+                self.reap(Reaper::Thread);
+                self.wait_cq(FALLBACK_WAIT);
+            } else {
+                {
+                    let mut g = self.fallback_lock.lock();
+                    if !self.shutdown.load(Ordering::Acquire) && !self.needs_fallback() {
+                        self.fallback_cv.wait_for(&mut g, WATCHDOG);
+                    }
+                }
+                // Watchdog: complete anything a reactor that is not being
+                // driven left in the queue.
+                self.reap(Reaper::Thread);
+            }
         }
     }
 
@@ -358,16 +659,40 @@ impl SlotGuard<'_> {
         std::future::poll_fn(|cx| self.poll_result(cx)).await
     }
 
+    fn take_result(&mut self, st: &mut SlotState) -> Option<i32> {
+        let res = st.result.take()?;
+        st.waker = None;
+        if std::mem::take(&mut st.foreign) {
+            self.shared.foreign_waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.in_flight = false;
+        Some(res)
+    }
+
     fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<i32> {
-        let mut st = self.shared.slots[self.idx as usize].state.lock();
-        if let Some(res) = st.result.take() {
-            st.waker = None;
-            self.in_flight = false;
+        let slot = &self.shared.slots[self.idx as usize];
+        if let Some(res) = self.take_result(&mut slot.state.lock()) {
+            return Poll::Ready(res);
+        }
+        // Not there yet: complete whatever is in the queue (ours included,
+        // perhaps) while this thread is running anyway.
+        self.shared.try_reap();
+        let covered = self.shared.reactor_covers();
+        let mut st = slot.state.lock();
+        if let Some(res) = self.take_result(&mut st) {
             return Poll::Ready(res);
         }
         match &st.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => st.waker = Some(cx.waker().clone()),
+        }
+        if !covered && !st.foreign {
+            st.foreign = true;
+            let before = self.shared.foreign_waiters.fetch_add(1, Ordering::AcqRel);
+            drop(st);
+            if before == 0 {
+                self.shared.notify_fallback();
+            }
         }
         Poll::Pending
     }
@@ -376,19 +701,27 @@ impl SlotGuard<'_> {
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         let slot = &self.shared.slots[self.idx as usize];
+        if self.in_flight {
+            // The future was dropped mid-I/O. The kernel may still read or
+            // write the caller's buffer until the CQE is posted, and that
+            // buffer is only guaranteed to live until this drop returns, so
+            // reap until our CQE has been seen, waiting in the kernel between
+            // drains. Reaping ourselves (rather than waiting for a reaper)
+            // matters when this thread is the one that drives the runtime.
+            // The timeout covers a CQE taken by another reaper between our
+            // check and our wait. Bounded by one device I/O.
+            while slot.state.lock().result.is_none() {
+                self.shared.reap(Reaper::Thread);
+                if slot.state.lock().result.is_some() {
+                    break;
+                }
+                self.shared.wait_cq(CANCEL_WAIT);
+            }
+        }
         {
             let mut st = slot.state.lock();
-            if self.in_flight {
-                // The future was dropped mid-I/O. The kernel may still read
-                // or write the caller's buffer until the CQE is posted, and
-                // that buffer is only guaranteed to live until this drop
-                // returns, so block until the completion thread has seen the
-                // CQE. The completion thread never waits on anything a task
-                // holds, so this cannot deadlock; it takes one device I/O.
-                st.sync_waiter = true;
-                while st.result.is_none() {
-                    slot.done.wait(&mut st);
-                }
+            if st.foreign {
+                self.shared.foreign_waiters.fetch_sub(1, Ordering::AcqRel);
             }
             *st = SlotState::default();
         }
@@ -507,17 +840,28 @@ impl Backend for UringBackend {
 impl Drop for UringBackend {
     fn drop(&mut self) {
         // No I/O of ours is in flight: every future borrows `self`, and a
-        // dropped future waits for its CQE. Tell the completion thread to
-        // exit (it reaps CQEs in order, so anything before the NOP is still
-        // delivered) and join it. The ring and file close when the last
-        // `Arc<Shared>` goes, i.e. here once the thread is joined.
+        // dropped future waits for its CQE. Leave the reactor first (its
+        // registration names the ring's fd), then stop the fallback thread:
+        // the flag and the condvar reach it when it sleeps, the NOP's CQE
+        // when it waits in the kernel (its wait also times out).
+        drop(self.shared.reactor.lock().take());
+        self.shared.reactor_state.store(REACTOR_UNAVAILABLE, Ordering::Release);
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.notify_fallback();
         let nop = opcode::Nop::new().build().user_data(SHUTDOWN);
         // SAFETY: a NOP references no memory.
         unsafe { self.shared.push_and_submit(&nop) };
-        if let Some(thread) = self.completer.take()
+        if let Some(thread) = self.fallback.take()
             && thread.join().is_err()
         {
-            tracing::error!("io_uring completion thread panicked");
+            tracing::error!("io_uring fallback thread panicked");
         }
+        // A reactor wake-up that was already running may still hold a
+        // reference for a moment (it finds no registration and returns); wait
+        // for it so the file is closed when this drop returns.
+        while Arc::strong_count(&self.shared) > 1 {
+            std::thread::yield_now();
+        }
+        // The ring and file close when `self.shared` is dropped, right after.
     }
 }
