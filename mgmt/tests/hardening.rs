@@ -224,17 +224,9 @@ fn errors_axum_answers_itself_are_json_too() {
 
 #[test]
 fn an_upload_whose_client_goes_away_ends_its_job_as_failed() {
-    use std::io::Write;
     let dir = data_dir();
     let d = Daemon::start(dir.path());
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.api)).unwrap();
-    write!(
-        s,
-        "PUT /api/v1/isos/cut HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10485760\r\n\r\n",
-        d.token
-    )
-    .unwrap();
-    s.write_all(&[7u8; 1 << 20]).unwrap();
+    let s = start_stalled_upload(&d, "cut");
     let job_state = || {
         let (_, jobs) = d.call("GET", "/api/v1/jobs", None);
         jobs.as_array().unwrap().iter().find(|j| j["target"] == "cut").cloned()

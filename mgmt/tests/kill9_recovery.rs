@@ -201,7 +201,6 @@ fn iso_store_leftovers_are_cleaned_on_start() {
 
 #[test]
 fn jobs_outlive_the_daemon_and_one_cut_short_shows_failed() {
-    use std::io::Write;
     let dir = data_dir();
     let mut d = Daemon::start(dir.path());
     let up = ureq::put(&format!("{}/api/v1/isos/first", d.url()))
@@ -210,14 +209,7 @@ fn jobs_outlive_the_daemon_and_one_cut_short_shows_failed() {
         .unwrap();
     assert_eq!(up.status(), 201);
     // An upload that stops halfway: the job runs until the daemon dies.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.api)).unwrap();
-    write!(
-        s,
-        "PUT /api/v1/isos/second HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10485760\r\n\r\n",
-        d.token
-    )
-    .unwrap();
-    s.write_all(&[7u8; 1 << 20]).unwrap();
+    let s = start_stalled_upload(&d, "second");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let (_, jobs) = d.call("GET", "/api/v1/jobs", None);

@@ -292,3 +292,19 @@ pub fn store_volumes(data: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Start uploading ISO `name` (announcing 10 MiB) and send only the first
+/// MiB: the upload job stays running until the connection or the daemon
+/// goes away.
+pub fn start_stalled_upload(d: &Daemon, name: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.api)).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/isos/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10485760\r\n\r\n",
+        d.token
+    )
+    .unwrap();
+    s.write_all(&[7u8; 1 << 20]).unwrap();
+    s
+}
