@@ -254,6 +254,19 @@ mod tests {
     }
 
     #[test]
+    fn the_private_socket_fits_a_socket_address() {
+        let short = Path::new("/var/lib/keel");
+        assert_eq!(nbd_socket_path(short), Path::new("/var/lib/keel/nbd.sock"));
+        let long = std::path::PathBuf::from(format!("/srv/{}", "deep/".repeat(30)));
+        let p = nbd_socket_path(&long);
+        assert!(p.as_os_str().len() < 108, "{}", p.display());
+        assert!(p.starts_with(std::env::temp_dir()), "{}", p.display());
+        assert_eq!(p, nbd_socket_path(&long), "the same data directory, the same socket");
+        let other = std::path::PathBuf::from(format!("/srv/{}", "other/".repeat(30)));
+        assert_ne!(nbd_socket_path(&other), p, "two data directories, two sockets");
+    }
+
+    #[test]
     fn export_names_open_only_with_the_right_key() {
         let a = AccessKeys::fixed([7; 32], true);
         let salt0 = |_: &str| 0;
