@@ -125,12 +125,13 @@ impl AccessKeys {
 
     /// The device an export name opens, if its key is right (or keys are
     /// not required and it names a device plainly). `salt` gives a volume's
-    /// key salt.
-    pub fn check(&self, export: &str, salt: impl Fn(&str) -> u64) -> Option<String> {
+    /// key salt, or `None` when the volume has no key (no record).
+    pub fn check(&self, export: &str, salt: impl Fn(&str) -> Option<u64>) -> Option<String> {
         if let Some((device, key)) = export.rsplit_once(':')
             && key.len() == KEY_LEN
+            && let Some(salt) = salt(volume_of(device))
         {
-            let want = self.key(volume_of(device), salt(volume_of(device)));
+            let want = self.key(volume_of(device), salt);
             if constant_time_eq(key.as_bytes(), want.as_bytes()) {
                 return Some(device.to_string());
             }
@@ -179,17 +180,7 @@ impl AppExports {
     /// record from before keys, has no key of its own yet).
     fn device(&self, export: &str) -> Option<String> {
         let device = self.app.access.check(export, |v| self.app.key_salt(v))?;
-        if device.starts_with('_') {
-            return None;
-        }
-        if self.app.access.required() {
-            let volume = volume_of(&device);
-            let rec = self.app.meta.get::<crate::model::VolumeMeta>(crate::db::VOLUMES, volume).ok().flatten()?;
-            if rec.key_salt == 0 {
-                return None;
-            }
-        }
-        Some(device)
+        (!device.starts_with('_')).then_some(device)
     }
 }
 
@@ -269,7 +260,7 @@ mod tests {
     #[test]
     fn export_names_open_only_with_the_right_key() {
         let a = AccessKeys::fixed([7; 32], true);
-        let salt0 = |_: &str| 0;
+        let salt0 = |_: &str| Some(0);
         let name = a.export_name("web", 0);
         assert_eq!(a.check(&name, salt0).as_deref(), Some("web"));
         let snap = a.export_name("web@monday", 0);
@@ -282,7 +273,8 @@ mod tests {
         let other = a.export_name("db", 0);
         let stolen = format!("web:{}", other.rsplit_once(':').unwrap().1);
         assert_eq!(a.check(&stolen, salt0), None, "another volume's key");
-        assert_eq!(a.check(&name, |_| 1), None, "a rotated key");
+        assert_eq!(a.check(&name, |_| Some(1)), None, "a rotated key");
+        assert_eq!(a.check(&name, |_| None), None, "a volume without a key");
         // Internal names contain ':' themselves.
         let internal = a.export_name("_a:base:0@base", 0);
         assert_eq!(a.check(&internal, salt0).as_deref(), Some("_a:base:0@base"));

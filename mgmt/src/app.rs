@@ -263,12 +263,11 @@ impl App {
     /// A volume's target: its own CHAP secret if it has one, else CHAP with
     /// the volume's access key (unless keys are off).
     fn iscsi_target(&self, v: &VolumeMeta) -> IscsiTarget {
-        let keyed = || Chap { user: v.name.clone(), secret: self.access.key(&v.name, v.key_salt) };
         IscsiTarget {
             iqn: format!("{IQN_PREFIX}{}", v.name),
             volume: v.name.clone(),
             initiators: v.iscsi.initiators.clone(),
-            chap: v.iscsi.chap.clone().or_else(|| self.access.required().then(keyed)),
+            chap: v.iscsi.chap.clone().or_else(|| self.key_chap(v)),
         }
     }
 }
@@ -577,6 +576,11 @@ impl App {
         Ok(self.meta.list::<User>(USERS)?.into_iter().map(|(_, u)| u).collect())
     }
 
+    /// Every user, by name.
+    pub(crate) fn users_by_name(&self) -> ApiResult<HashMap<String, User>> {
+        Ok(self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect())
+    }
+
     // ----- volumes -----
 
     /// Give every volume record from before access keys (salt 0) a key of
@@ -587,7 +591,7 @@ impl App {
         let old: Vec<_> = old.into_iter().filter(|(_, m)| m.key_salt == 0).collect();
         self.meta.write(|w| {
             for (name, mut m) in old.iter().cloned() {
-                m.key_salt = rand::random::<u64>().max(1);
+                m.key_salt = crate::model::new_key_salt();
                 w.put(VOLUMES, &name, &m)?;
             }
             Ok::<_, db::Error>(())
@@ -595,30 +599,39 @@ impl App {
         Ok(old.len())
     }
 
-    /// The key salt of volume `name` (0 for internal volumes, which have no
-    /// record).
-    pub(crate) fn key_salt(&self, name: &str) -> u64 {
-        self.meta.get::<VolumeMeta>(VOLUMES, name).ok().flatten().map_or(0, |m| m.key_salt)
+    /// The key salt of volume `name`: `None` when it has no key, that is no
+    /// record (internal volumes, one being created) or a record from before
+    /// access keys (salt 0).
+    pub(crate) fn key_salt(&self, name: &str) -> Option<u64> {
+        self.meta.get::<VolumeMeta>(VOLUMES, name).ok().flatten().map(|m| m.key_salt).filter(|&s| s != 0)
     }
 
-    /// The NBD export name of device `device` (a volume or
-    /// `VOLUME@SNAPSHOT`), access key included.
-    pub(crate) fn export_name(&self, device: &str) -> String {
+    /// The NBD URL of device `device` (a volume or `VOLUME@SNAPSHOT`),
+    /// looking its volume's key up.
+    pub(crate) fn device_nbd_url(&self, device: &str) -> String {
         let volume = device.split_once('@').map_or(device, |(v, _)| v);
-        self.access.export_name(device, self.key_salt(volume))
+        self.nbd_url_salted(device, self.key_salt(volume).unwrap_or(0))
     }
 
     fn nbd_url(&self, m: &VolumeMeta, device: &str) -> String {
-        format!("nbd://{}/{}", self.addrs.nbd, self.access.export_name(device, m.key_salt))
+        self.nbd_url_salted(device, m.key_salt)
+    }
+
+    fn nbd_url_salted(&self, device: &str, salt: u64) -> String {
+        format!("nbd://{}/{}", self.addrs.nbd, self.access.export_name(device, salt))
+    }
+
+    /// The CHAP credentials a volume's target requires when it has none of
+    /// its own: user VOLUME, the access key as secret (none with keys off).
+    fn key_chap(&self, m: &VolumeMeta) -> Option<Chap> {
+        (m.iscsi.chap.is_none() && self.access.required())
+            .then(|| Chap { user: m.name.clone(), secret: self.access.key(&m.name, m.key_salt) })
     }
 
     /// The iSCSI URL of a volume: with the CHAP user and secret in it when
     /// the target uses the volume's access key (no CHAP of its own).
     fn iscsi_url(&self, m: &VolumeMeta) -> String {
-        let auth = match (&m.iscsi.chap, self.access.required()) {
-            (None, true) => format!("{}%{}@", m.name, self.access.key(&m.name, m.key_salt)),
-            _ => String::new(),
-        };
+        let auth = self.key_chap(m).map(|c| format!("{}%{}@", c.user, c.secret)).unwrap_or_default();
         format!("iscsi://{auth}{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name)
     }
 
@@ -677,7 +690,7 @@ impl App {
     /// Volumes `actor` may see.
     pub fn list_volumes(&self, actor: &User) -> ApiResult<Vec<VolumeView>> {
         forbid_regular(actor, "use volumes")?;
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         let (devices, nbd) = (self.pool.list(), self.nbd.counters());
         let mut out = Vec::new();
         for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
@@ -723,7 +736,7 @@ impl App {
     /// snapshots cannot be used to grow past the quota; blocks a snapshot
     /// still shares with its volume count twice, erring on the safe side).
     fn tenant_usage(&self, tenant: &str) -> ApiResult<u64> {
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         let devices = self.pool.list();
         let sizes: HashMap<&str, u64> =
             devices.iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| (d.name.as_str(), d.size)).collect();
@@ -825,7 +838,7 @@ impl App {
             created: now(),
             origin: origin.map(Into::into),
             iscsi: IscsiExport::default(),
-            key_salt: rand::random::<u64>().max(1),
+            key_salt: crate::model::new_key_salt(),
         };
         self.meta.write(|w| {
             w.put(VOLUMES, name, &m)?;
@@ -1077,9 +1090,9 @@ impl App {
                  disconnect them first, so none keeps the old key's access"
             )));
         }
-        let mut salt = rand::random::<u64>().max(1);
+        let mut salt = crate::model::new_key_salt();
         while salt == m.key_salt {
-            salt = rand::random::<u64>().max(1);
+            salt = crate::model::new_key_salt();
         }
         m.key_salt = salt;
         self.meta.write(|w| {
@@ -1239,11 +1252,10 @@ impl App {
         self.data.join("isos")
     }
 
-    /// Every ISO (every role may list them: any VM may use any ISO).
-    /// The ISO store: every ISO, for every VM to use; who uploaded one is
-    /// shown only to those who may see that user.
+    /// Every ISO (every role may list them: any VM may use any ISO); who
+    /// uploaded one is shown only to those who may see that user.
     pub fn list_isos(&self, actor: &User) -> ApiResult<Vec<IsoView>> {
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         Ok(self
             .meta
             .list::<IsoMeta>(ISOS)?
@@ -1409,7 +1421,7 @@ impl App {
     /// Events `actor` may see: a manager all, others those done by users
     /// it can see.
     pub fn list_events(&self, actor: &User, after: u64, limit: usize) -> ApiResult<Vec<serde_json::Value>> {
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         let mut out = Vec::new();
         for (id, e) in self.meta.events::<Event>(after, if actor.role == Role::Manager { limit } else { 100_000 })? {
             // An event older than its user was done by an earlier holder of
@@ -1511,7 +1523,7 @@ mod tests {
         let v = app.create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None }).await.unwrap();
         // Without CHAP of its own, the target takes the volume's access key
         // as CHAP secret, and the URLs carry the key.
-        let key = app.access.key("web", app.key_salt("web"));
+        let key = app.access.key("web", app.key_salt("web").unwrap());
         assert_eq!(v.iscsi_url, format!("iscsi://web%{key}@127.0.0.1:3260/iqn.2026-11.io.keel:web/0"));
         assert_eq!(v.nbd_url, format!("nbd://127.0.0.1:10809/web:{key}"));
         let t = app.target("iqn.2026-11.io.keel:web").unwrap();
@@ -1602,7 +1614,7 @@ mod tests {
             created: 0,
             origin: None,
             iscsi: IscsiExport::default(),
-            key_salt: rand::random::<u64>().max(1),
+            key_salt: crate::model::new_key_salt(),
         };
         app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
         let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();

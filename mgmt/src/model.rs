@@ -393,6 +393,12 @@ pub fn check_volume_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A new volume's access key salt (see [`crate::access`]): random, never 0,
+/// which marks records from before access keys.
+pub fn new_key_salt() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
 /// Check a user name: 1 to 32 characters of `a-z 0-9 _ . -`, starting with a
 /// letter.
 pub fn check_user_name(name: &str) -> Result<(), String> {

@@ -51,7 +51,7 @@ pub async fn reconcile(pool: &Pool<AnyBackend>, meta: &Meta) -> anyhow::Result<V
                         created: now(),
                         origin: origin.clone(),
                         iscsi: IscsiExport::default(),
-                        key_salt: rand::random::<u64>().max(1),
+                        key_salt: crate::model::new_key_salt(),
                     };
                     meta.write(|w| {
                         w.put(VOLUMES, &name, &m)?;
@@ -107,7 +107,7 @@ pub async fn reconcile(pool: &Pool<AnyBackend>, meta: &Meta) -> anyhow::Result<V
                 created: now(),
                 origin: None,
                 iscsi: IscsiExport::default(),
-                key_salt: rand::random::<u64>().max(1),
+                key_salt: crate::model::new_key_salt(),
             };
             meta.put(VOLUMES, name, &m)?;
             said.push(format!("adopted volume {name}, found in the store without metadata (owner {owner})"));

@@ -244,7 +244,7 @@ impl App {
                 .map(|d| VmDiskView {
                     id: d.id.clone(),
                     volume: d.volume.clone(),
-                    nbd_url: format!("nbd://{}/{}", self.addrs.nbd, self.export_name(&d.volume)),
+                    nbd_url: self.device_nbd_url(&d.volume),
                 })
                 .collect(),
             cdrom: m.cdrom.clone(),
@@ -260,7 +260,7 @@ impl App {
 
     /// VMs `actor` may see.
     pub fn list_vms(&self, actor: &User) -> ApiResult<Vec<VmView>> {
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         Ok(self
             .meta
             .list::<VmMeta>(VMS)?
@@ -320,7 +320,7 @@ impl App {
 
     /// CPUs and memory the VMs of Power User `tenant`'s tenant have.
     fn tenant_vm_usage(&self, tenant: &str) -> ApiResult<(u32, u64)> {
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         let mut cpus = 0u32;
         let mut mem = 0u64;
         for (_, m) in self.meta.list::<VmMeta>(VMS)? {
@@ -1295,7 +1295,7 @@ impl App {
     /// Usage rows `actor` may see, optionally of one user.
     pub fn usage(&self, actor: &User, user: Option<&str>) -> ApiResult<Vec<UsageRow>> {
         self.meter_all();
-        let users: HashMap<String, User> = self.users()?.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let users = self.users_by_name()?;
         if let Some(u) = user
             && actor.role != Role::Manager
             && !users.get(u).is_some_and(|t| auth::can_see_user(actor, t))
