@@ -19,7 +19,7 @@ use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{DeviceKind, Entry, crc};
 use crate::pool::{Device, Held, Inner, PIECE_BLOCKS};
-use crate::tree::Stop;
+use crate::tree::{DevState, Stop, TreeCtx};
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Requests must be aligned to this many bytes.
@@ -597,36 +597,21 @@ impl<B: Backend> Volume<B> {
             let grace = self.pool.grace.enter();
             let mut held = Held::default();
             let batch_end = (done + BATCH).min(n);
-            while done < batch_end {
-                let stop = {
-                    let mut st = self.dev.state.write();
-                    if st.deleted {
-                        return Err(Error::NotFound(self.name.clone()));
+            self.change_map(&mut held, |st, cx| {
+                while done < batch_end {
+                    let k = if backward { n - 1 - done } else { done };
+                    let mut e = [Entry::ZERO; 1];
+                    if let Err(m) = st.lookup(cx, src_first + k, &mut e) {
+                        return Some(Stop::Miss(m));
                     }
-                    let cx = self.pool.tree_cx_holding(&held);
-                    let mut stop = None;
-                    while done < batch_end {
-                        let k = if backward { n - 1 - done } else { done };
-                        let mut e = [Entry::ZERO; 1];
-                        if let Err(m) = st.lookup(&cx, src_first + k, &mut e) {
-                            stop = Some(Stop::Miss(m));
-                            break;
-                        }
-                        if let Err(s) = st.set(&cx, dst_first + k, e[0], None) {
-                            stop = Some(s);
-                            break;
-                        }
-                        done += 1;
+                    if let Err(s) = st.set(cx, dst_first + k, e[0], None) {
+                        return Some(s);
                     }
-                    stop
-                };
-                match stop {
-                    None => {}
-                    Some(Stop::Miss(m)) => self.pool.load_held(m.0, &mut held).await?,
-                    Some(Stop::Err(e)) => return Err(e),
-                    Some(Stop::Raced) => unreachable!("sharing does not compare"),
+                    done += 1;
                 }
-            }
+                None
+            })
+            .await?;
             drop(held);
             drop(grace);
             self.after_write(false).await?;
@@ -670,41 +655,49 @@ impl<B: Backend> Volume<B> {
         let _g = self.pool.grace.enter();
         let mut entries = [Entry::ZERO; PIECE_BLOCKS];
         self.map(first, &mut entries[..n]).await?;
+        if !entries[..n].iter().any(|e| e.is_mapped()) {
+            return Ok(());
+        }
         let mut held = Held::default();
         let mut i = 0;
-        while i < n {
-            if !entries[i].is_mapped() {
+        self.change_map(&mut held, |st, cx| {
+            while i < n {
+                if entries[i].is_mapped()
+                    && let Err(s) = st.set(cx, first + i as u64, Entry::ZERO, None)
+                {
+                    return Some(s);
+                }
                 i += 1;
-                continue;
             }
+            None
+        })
+        .await
+    }
+
+    /// Run `step` under the device's write lock until it reports nothing
+    /// left to do (`None`), loading each map page it misses and holding it
+    /// (in `held`) for the retry; `step` keeps its own progress. For changes
+    /// that do not compare (no [`Stop::Raced`]).
+    async fn change_map(
+        &self,
+        held: &mut Held,
+        mut step: impl FnMut(&mut DevState, &TreeCtx<'_>) -> Option<Stop>,
+    ) -> Result<()> {
+        loop {
             let stop = {
                 let mut st = self.dev.state.write();
                 if st.deleted {
                     return Err(Error::NotFound(self.name.clone()));
                 }
-                let cx = self.pool.tree_cx_holding(&held);
-                let mut stop = None;
-                while i < n {
-                    if entries[i].is_mapped()
-                        && let Err(s) = st.set(&cx, first + i as u64, Entry::ZERO, None)
-                    {
-                        stop = Some(s);
-                        break;
-                    }
-                    i += 1;
-                }
-                stop
+                step(&mut st, &self.pool.tree_cx_holding(held))
             };
             match stop {
-                None => {}
-                Some(Stop::Miss(m)) => {
-                    self.pool.load_held(m.0, &mut held).await?;
-                }
+                None => return Ok(()),
+                Some(Stop::Miss(m)) => self.pool.load_held(m.0, held).await?,
                 Some(Stop::Err(e)) => return Err(e),
-                Some(Stop::Raced) => unreachable!("unmapping does not compare"),
+                Some(Stop::Raced) => unreachable!("this map change does not compare"),
             }
         }
-        Ok(())
     }
 
     /// Allocation status of `len` bytes at `offset`, as extents in order
