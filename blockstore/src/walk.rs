@@ -3,14 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{Entry, FANOUT, FANOUT_BITS, crc};
-use std::sync::Arc;
-
 use crate::pool::{Device, Inner, Pool};
+use crate::tree::DevState;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -67,10 +67,8 @@ impl<B: Backend> Inner<B> {
         }
         let (ra, rb) = self
             .commit_with(|l| {
-                let mut root = |d: &Device| {
-                    let st = l.state(d.id).ok_or_else(|| Error::NotFound(d.name.clone()))?;
-                    Ok((Node { entry: st.rec.root, level: st.rec.depth }, st.rec.size))
-                };
+                let mut root =
+                    |d: &Device| l.state(d.id).map(|st| root_in(st)).ok_or_else(|| Error::NotFound(d.name.clone()));
                 Ok((root(a)?, root(b)?))
             })
             .await?;
@@ -133,7 +131,11 @@ const DIFF_TRIES: usize = 3;
 
 /// A device's root and size, under its lock alone.
 fn root_of(d: &Device) -> (Node, u64) {
-    let st = d.state.read();
+    root_in(&d.state.read())
+}
+
+/// The root and size in a device's state.
+fn root_in(st: &DevState) -> (Node, u64) {
     (Node { entry: st.rec.root, level: st.rec.depth }, st.rec.size)
 }
 

@@ -29,7 +29,7 @@
 //! by every local user through `/proc/PID/cmdline`. Internal volumes
 //! (`_`-named appliance bases) are served there only.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -70,18 +70,8 @@ impl AccessKeys {
             Err(e) => return Err(e),
         }
         let secret: [u8; 32] = rand::random();
-        let tmp = data.join("access.secret.new");
-        let _ = std::fs::remove_file(&tmp);
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(&secret)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        // The rename must survive a crash too: a lost secret changes every
-        // volume's key.
-        std::fs::File::open(data)?.sync_all()?;
+        // Synced, directory included: a lost secret changes every volume's key.
+        crate::serve::write_owner_only(&path, &secret)?;
         Ok(AccessKeys { secret, required })
     }
 

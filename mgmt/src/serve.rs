@@ -136,7 +136,7 @@ pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions
         let pool = Pool::create(backend, opts.clone()).await?;
         pool.close().await?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        std::fs::File::open(data).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", data.display()))?;
+        sync_dir(data).with_context(|| format!("syncing {}", data.display()))?;
         println!("created pool {} ({}, engine {engine_name})", path.display(), human(size));
     }
     let backend = AnyBackend::open(&path, engine).with_context(|| format!("opening {}", path.display()))?;
@@ -162,26 +162,11 @@ fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<Pat
     }
     let (password, token) = (auth::new_password(), auth::new_token());
     let path = credentials_path(data);
-    let tmp = data.join("credentials.new");
     let text = format!(
         "# The first Keel manager, made at the first start (unix time {}).\n# The CLI reads `token` from this file when KEEL_TOKEN is not set.\nuser = \"admin\"\npassword = \"{password}\"\ntoken = \"{token}\"\napi = \"http://{api}\"\n",
         now()
     );
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::File::open(data).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", data.display()))?;
+    write_owner_only(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     let admin = User {
         name: "admin".into(),
         role: Role::Manager,
@@ -225,6 +210,30 @@ fn reconcile_isos(meta: &Meta, data: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(said)
+}
+
+/// Make `path` hold `bytes`, readable by its owner only, all or nothing
+/// across a crash: written to `PATH.new` (mode 0600) and synced, renamed,
+/// and the directory synced.
+pub(crate) fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Make the renames and creations in directory `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Bind the daemon's private NBD socket (for its own QEMU and qemu-img),
