@@ -532,30 +532,24 @@ impl<B: Backend> Volume<B> {
             return self.after_write(fua).await;
         }
         let backward = dst > src && dst < src + len;
-        let shared = (src % BS == dst % BS).then(|| {
-            // Whole blocks of the source range: [head, head + mid).
-            let head = (BS - src % BS) % BS;
-            let head = head.min(len);
-            let mid = (len - head) / BS * BS;
-            (head, mid)
-        });
-        match shared {
-            Some((head, mid)) if mid > 0 => {
-                let tail = len - head - mid;
-                let parts = [(0, head, false), (head, mid, true), (head + mid, tail, false)];
-                let order: Vec<_> = if backward { parts.iter().rev().collect() } else { parts.iter().collect() };
-                for &&(at, n, share) in &order {
-                    if n == 0 {
-                        continue;
-                    }
-                    if share {
-                        self.share_blocks((src + at) / BS, (dst + at) / BS, n / BS, backward).await?;
-                    } else {
-                        self.copy_bytes(src + at, dst + at, n, backward).await?;
-                    }
-                }
+        // Where both offsets sit at the same place within a block, the whole
+        // blocks between the partial head and tail are shared; otherwise
+        // the head is everything.
+        let head = if src % BS == dst % BS { ((BS - src % BS) % BS).min(len) } else { len };
+        let mid = (len - head) / BS * BS;
+        let mut parts = [(0, head, false), (head, mid, true), (head + mid, len - head - mid, false)];
+        if backward {
+            parts.reverse();
+        }
+        for (at, n, share) in parts {
+            if n == 0 {
+                continue;
             }
-            _ => self.copy_bytes(src, dst, len, backward).await?,
+            if share {
+                self.share_blocks((src + at) / BS, (dst + at) / BS, n / BS, backward).await?;
+            } else {
+                self.copy_bytes(src + at, dst + at, n, backward).await?;
+            }
         }
         self.after_write(fua).await
     }
