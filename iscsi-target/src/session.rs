@@ -640,7 +640,8 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 let mut out = Vec::new();
                 for (k, v) in text::parse(data) {
                     if k == "SendTargets" {
-                        let only = if self.s.lu.is_none() {
+                        let discovery = self.s.lu.is_none();
+                        let only = if discovery {
                             // Discovery: every target (the host filters what
                             // discovery may learn), or the one named.
                             match v.as_str() {
@@ -655,7 +656,6 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                             Some(String::new())
                         };
                         let mut last = String::new();
-                        let discovery = self.s.lu.is_none();
                         let initiator = &self.s.nexus.initiator_name;
                         for (name, portal) in
                             self.host.send_targets(initiator, only.as_deref(), discovery, self.s.local)

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use keel_blockstore::{Backend, BlockDevice, DeviceKind, Pool, Volume};
 use tokio::net::TcpListener;
 
+use crate::connection::Socket;
+
 /// The exports a server offers.
 pub trait Exports: Send + Sync + 'static {
     /// The device type behind an export.
@@ -103,24 +105,7 @@ pub async fn serve_unix<E: Exports>(
     exports: Arc<E>,
     config: Arc<ServerConfig>,
 ) -> std::io::Result<()> {
-    loop {
-        let sock = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let exports = exports.clone();
-        let config = config.clone();
-        tokio::spawn(async move {
-            match crate::connection::run(sock, exports, config).await {
-                Ok(()) => tracing::debug!("NBD connection (unix socket) closed"),
-                Err(e) => tracing::info!("NBD connection (unix socket) ended: {e}"),
-            }
-        });
-    }
+    serve_on(listener, exports, config).await
 }
 
 /// Serve `exports` on `listener` until the task is dropped.
@@ -129,8 +114,39 @@ pub async fn serve<E: Exports>(
     exports: Arc<E>,
     config: Arc<ServerConfig>,
 ) -> std::io::Result<()> {
+    serve_on(listener, exports, config).await
+}
+
+/// A listener connections are accepted on.
+trait Listen: Send + Sync {
+    type Stream: Socket;
+    /// The next connection, and who it comes from (for the logs).
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listen for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (sock, peer) = self.accept().await?;
+        let _ = sock.set_nodelay(true);
+        Ok((sock, peer.to_string()))
+    }
+}
+
+impl Listen for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String)> {
+        Ok((self.accept().await?.0, "unix socket".to_string()))
+    }
+}
+
+async fn serve_on<E: Exports, L: Listen>(
+    listener: L,
+    exports: Arc<E>,
+    config: Arc<ServerConfig>,
+) -> std::io::Result<()> {
     loop {
-        let (sock, peer) = match listener.accept().await {
+        let (sock, peer) = match listener.next().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -139,7 +155,6 @@ pub async fn serve<E: Exports>(
                 continue;
             }
         };
-        let _ = sock.set_nodelay(true);
         let exports = exports.clone();
         let config = config.clone();
         tokio::spawn(async move {
