@@ -328,24 +328,16 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             if !["raw", "qcow2", "vmdk", "vdi", "vhdx"].contains(&format.as_str()) {
                 bail!("format {format:?} is not raw, qcow2, vmdk, vdi or vhdx");
             }
-            let (vol, snap) = match name.split_once('@') {
-                Some((v, sn)) => (v, Some(sn)),
-                None => (name.as_str(), None),
-            };
-            let v = c.get(&format!("/volumes/{}", seg(vol)?))?;
-            if let Some(sn) = snap {
-                seg(sn)?;
-                if !v["snapshots"].as_array().is_some_and(|a| a.iter().any(|x| x == sn)) {
-                    bail!("volume {vol} has no snapshot {sn}: `keel snapshot list {vol}`");
-                }
-            }
-            let url = match snap {
-                Some(sn) => {
+            let url = match name.split_once('@') {
+                None => s(&c.get(&format!("/volumes/{}", seg(&name)?))?["nbd_url"]),
+                Some((vol, sn)) => {
+                    seg(sn)?;
                     let snaps = c.get(&format!("/volumes/{}/snapshots", seg(vol)?))?;
                     let found = snaps.as_array().and_then(|a| a.iter().find(|x| x["name"] == sn));
-                    found.map(|x| s(&x["nbd_url"])).context("the snapshot vanished")?
+                    found
+                        .map(|x| s(&x["nbd_url"]))
+                        .with_context(|| format!("volume {vol} has no snapshot {sn}: `keel snapshot list {vol}`"))?
                 }
-                None => s(&v["nbd_url"]),
             };
             let mut opts = vec!["-f", "raw", "-O", format.as_str()];
             if format == "vmdk" {
