@@ -163,6 +163,21 @@ for m in "${VM_MODULES[@]}"; do add_module "$m" 0 vm; done
 # The QEMU guest agent and every library it loads (with the dynamic
 # loader), each at the path ldd names, for the `vm` action. Optional: without
 # qemu-ga (or with a library ldd cannot find) the guest has no agent.
+# with_libs BIN: print BIN and every library it loads (with the dynamic
+# loader), each at the path ldd names, one per line; fail with ldd's words
+# when a library cannot be found.
+with_libs() {
+    local out
+    if ! out="$(ldd "$1" 2>&1)" || grep -q 'not found' <<<"$out"; then
+        echo "$out"
+        return 1
+    fi
+    echo "$1"
+    # "libx.so.1 => /path (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)";
+    # the vDSO has no path.
+    awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$out"
+}
+
 QGA="${KEEL_GUEST_QGA:-/usr/sbin/qemu-ga}"
 QGA_FILES=()
 [[ "$QGA" == none || "$QGA" == /* ]] || die "KEEL_GUEST_QGA must be an absolute path or none, not $QGA"
@@ -171,16 +186,11 @@ if [[ "$QGA" == none ]]; then
 elif [[ ! -x "$QGA" ]]; then
     log "no $QGA (scripts/install-deps.sh: qemu-guest-agent): the guest gets no guest agent"
     QGA=none
-elif ! qga_ldd="$(ldd "$QGA" 2>&1)" || grep -q 'not found' <<<"$qga_ldd"; then
-    log "cannot resolve the libraries of $QGA, the guest gets no guest agent: $qga_ldd"
+elif ! qga_files="$(with_libs "$QGA")"; then
+    log "cannot resolve the libraries of $QGA, the guest gets no guest agent: $qga_files"
     QGA=none
 else
-    QGA_FILES=("$QGA")
-    # "libx.so.1 => /path (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)";
-    # the vDSO has no path.
-    while read -r lib; do
-        QGA_FILES+=("$lib")
-    done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$qga_ldd")
+    mapfile -t QGA_FILES <<<"$qga_files"
 fi
 
 # The kernel's user-space helpers for the network block device actions:
@@ -192,14 +202,11 @@ for bin in /usr/sbin/nbd-client /usr/sbin/iscsistart; do
         log "no $bin (scripts/install-deps.sh: nbd-client, open-iscsi): its guest action will fail"
         continue
     fi
-    if ! bin_ldd="$(ldd "$bin" 2>&1)" || grep -q 'not found' <<<"$bin_ldd"; then
-        log "cannot resolve the libraries of $bin, left out: $bin_ldd"
+    if ! bin_files="$(with_libs "$bin")"; then
+        log "cannot resolve the libraries of $bin, left out: $bin_files"
         continue
     fi
-    NET_FILES+=("$bin")
-    while read -r lib; do
-        NET_FILES+=("$lib")
-    done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$bin_ldd")
+    mapfile -t -O "${#NET_FILES[@]}" NET_FILES <<<"$bin_files"
 done
 
 # The ISO's boot loader: isolinux.bin and the ldlinux.c32 it loads.
@@ -332,12 +339,16 @@ load_modules() { # LOAD-ORDER-FILE
 }
 load_modules /lib/modules/load-order
 
-action=""
-for w in $(cat /proc/cmdline); do
-    case "$w" in
-        keel.action=*) action="${w#keel.action=}" ;;
-    esac
-done
+# The value of kernel command-line word NAME=VALUE.
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in
+            "$1"=*) echo "${w#*=}" ;;
+        esac
+    done
+}
+
+action="$(arg keel.action)"
 say "ACTION ${action:-none}"
 
 wait_for() { # PATH: wait up to 10 s for a device node
@@ -381,15 +392,6 @@ write_marker() { # [DEV], /dev/vda by default
 }
 
 # --- keel.action=nbd-marker and iscsi-marker --------------------------------
-
-# The value of kernel command-line word NAME=VALUE.
-arg() {
-    for w in $(cat /proc/cmdline); do
-        case "$w" in
-            "$1"=*) echo "${w#*=}" ;;
-        esac
-    done
-}
 
 # eth0 as 10.0.2.15/24 behind QEMU's user networking (the host is 10.0.2.2).
 net_up() {
