@@ -21,6 +21,7 @@ pub mod format;
 mod grace;
 mod ops;
 mod pool;
+mod scratch;
 mod space;
 mod tree;
 mod volume;

@@ -19,6 +19,7 @@ use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
 use crate::format::{DeviceKind, Entry, crc};
 use crate::pool::{Device, Held, Inner, PIECE_BLOCKS};
+use crate::scratch::{Arrays, Scratch};
 use crate::tree::{DevState, Stop, TreeCtx};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -84,6 +85,18 @@ impl Piece {
             Piece::Whole { blocks, .. } => blocks * BLOCK_SIZE,
         }
     }
+}
+
+/// End of the run starting at `i`: blocks mapped to consecutive physical
+/// blocks (one I/O), or unmapped blocks.
+fn run_end(entries: &[Entry], i: usize) -> usize {
+    let mapped = entries[i].is_mapped();
+    let mut j = i + 1;
+    while j < entries.len() && if mapped { entries[j].phys == entries[j - 1].phys + 1 } else { !entries[j].is_mapped() }
+    {
+        j += 1;
+    }
+    j
 }
 
 fn is_aligned(buf: &[u8]) -> bool {
@@ -209,9 +222,10 @@ impl<B: Backend> Volume<B> {
     /// Read whole blocks into an aligned buffer; returns the entries read.
     async fn read_blocks(&self, first: u64, n: usize, dst: &mut [u8]) -> Result<()> {
         let _g = self.pool.grace.enter();
-        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
-        self.map(first, &mut entries[..n]).await?;
-        self.read_mapped(&entries[..n], dst).await
+        let mut s = Scratch::take();
+        let entries = &mut s.entries[..n];
+        self.map(first, entries).await?;
+        self.read_mapped(entries, dst).await
     }
 
     /// Read mapped blocks into `dst` (holes as zeros) and verify every
@@ -221,30 +235,27 @@ impl<B: Backend> Volume<B> {
     /// several physical runs builds a set of futures.
     async fn read_mapped(&self, entries: &[Entry], dst: &mut [u8]) -> Result<()> {
         let n = entries.len();
-        // Run boundaries: (first entry, end entry) of each mapped run.
-        let mut runs = [(0u16, 0u16); PIECE_BLOCKS];
+        // Zero the holes, count the mapped runs and remember the first.
         let mut count = 0;
+        let mut first_run = (0, 0);
         let mut i = 0;
         while i < n {
-            let mut j = i + 1;
-            let mapped = entries[i].is_mapped();
-            while j < n && if mapped { entries[j].phys == entries[j - 1].phys + 1 } else { !entries[j].is_mapped() } {
-                j += 1;
-            }
-            if mapped {
-                runs[count] = (i as u16, j as u16);
+            let j = run_end(entries, i);
+            if entries[i].is_mapped() {
+                if count == 0 {
+                    first_run = (i, j);
+                }
                 count += 1;
             } else {
                 dst[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
             }
             i = j;
         }
-        let runs = &runs[..count];
         let backend = &self.pool.backend;
-        match runs {
-            [] => {}
-            [(s, e)] => {
-                let (s, e) = (*s as usize, *e as usize);
+        match count {
+            0 => {}
+            1 => {
+                let (s, e) = first_run;
                 backend
                     .read_at(&mut dst[s * BLOCK_SIZE..e * BLOCK_SIZE], entries[s].phys * BS)
                     .await
@@ -254,24 +265,26 @@ impl<B: Backend> Volume<B> {
                 let mut reads = futures::stream::FuturesUnordered::new();
                 let mut rest = &mut dst[..];
                 let mut at = 0usize;
-                for &(s, e) in runs {
-                    let (s, e) = (s as usize, e as usize);
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - at) * BLOCK_SIZE);
-                    let (part, tail) = tail.split_at_mut((e - s) * BLOCK_SIZE);
-                    rest = tail;
-                    at = e;
-                    reads.push(backend.read_at(part, entries[s].phys * BS));
+                let mut s = 0;
+                while s < n {
+                    let e = run_end(entries, s);
+                    if entries[s].is_mapped() {
+                        let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - at) * BLOCK_SIZE);
+                        let (part, tail) = tail.split_at_mut((e - s) * BLOCK_SIZE);
+                        rest = tail;
+                        at = e;
+                        reads.push(backend.read_at(part, entries[s].phys * BS));
+                    }
+                    s = e;
                 }
                 while let Some(r) = reads.next().await {
                     r.map_err(Error::io("reading data"))?;
                 }
             }
         }
-        for &(s, e) in runs {
-            for k in s as usize..e as usize {
-                if crc(&dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != entries[k].crc {
-                    return Err(Error::Corrupt { what: "data block", block: entries[k].phys });
-                }
+        for (k, e) in entries.iter().enumerate() {
+            if e.is_mapped() && crc(&dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != e.crc {
+                return Err(Error::Corrupt { what: "data block", block: e.phys });
             }
         }
         Ok(())
@@ -387,11 +400,11 @@ impl<B: Backend> Volume<B> {
         expect: Option<Entry>,
         atomic: bool,
     ) -> Result<bool> {
-        let mut crcs = [0u32; PIECE_BLOCKS];
+        let mut scratch = Scratch::take();
+        let Arrays { crcs, extents, .. } = &mut *scratch;
         for (c, blk) in crcs.iter_mut().zip(src.chunks_exact(BLOCK_SIZE)) {
             *c = crc(blk);
         }
-        let mut extents = [(0u64, 0u64); PIECE_BLOCKS];
         let mut count = 0;
         let mut got = 0u64;
         let mut reclaimed = false;
@@ -647,9 +660,10 @@ impl<B: Backend> Volume<B> {
 
     async fn unmap_blocks(&self, first: u64, n: usize) -> Result<()> {
         let _g = self.pool.grace.enter();
-        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
-        self.map(first, &mut entries[..n]).await?;
-        if !entries[..n].iter().any(|e| e.is_mapped()) {
+        let mut s = Scratch::take();
+        let entries = &mut s.entries[..n];
+        self.map(first, entries).await?;
+        if !entries.iter().any(|e| e.is_mapped()) {
             return Ok(());
         }
         let mut held = Held::default();
@@ -704,10 +718,11 @@ impl<B: Backend> Volume<B> {
         let mut out: Vec<Extent> = Vec::new();
         let end = offset + len;
         let mut b = offset / BS;
-        let mut entries = [Entry::ZERO; PIECE_BLOCKS];
+        let mut s = Scratch::take();
         let _g = self.pool.grace.enter();
         while b * BS < end {
             let n = ((end.div_ceil(BS) - b) as usize).min(PIECE_BLOCKS);
+            let entries = &mut s.entries;
             self.map(b, &mut entries[..n]).await?;
             for (k, e) in entries[..n].iter().enumerate() {
                 let s = ((b + k as u64) * BS).max(offset);

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::proto::{self, cflag, chunk, cmd, errno, info, opt, rep, tflag};
+use crate::proto::{self, Out, cflag, chunk, cmd, errno, info, opt, rep, tflag};
 use crate::server::{Exports, ServerConfig};
 
 /// Smallest I/O the store accepts.
@@ -482,13 +482,14 @@ where
         }
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
         let conn = conn.clone();
-        tokio::spawn(async move {
+        let fut = async move {
             if let Err(e) = conn.handle(req, payload).await {
                 tracing::debug!("reply not sent: {e}");
             }
             drop(permit);
             drop(byte_permit);
-        });
+        };
+        tokio::spawn(fut);
     };
     // Let requests in flight finish (their writes are acknowledged only if
     // the reply goes out; either way they complete in the store).
@@ -540,18 +541,21 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -
 impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
     /// Send a reply with no data: success or an errno.
     async fn reply_status(&self, cookie: u64, error: u32, msg: &str) -> io::Result<()> {
-        let mut h = Vec::with_capacity(64);
-        if self.extended || (self.structured && error != 0) {
-            if error == 0 {
-                proto::encode_chunk_header(&mut h, self.extended, chunk::FLAG_DONE, chunk::NONE, cookie, 0, 0);
-            } else {
-                proto::encode_error_chunk(&mut h, self.extended, cookie, error, msg);
-            }
+        if error != 0 && (self.extended || self.structured) {
+            let mut h = Vec::with_capacity(64);
+            proto::encode_error_chunk(&mut h, self.extended, cookie, error, msg);
+            let mut w = self.writer.lock().await;
+            w.write_all(&h).await?;
+            return w.flush().await;
+        }
+        let mut h = proto::Header::default();
+        if self.extended {
+            proto::encode_chunk_header(&mut h, true, chunk::FLAG_DONE, chunk::NONE, cookie, 0, 0);
         } else {
             proto::encode_simple_reply(&mut h, cookie, error);
         }
         let mut w = self.writer.lock().await;
-        w.write_all(&h).await?;
+        w.write_all(h.bytes()).await?;
         w.flush().await
     }
 
@@ -638,7 +642,9 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 self.status(req.cookie, r).await
             }
             cmd::CACHE => self.reply_status(req.cookie, 0, "").await,
-            cmd::BLOCK_STATUS => self.block_status(req).await,
+            // Boxed: its map walks would make every request's future (which
+            // is copied as the request's task is spawned) several KiB.
+            cmd::BLOCK_STATUS => Box::pin(self.block_status(req)).await,
             other => {
                 let msg = format!("command {other} is not supported");
                 self.reply_status(req.cookie, errno::EINVAL, &msg).await
@@ -710,55 +716,63 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
             self.bufs.put(buf);
             return self.status(req.cookie, Err(e)).await;
         }
-        let res = if !self.structured {
-            let mut h = Vec::with_capacity(16);
-            proto::encode_simple_reply(&mut h, req.cookie, 0);
-            let mut w = self.writer.lock().await;
-            write_all_vectored(&mut *w, &[&h, &buf[..len]]).await
-        } else {
-            let ext = extents.unwrap_or_else(|| {
-                vec![keel_blockstore::Extent { offset: req.offset, length: req.len, allocated: true }]
-            });
-            let mut headers: Vec<Vec<u8>> = Vec::with_capacity(ext.len());
-            for (i, e) in ext.iter().enumerate() {
-                let flags = if i + 1 == ext.len() { chunk::FLAG_DONE } else { 0 };
-                let mut h = Vec::with_capacity(48);
-                if e.allocated {
-                    proto::encode_chunk_header(
-                        &mut h,
-                        self.extended,
-                        flags,
-                        chunk::OFFSET_DATA,
-                        req.cookie,
-                        e.offset,
-                        8 + e.length,
-                    );
-                    h.extend_from_slice(&e.offset.to_be_bytes());
+        let res = match extents {
+            None => {
+                // The common case: one reply (or one data chunk) with all
+                // the bytes; its header is built without allocating.
+                let mut h = proto::Header::default();
+                if self.structured {
+                    let (flags, kind) = (chunk::FLAG_DONE, chunk::OFFSET_DATA);
+                    proto::encode_chunk_header(&mut h, self.extended, flags, kind, req.cookie, req.offset, 8 + req.len);
+                    h.put(&req.offset.to_be_bytes());
                 } else {
-                    proto::encode_chunk_header(
-                        &mut h,
-                        self.extended,
-                        flags,
-                        chunk::OFFSET_HOLE,
-                        req.cookie,
-                        e.offset,
-                        12,
-                    );
-                    h.extend_from_slice(&e.offset.to_be_bytes());
-                    h.extend_from_slice(&(e.length as u32).to_be_bytes());
+                    proto::encode_simple_reply(&mut h, req.cookie, 0);
                 }
-                headers.push(h);
+                let mut w = self.writer.lock().await;
+                write_all_vectored(&mut *w, &[h.bytes(), &buf[..len]]).await
             }
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(ext.len() * 2);
-            for (e, h) in ext.iter().zip(&headers) {
-                parts.push(h);
-                if e.allocated {
-                    let at = (e.offset - req.offset) as usize;
-                    parts.push(&buf[at..at + e.length as usize]);
+            Some(ext) => {
+                let mut headers: Vec<Vec<u8>> = Vec::with_capacity(ext.len());
+                for (i, e) in ext.iter().enumerate() {
+                    let flags = if i + 1 == ext.len() { chunk::FLAG_DONE } else { 0 };
+                    let mut h = Vec::with_capacity(48);
+                    if e.allocated {
+                        proto::encode_chunk_header(
+                            &mut h,
+                            self.extended,
+                            flags,
+                            chunk::OFFSET_DATA,
+                            req.cookie,
+                            e.offset,
+                            8 + e.length,
+                        );
+                        h.extend_from_slice(&e.offset.to_be_bytes());
+                    } else {
+                        proto::encode_chunk_header(
+                            &mut h,
+                            self.extended,
+                            flags,
+                            chunk::OFFSET_HOLE,
+                            req.cookie,
+                            e.offset,
+                            12,
+                        );
+                        h.extend_from_slice(&e.offset.to_be_bytes());
+                        h.extend_from_slice(&(e.length as u32).to_be_bytes());
+                    }
+                    headers.push(h);
                 }
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(ext.len() * 2);
+                for (e, h) in ext.iter().zip(&headers) {
+                    parts.push(h);
+                    if e.allocated {
+                        let at = (e.offset - req.offset) as usize;
+                        parts.push(&buf[at..at + e.length as usize]);
+                    }
+                }
+                let mut w = self.writer.lock().await;
+                write_all_vectored(&mut *w, &parts).await
             }
-            let mut w = self.writer.lock().await;
-            write_all_vectored(&mut *w, &parts).await
         };
         self.bufs.put(buf);
         res

@@ -309,18 +309,56 @@ pub fn decode_request(b: &[u8], extended: bool, max_payload: u64) -> Decoded<Req
     Ok(Some((r, size)))
 }
 
+/// Where reply encoders put bytes: a `Vec`, or a [`Header`] on the stack.
+pub trait Out {
+    /// Append `b`.
+    fn put(&mut self, b: &[u8]);
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+/// A reply header (and a chunk's offset field) built without allocating.
+pub struct Header {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for Header {
+    fn default() -> Self {
+        Header { buf: [0; 48], len: 0 }
+    }
+}
+
+impl Header {
+    /// The bytes put so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Out for Header {
+    fn put(&mut self, b: &[u8]) {
+        self.buf[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+}
+
 /// Encode a simple reply header (data, if any, follows).
-pub fn encode_simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
+pub fn encode_simple_reply(out: &mut impl Out, cookie: u64, error: u32) {
+    out.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.put(&error.to_be_bytes());
+    out.put(&cookie.to_be_bytes());
 }
 
 /// Encode a structured (or, with `extended`, extended) reply chunk header
 /// for a payload of `len` bytes at `offset` (the offset field exists only
 /// in extended headers).
 pub fn encode_chunk_header(
-    out: &mut Vec<u8>,
+    out: &mut impl Out,
     extended: bool,
     flags: u16,
     kind: u16,
@@ -329,18 +367,18 @@ pub fn encode_chunk_header(
     len: u64,
 ) {
     if extended {
-        out.extend_from_slice(&EXT_REPLY_MAGIC.to_be_bytes());
-        out.extend_from_slice(&flags.to_be_bytes());
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&cookie.to_be_bytes());
-        out.extend_from_slice(&offset.to_be_bytes());
-        out.extend_from_slice(&len.to_be_bytes());
+        out.put(&EXT_REPLY_MAGIC.to_be_bytes());
+        out.put(&flags.to_be_bytes());
+        out.put(&kind.to_be_bytes());
+        out.put(&cookie.to_be_bytes());
+        out.put(&offset.to_be_bytes());
+        out.put(&len.to_be_bytes());
     } else {
-        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        out.extend_from_slice(&flags.to_be_bytes());
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&cookie.to_be_bytes());
-        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.put(&flags.to_be_bytes());
+        out.put(&kind.to_be_bytes());
+        out.put(&cookie.to_be_bytes());
+        out.put(&(len as u32).to_be_bytes());
     }
 }
 
