@@ -318,10 +318,15 @@ fn completion_thread_mode_outside_a_runtime() {
 /// `tasks` tasks on the current runtime, each writing, reading back and
 /// checking its own region `rounds` times.
 async fn own_region_round_trips(backend: Arc<UringBackend>, tasks: usize, rounds: u64) {
+    own_regions_from(backend, 0, tasks, rounds).await
+}
+
+/// [`own_region_round_trips`] on regions `first..first + tasks`.
+async fn own_regions_from(backend: Arc<UringBackend>, first: usize, tasks: usize, rounds: u64) {
     const REGION_BLOCKS: usize = 2;
-    assert!(backend.len() >= (tasks * REGION_BLOCKS * BLOCK_SIZE) as u64);
+    assert!(backend.len() >= ((first + tasks) * REGION_BLOCKS * BLOCK_SIZE) as u64);
     let mut handles = Vec::new();
-    for t in 0..tasks {
+    for t in first..first + tasks {
         let backend = Arc::clone(&backend);
         handles.push(tokio::spawn(async move {
             let base = (t * REGION_BLOCKS * BLOCK_SIZE) as u64;
@@ -357,6 +362,34 @@ fn many_tasks_on_a_current_thread_runtime() {
     assert_eq!(total, 128 * 30 * 2, "{stats:?}");
     // The fallback thread only reaps on its watchdog tick here.
     assert!(stats.by_thread * 4 < total, "most completions should be reaped by the runtime's thread: {stats:?}");
+}
+
+/// Submission is combined (one thread enters the kernel for everyone's
+/// queued SQEs): many OS threads, each with a runtime of its own, submit to
+/// one ring at once, and every I/O completes with its own data. (A later
+/// submission would carry an SQE stranded by a submitter that stopped too
+/// early, so this test alone may miss that; the suite's single-waiter tests
+/// hang on it, which was checked by breaking the hand-over.)
+#[test]
+fn many_threads_submitting_at_once_lose_no_sqe() {
+    const THREADS: usize = 8;
+    const TASKS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(open_uring(&temp_file(&dir, "mt.img", THREADS * TASKS * 2 * BLOCK_SIZE)));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let backend = Arc::clone(&backend);
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(own_regions_from(backend, i * TASKS, TASKS, 200));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = backend.reap_stats();
+    assert_eq!(stats.by_poll + stats.by_reactor + stats.by_thread, (THREADS * TASKS * 200 * 2) as u64);
 }
 
 /// A runtime without an I/O driver gives the engine no reactor: the fallback

@@ -13,13 +13,19 @@
 //!   here, and it would leave an idle worker asleep while a busy one (say,
 //!   checksumming a 1 MiB read) sits on completions. `SINGLE_ISSUER` and
 //!   `DEFER_TASKRUN` are out of reach: every tokio worker submits.
-//! * **Submission** happens on the calling task's thread: push one SQE and
-//!   `io_uring_enter(to_submit)` while holding `Shared::sq_lock` (a
-//!   `parking_lot::Mutex`, held for two short operations, never across an
-//!   `.await`). Every submitter drains the submission queue before it releases
-//!   the lock, so the queue is empty whenever the lock is free. That enter
-//!   also runs the thread's pending completion task work, so CQEs of earlier
-//!   I/Os are in the queue when it returns.
+//! * **Submission** happens on the calling task's thread, combined: a
+//!   submitter pushes its SQE under `Shared::sq_lock` (a `parking_lot::Mutex`
+//!   held only for the push, never across a system call or an `.await`)
+//!   and, unless another thread is already submitting, becomes the
+//!   submitter: it calls `io_uring_enter(to_submit)` without the lock, then
+//!   takes it again and repeats while SQEs are queued. A thread that finds a
+//!   submitter at work leaves its SQE to it and goes on at once, so two
+//!   workers never wait for each other's system call, and SQEs pushed
+//!   meanwhile go to the kernel in one enter (one doorbell for the batch).
+//!   The submitter flag is cleared under the lock only when the queue is
+//!   empty, so no SQE is left behind. An enter also runs the thread's
+//!   pending completion task work, so CQEs of earlier I/Os are in the queue
+//!   when it returns.
 //! * **Reaping** (draining the completion queue, storing each result in the
 //!   slot named by `user_data` and waking its task) is done under
 //!   `Shared::cq_lock`, which is only ever held for the drain itself, never
@@ -151,8 +157,9 @@ struct Shared {
     reactor_state: AtomicU8,
     ring: IoUring,
     file: File,
-    /// Serializes every use of the submission queue (`submission_shared`).
-    sq_lock: Mutex<()>,
+    /// Serializes every use of the submission queue (`submission_shared`);
+    /// true while a thread is submitting on everyone's behalf.
+    sq_lock: Mutex<bool>,
     /// Serializes every use of the completion queue (`completion_shared`).
     /// Held only while draining, never across a wait.
     cq_lock: Mutex<()>,
@@ -280,7 +287,7 @@ impl UringBackend {
             reactor_state: AtomicU8::new(REACTOR_NONE),
             ring,
             file,
-            sq_lock: Mutex::new(()),
+            sq_lock: Mutex::new(false),
             cq_lock: Mutex::new(()),
             slots,
             free: Mutex::new(free),
@@ -358,27 +365,45 @@ impl Shared {
     /// Every buffer `sqe` points to must stay valid, and not be otherwise
     /// accessed in a conflicting way, until its CQE has been reaped.
     unsafe fn push_and_submit(&self, sqe: &squeue::Entry) {
-        let _sq = self.sq_lock.lock();
-        loop {
-            // SAFETY: `sq_lock` is held, and every SubmissionQueue is created
-            // under it and dropped before it is released, so no other
-            // SubmissionQueue exists.
-            let mut sq = unsafe { self.ring.submission_shared() };
-            // SAFETY: forwarded from this function's contract.
-            if unsafe { sq.push(sqe) }.is_ok() {
-                break;
+        {
+            let mut submitting = self.sq_lock.lock();
+            loop {
+                // SAFETY: `sq_lock` is held, and every SubmissionQueue is
+                // created under it and dropped before it is released, so no
+                // other SubmissionQueue exists.
+                let mut sq = unsafe { self.ring.submission_shared() };
+                // SAFETY: forwarded from this function's contract.
+                if unsafe { sq.push(sqe) }.is_ok() {
+                    break;
+                }
+                // Cannot happen (at most RING_ENTRIES operations are in
+                // flight, and the queue holds that many), but stay correct:
+                // hand the queue to the kernel and retry.
+                drop(sq);
+                self.submit_queued();
             }
-            // Cannot happen (the queue is drained before the lock is
-            // released and holds RING_ENTRIES), but stay correct: flush and
-            // retry.
-            drop(sq);
-            self.submit_locked();
+            // The SubmissionQueue was dropped above, which published its tail.
+            if *submitting {
+                return; // the submitter at work takes this SQE too
+            }
+            *submitting = true;
         }
-        // The SubmissionQueue was dropped above, which published its tail.
-        self.submit_locked();
+        loop {
+            self.submit_queued();
+            let mut submitting = self.sq_lock.lock();
+            // SAFETY: `sq_lock` is held; this SubmissionQueue is only read
+            // and dropped right away.
+            if unsafe { self.ring.submission_shared() }.is_empty() {
+                *submitting = false;
+                return;
+            }
+        }
     }
 
-    /// Submit until the submission queue is empty. Call with `sq_lock` held.
+    /// Hand every queued SQE to the kernel. Called by the one thread that is
+    /// submitting (see [`Shared::push_and_submit`]), without `sq_lock`:
+    /// pushes under the lock may go on meanwhile (the kernel takes SQEs up
+    /// to the tail it reads; later ones wait for the next round).
     ///
     /// Once an SQE has been published it cannot be taken back, and its buffer
     /// is only guaranteed alive while the submitting future waits for the
@@ -387,19 +412,18 @@ impl Shared {
     /// failure means the ring itself is broken (the NOP round trip at open
     /// proved it worked) and we abort rather than return with an SQE still
     /// pointing at a buffer we no longer own or hang every future forever.
-    fn submit_locked(&self) {
+    fn submit_queued(&self) {
         let mut backoff = Duration::from_micros(10);
         loop {
             match self.ring.submitter().submit() {
-                Ok(_) => {}
+                Ok(_) => return,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => {}
                     Some(libc::EAGAIN | libc::EBUSY | libc::ENOMEM) => {
                         // Rare (kernel allocation failure, CQ overflow
-                        // backlog). Reapers never take this lock, so it
-                        // resolves; meanwhile other submitters queue on
-                        // `sq_lock` (blocking their threads for at most the
-                        // back-off).
+                        // backlog). Reapers never wait for the submitter, so
+                        // it resolves; other threads' SQEs wait in the queue
+                        // for at most the back-off.
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_millis(10));
                     }
@@ -408,12 +432,6 @@ impl Shared {
                         std::process::abort();
                     }
                 },
-            }
-            // SAFETY: `sq_lock` is held by our caller (see push_and_submit);
-            // this SubmissionQueue is only read and dropped right away (its
-            // drop stores back the tail it just loaded).
-            if unsafe { self.ring.submission_shared() }.is_empty() {
-                return;
             }
         }
     }
