@@ -391,8 +391,79 @@ struct Conn<D, W> {
     extended: bool,
     contexts: Vec<Context>,
     max_payload: u64,
+    /// The write half. Only the task that set [`OutState::busy`] locks it
+    /// (and the connection's end, to shut it down).
     writer: Mutex<W>,
+    out: std::sync::Mutex<OutState>,
     bufs: parking_lot_free::BufPool,
+}
+
+/// Replies waiting for the socket. Replies are combined: the task whose
+/// reply finds nobody writing becomes the writer and sends everything
+/// queued, in one `writev` per round, until the queue is empty; a task that
+/// finds a writer at work queues its reply and is done. Replies that finish
+/// together (a batch of completions) then cost one system call, not one
+/// each, and the client's side of the socket wakes up once for them.
+#[derive(Default)]
+struct OutState {
+    busy: bool,
+    /// The connection failed to write: later replies are dropped.
+    broken: bool,
+    queue: Vec<Reply>,
+}
+
+/// A request's admission to the connection (its slot and its buffer
+/// budget), released when its reply has been written (or dropped).
+struct Keep {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// One reply, owning its bytes until they are written.
+struct Reply {
+    body: Body,
+    _keep: Keep,
+}
+
+enum Body {
+    /// A header alone (a status reply).
+    Head(proto::Header),
+    /// A header and `len` bytes of a buffer (a read).
+    Data(proto::Header, AlignedBuf, usize),
+    /// Bytes built on the heap (errors, block status).
+    Owned(Vec<u8>),
+    /// A sparse read: chunk headers, the extents they describe, the buffer
+    /// holding the allocated ones, and the read's offset.
+    Sparse(Vec<Vec<u8>>, Vec<keel_blockstore::Extent>, AlignedBuf, u64),
+}
+
+impl Body {
+    fn parts<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+        match self {
+            Body::Head(h) => out.push(h.bytes()),
+            Body::Data(h, buf, len) => {
+                out.push(h.bytes());
+                out.push(&buf[..*len]);
+            }
+            Body::Owned(v) => out.push(v),
+            Body::Sparse(headers, ext, buf, offset) => {
+                for (e, h) in ext.iter().zip(headers) {
+                    out.push(h);
+                    if e.allocated {
+                        let at = (e.offset - offset) as usize;
+                        out.push(&buf[at..at + e.length as usize]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn into_buf(self) -> Option<AlignedBuf> {
+        match self {
+            Body::Data(_, b, _) | Body::Sparse(_, _, b, _) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// A tiny free list of aligned buffers (std mutex: held for a push or pop).
@@ -435,6 +506,7 @@ where
         contexts: neg.contexts,
         max_payload: config.max_payload as u64,
         writer: Mutex::new(w),
+        out: Default::default(),
         bufs: Default::default(),
     });
     let slots = config.max_inflight.max(1);
@@ -482,14 +554,11 @@ where
         }
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
         let conn = conn.clone();
-        let fut = async move {
-            if let Err(e) = conn.handle(req, payload).await {
+        tokio::spawn(async move {
+            if let Err(e) = conn.handle(req, payload, Keep { _slot: permit, _bytes: byte_permit }).await {
                 tracing::debug!("reply not sent: {e}");
             }
-            drop(permit);
-            drop(byte_permit);
-        };
-        tokio::spawn(fut);
+        });
     };
     // Let requests in flight finish (their writes are acknowledged only if
     // the reply goes out; either way they complete in the store).
@@ -512,9 +581,9 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -
     let mut idx = 0;
     let mut off = 0;
     while idx < parts.len() {
-        let mut slices: [IoSlice<'_>; 8] = [IoSlice::new(&[]); 8];
+        let mut slices: [IoSlice<'_>; 64] = [IoSlice::new(&[]); 64];
         let mut n = 0;
-        for (k, p) in parts[idx..].iter().take(8).enumerate() {
+        for (k, p) in parts[idx..].iter().take(64).enumerate() {
             slices[k] = IoSlice::new(if k == 0 { &p[off..] } else { p });
             n += 1;
         }
@@ -539,14 +608,60 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -
 }
 
 impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
+    /// Queue `body` and, unless another task is writing, write everything
+    /// queued (see [`OutState`]).
+    async fn send(&self, body: Body, keep: Keep) -> io::Result<()> {
+        {
+            let mut st = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            if st.broken {
+                drop(st);
+                if let Some(b) = body.into_buf() {
+                    self.bufs.put(b);
+                }
+                return Err(io::Error::other("the connection failed to write an earlier reply"));
+            }
+            st.queue.push(Reply { body, _keep: keep });
+            if st.busy {
+                return Ok(());
+            }
+            st.busy = true;
+        }
+        let mut w = self.writer.lock().await;
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut st = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                if st.queue.is_empty() {
+                    st.busy = false;
+                    return Ok(());
+                }
+                std::mem::swap(&mut batch, &mut st.queue);
+            }
+            let mut parts = Vec::with_capacity(batch.len() * 2);
+            batch.iter().for_each(|r| r.body.parts(&mut parts));
+            let res = write_all_vectored(&mut *w, &parts).await;
+            drop(parts);
+            for r in batch.drain(..) {
+                if let Some(b) = r.body.into_buf() {
+                    self.bufs.put(b);
+                }
+            }
+            if let Err(e) = res {
+                let mut st = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                st.broken = true;
+                st.busy = false;
+                st.queue.clear();
+                return Err(e);
+            }
+        }
+    }
+
     /// Send a reply with no data: success or an errno.
-    async fn reply_status(&self, cookie: u64, error: u32, msg: &str) -> io::Result<()> {
+    async fn reply_status(&self, cookie: u64, error: u32, msg: &str, keep: Keep) -> io::Result<()> {
         if error != 0 && (self.extended || self.structured) {
             let mut h = Vec::with_capacity(64);
             proto::encode_error_chunk(&mut h, self.extended, cookie, error, msg);
-            let mut w = self.writer.lock().await;
-            w.write_all(&h).await?;
-            return w.flush().await;
+            return self.send(Body::Owned(h), keep).await;
         }
         let mut h = proto::Header::default();
         if self.extended {
@@ -554,9 +669,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         } else {
             proto::encode_simple_reply(&mut h, cookie, error);
         }
-        let mut w = self.writer.lock().await;
-        w.write_all(h.bytes()).await?;
-        w.flush().await
+        self.send(Body::Head(h), keep).await
     }
 
     fn check_range(&self, req: &proto::Request, write: bool) -> Result<(), (u32, String)> {
@@ -578,13 +691,13 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         Ok(())
     }
 
-    async fn handle(&self, req: proto::Request, payload: Option<AlignedBuf>) -> io::Result<()> {
+    async fn handle(&self, req: proto::Request, payload: Option<AlignedBuf>, keep: Keep) -> io::Result<()> {
         let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
         if writes && self.dev.read_only() {
             if let Some(b) = payload {
                 self.bufs.put(b);
             }
-            return self.reply_status(req.cookie, errno::EPERM, "the export is read-only").await;
+            return self.reply_status(req.cookie, errno::EPERM, "the export is read-only", keep).await;
         }
         if matches!(req.kind, cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS)
             && let Err((e, msg)) = self.check_range(&req, matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES))
@@ -592,7 +705,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
             if let Some(b) = payload {
                 self.bufs.put(b);
             }
-            return self.reply_status(req.cookie, e, &msg).await;
+            return self.reply_status(req.cookie, e, &msg, keep).await;
         }
         let known = match req.kind {
             cmd::READ => cflag::DF,
@@ -603,20 +716,20 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         };
         if req.flags & !known != 0 {
             let msg = format!("flags {:#x} are not valid for command {}", req.flags & !known, req.kind);
-            return self.reply_status(req.cookie, errno::EINVAL, &msg).await;
+            return self.reply_status(req.cookie, errno::EINVAL, &msg, keep).await;
         }
         let fua = req.flags & cflag::FUA != 0;
         match req.kind {
-            cmd::READ => self.read(req).await,
+            cmd::READ => self.read(req, keep).await,
             cmd::WRITE => {
                 let buf = payload.expect("write payload");
                 let r = self.dev.write(req.offset, &buf[..req.len as usize], fua).await;
                 self.bufs.put(buf);
-                self.status(req.cookie, r).await
+                self.status(req.cookie, r, keep).await
             }
             cmd::FLUSH => {
                 let r = self.dev.flush().await;
-                self.status(req.cookie, r).await
+                self.status(req.cookie, r, keep).await
             }
             cmd::TRIM => {
                 let r = self.dev.discard(req.offset, req.len).await;
@@ -624,7 +737,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                     Ok(()) if fua => self.dev.flush().await,
                     r => r,
                 };
-                self.status(req.cookie, r).await
+                self.status(req.cookie, r, keep).await
             }
             cmd::WRITE_ZEROES => {
                 if req.flags & cflag::NO_HOLE != 0 {
@@ -632,32 +745,32 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                         // Writing real zeros is not faster than the client
                         // doing it itself.
                         return self
-                            .reply_status(req.cookie, errno::ENOTSUP, "zeroing without holes is not fast")
+                            .reply_status(req.cookie, errno::ENOTSUP, "zeroing without holes is not fast", keep)
                             .await;
                     }
                     let r = self.write_zero_blocks(req.offset, req.len, fua).await;
-                    return self.status(req.cookie, r).await;
+                    return self.status(req.cookie, r, keep).await;
                 }
                 let r = self.dev.write_zeroes(req.offset, req.len, fua).await;
-                self.status(req.cookie, r).await
+                self.status(req.cookie, r, keep).await
             }
-            cmd::CACHE => self.reply_status(req.cookie, 0, "").await,
+            cmd::CACHE => self.reply_status(req.cookie, 0, "", keep).await,
             // Boxed: its map walks would make every request's future (which
             // is copied as the request's task is spawned) several KiB.
-            cmd::BLOCK_STATUS => Box::pin(self.block_status(req)).await,
+            cmd::BLOCK_STATUS => Box::pin(self.block_status(req, keep)).await,
             other => {
                 let msg = format!("command {other} is not supported");
-                self.reply_status(req.cookie, errno::EINVAL, &msg).await
+                self.reply_status(req.cookie, errno::EINVAL, &msg, keep).await
             }
         }
     }
 
-    async fn status(&self, cookie: u64, r: keel_blockstore::Result<()>) -> io::Result<()> {
+    async fn status(&self, cookie: u64, r: keel_blockstore::Result<()>, keep: Keep) -> io::Result<()> {
         match r {
-            Ok(()) => self.reply_status(cookie, 0, "").await,
+            Ok(()) => self.reply_status(cookie, 0, "", keep).await,
             Err(e) => {
                 tracing::warn!("NBD request failed: {e}");
-                self.reply_status(cookie, errno_of(&e), &e.to_string()).await
+                self.reply_status(cookie, errno_of(&e), &e.to_string(), keep).await
             }
         }
     }
@@ -674,15 +787,15 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         if fua { self.dev.flush().await } else { Ok(()) }
     }
 
-    async fn read(&self, req: proto::Request) -> io::Result<()> {
+    async fn read(&self, req: proto::Request, keep: Keep) -> io::Result<()> {
         let len = req.len as usize;
         if req.len > self.max_payload {
             let msg = format!("read of {} bytes is over the {} byte limit", req.len, self.max_payload);
             let e = if req.flags & cflag::DF != 0 { errno::EOVERFLOW } else { errno::EINVAL };
-            return self.reply_status(req.cookie, e, &msg).await;
+            return self.reply_status(req.cookie, e, &msg, keep).await;
         }
         if len == 0 {
-            return self.reply_status(req.cookie, errno::EINVAL, "zero-length read").await;
+            return self.reply_status(req.cookie, errno::EINVAL, "zero-length read", keep).await;
         }
         let mut buf = self.bufs.get(len);
         let sparse = self.structured && req.flags & cflag::DF == 0 && req.len >= SPARSE_READ_MIN;
@@ -691,7 +804,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 Ok(x) => Some(x),
                 Err(e) => {
                     self.bufs.put(buf);
-                    return self.status(req.cookie, Err(e)).await;
+                    return self.status(req.cookie, Err(e), keep).await;
                 }
             }
         } else {
@@ -714,9 +827,9 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
         };
         if let Err(e) = r {
             self.bufs.put(buf);
-            return self.status(req.cookie, Err(e)).await;
+            return self.status(req.cookie, Err(e), keep).await;
         }
-        let res = match extents {
+        match extents {
             None => {
                 // The common case: one reply (or one data chunk) with all
                 // the bytes; its header is built without allocating.
@@ -728,8 +841,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 } else {
                     proto::encode_simple_reply(&mut h, req.cookie, 0);
                 }
-                let mut w = self.writer.lock().await;
-                write_all_vectored(&mut *w, &[h.bytes(), &buf[..len]]).await
+                self.send(Body::Data(h, buf, len), keep).await
             }
             Some(ext) => {
                 let mut headers: Vec<Vec<u8>> = Vec::with_capacity(ext.len());
@@ -762,30 +874,24 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                     }
                     headers.push(h);
                 }
-                let mut parts: Vec<&[u8]> = Vec::with_capacity(ext.len() * 2);
-                for (e, h) in ext.iter().zip(&headers) {
-                    parts.push(h);
-                    if e.allocated {
-                        let at = (e.offset - req.offset) as usize;
-                        parts.push(&buf[at..at + e.length as usize]);
-                    }
-                }
-                let mut w = self.writer.lock().await;
-                write_all_vectored(&mut *w, &parts).await
+                self.send(Body::Sparse(headers, ext, buf, req.offset), keep).await
             }
-        };
-        self.bufs.put(buf);
-        res
+        }
     }
 
-    async fn block_status(&self, req: proto::Request) -> io::Result<()> {
+    async fn block_status(&self, req: proto::Request, keep: Keep) -> io::Result<()> {
         if !self.structured || self.contexts.is_empty() {
             return self
-                .reply_status(req.cookie, errno::EINVAL, "block status needs structured replies and a meta context")
+                .reply_status(
+                    req.cookie,
+                    errno::EINVAL,
+                    "block status needs structured replies and a meta context",
+                    keep,
+                )
                 .await;
         }
         if req.len == 0 {
-            return self.reply_status(req.cookie, errno::EINVAL, "zero-length block status").await;
+            return self.reply_status(req.cookie, errno::EINVAL, "zero-length block status", keep).await;
         }
         let one = req.flags & cflag::REQ_ONE != 0;
         let mut out = Vec::new();
@@ -796,11 +902,11 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                         .iter()
                         .map(|e| (e.length, if e.allocated { 0 } else { proto::STATE_HOLE | proto::STATE_ZERO }))
                         .collect(),
-                    Err(e) => return self.status(req.cookie, Err(e)).await,
+                    Err(e) => return self.status(req.cookie, Err(e), keep).await,
                 },
                 Context::Dirty(snap) => match self.dev.changed_since(snap).await {
                     Ok(ranges) => dirty_extents(&ranges, req.offset, req.len),
-                    Err(e) => return self.status(req.cookie, Err(e)).await,
+                    Err(e) => return self.status(req.cookie, Err(e), keep).await,
                 },
             };
             let mut descs = split_u32(descs, self.extended);
@@ -826,9 +932,7 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 }
             }
         }
-        let mut w = self.writer.lock().await;
-        w.write_all(&out).await?;
-        w.flush().await
+        self.send(Body::Owned(out), keep).await
     }
 }
 

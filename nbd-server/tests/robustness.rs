@@ -647,6 +647,37 @@ async fn pipelined_requests_each_get_exactly_one_reply() {
     }
 }
 
+/// Replies go out combined (whoever finds the socket free writes everything
+/// queued). A client that asks for far more data than the server keeps in
+/// flight per connection (96 MiB), and reads none of it for a while, stalls
+/// only itself: another client is served meanwhile, and when the first one
+/// reads, every reply comes exactly once, whole and with the right data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
+    let h = Harness::new(512 * MIB).await;
+    h.pool.create_volume("v", 128 * MIB).await.unwrap();
+    let (mut w, _) = Wire::open(h.addr, "v", true).await;
+    for i in 0..128u64 {
+        w.write_ok(i * MIB, &pattern(i as u8, MIB as usize), 0).await;
+    }
+    // 256 reads of 1 MiB (twice the volume, over twice the in-flight budget).
+    let mut expect = std::collections::HashMap::new();
+    for k in 0..256u64 {
+        let at = (k % 128) * MIB;
+        expect.insert(w.send_request(cmd::READ, cflag::DF, at, MIB as u32, &[]).await, k % 128);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    qemu_io_reads(&h, "v").await;
+    for _ in 0..256 {
+        let r = w.reply().await;
+        let i = expect.remove(&r.cookie).unwrap_or_else(|| panic!("duplicate or unknown reply {}", r.cookie));
+        assert_eq!(r.error, 0, "{r:?}");
+        assert!(r.data == pattern(i as u8, MIB as usize), "read of MiB {i} returned other data");
+    }
+    assert!(expect.is_empty());
+    w.disconnect().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_ignores_unknown_info_requests() {
     // NBD_OPT_GO with NBD_INFO requests the server does not know: it MUST
