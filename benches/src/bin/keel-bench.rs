@@ -125,7 +125,15 @@ struct Args {
     /// Keep the fresh volume made by --first-write.
     #[arg(long)]
     keep: bool,
-    /// Only prepare (create, prefill, snapshots) and exit without measuring.
+    /// Make a writable clone of the volume as it is now (after --prefill,
+    /// before --snapshots), named this, through a snapshot of the volume
+    /// named `for-<clone>`. The clone maps the very blocks the volume does
+    /// (the same layout on disk) and has no snapshots of its own: the fair
+    /// baseline for reads of a volume with many snapshots.
+    #[arg(long)]
+    clone: Option<String>,
+    /// Only prepare (create, prefill, clone, snapshots) and exit without
+    /// measuring.
     #[arg(long)]
     setup_only: bool,
     /// Diagnostic: read the pool file through the store's backend directly
@@ -170,6 +178,9 @@ fn main() -> Result<()> {
     }
     if args.bs == 0 || !args.bs.is_multiple_of(512) {
         bail!("--bs must be a positive multiple of 512");
+    }
+    if args.first_write && args.clone.is_some() {
+        bail!("--clone goes with an existing volume, not --first-write");
     }
     if args.first_write && args.setup_only {
         bail!("--first-write makes a fresh volume for one measured run; it cannot go with --setup-only");
@@ -437,6 +448,12 @@ async fn run(args: Args) -> Result<()> {
     };
     if args.prefill && !args.first_write {
         prefill(&vol, args.prefill_qd, seed).await?;
+    }
+    if let Some(clone) = &args.clone {
+        let snap = format!("for-{clone}");
+        pool.snapshot(vol.name(), &snap).await.context("taking the clone's snapshot")?;
+        pool.clone_snapshot(&format!("{}@{snap}", vol.name()), clone).await.context("making the clone")?;
+        eprintln!("keel-bench: cloned {} as {clone}", vol.name());
     }
     let snapshots = if args.first_write { 0 } else { ensure_snapshots(&pool, &vol, args.snapshots).await? };
     if !args.mode.is_write() && vol.allocated_bytes() < vol.size() {
