@@ -660,11 +660,13 @@ async fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
     for i in 0..128u64 {
         w.write_ok(i * MIB, &pattern(i as u8, MIB as usize), 0).await;
     }
-    // 256 reads of 1 MiB (twice the volume, over twice the in-flight budget).
+    // 256 reads of 1 MiB (twice the volume, over twice the in-flight budget),
+    // every other one allowed to come in pieces (no DF flag).
     let mut expect = std::collections::HashMap::new();
     for k in 0..256u64 {
         let at = (k % 128) * MIB;
-        expect.insert(w.send_request(cmd::READ, cflag::DF, at, MIB as u32, &[]).await, k % 128);
+        let flags = if k % 2 == 0 { cflag::DF } else { 0 };
+        expect.insert(w.send_request(cmd::READ, flags, at, MIB as u32, &[]).await, k % 128);
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     qemu_io_reads(&h, "v").await;
@@ -676,6 +678,40 @@ async fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
     }
     assert!(expect.is_empty());
     w.disconnect().await;
+}
+
+/// A block that fails its checksum fails the read it is in, however the
+/// read is answered: one reply, one chunk, or pieces sent as they are read
+/// (where data chunks of the good pieces may come first, then the error
+/// chunk ends the reply). qemu-io sees an I/O error, not data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_block_fails_the_read_whichever_way_it_is_answered() {
+    use std::os::unix::fs::FileExt;
+    let h = Harness::new(256 * MIB).await;
+    let v = h.pool.create_volume("v", 16 * MIB).await.unwrap();
+    let data = pattern(7, 4 * MIB as usize);
+    v.write(0, &data, false).await.unwrap();
+    h.pool.flush().await.unwrap();
+    // Garble the block at 3 MiB + 4 KiB behind the store's back.
+    let phys = v.physical_block(3 * MIB + 4096).await.unwrap().expect("written block is mapped");
+    let f = std::fs::OpenOptions::new().write(true).open(h.path("pool.img")).unwrap();
+    f.write_all_at(&[0x5a; 512], phys * 4096 + 1024).unwrap();
+    f.sync_all().unwrap();
+    for structured in [false, true] {
+        let (mut w, _) = Wire::open(h.addr, "v", structured).await;
+        // The good first 2 MiB still read back.
+        assert!(w.read_ok(0, 2 * MIB as u32).await == data[..2 * MIB as usize]);
+        let flag_sets: &[u16] = if structured { &[0, cflag::DF] } else { &[0] };
+        for &flags in flag_sets {
+            let c = w.send_request(cmd::READ, flags, 2 * MIB, 2 * MIB as u32, &[]).await;
+            let r = w.reply().await;
+            assert_eq!(r.cookie, c);
+            assert_eq!(r.error, errno::EIO, "structured {structured} flags {flags}: {r:?}");
+        }
+        w.disconnect().await;
+    }
+    let out = run_failing("qemu-io", &["-r", "-f", "raw", "-c", "read 2M 2M", &h.url("v")]).await;
+    assert!(text(&out).contains("Input/output error"), "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
