@@ -434,7 +434,7 @@ enum Body {
     Owned(Vec<u8>),
     /// A sparse read: chunk headers, the extents they describe, the buffer
     /// holding the allocated ones, and the read's offset.
-    Sparse(Vec<Vec<u8>>, Vec<keel_blockstore::Extent>, AlignedBuf, u64),
+    Sparse(Vec<proto::Header>, Vec<keel_blockstore::Extent>, AlignedBuf, u64),
 }
 
 impl Body {
@@ -448,7 +448,7 @@ impl Body {
             Body::Owned(v) => out.push(v),
             Body::Sparse(headers, ext, buf, offset) => {
                 for (e, h) in ext.iter().zip(headers) {
-                    out.push(h);
+                    out.push(h.bytes());
                     if e.allocated {
                         let at = (e.offset - offset) as usize;
                         out.push(&buf[at..at + e.length as usize]);
@@ -833,50 +833,50 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
             None => {
                 // The common case: one reply (or one data chunk) with all
                 // the bytes; its header is built without allocating.
-                let mut h = proto::Header::default();
-                if self.structured {
-                    let (flags, kind) = (chunk::FLAG_DONE, chunk::OFFSET_DATA);
-                    proto::encode_chunk_header(&mut h, self.extended, flags, kind, req.cookie, req.offset, 8 + req.len);
-                    h.put(&req.offset.to_be_bytes());
+                let h = if self.structured {
+                    self.data_chunk(req.cookie, chunk::FLAG_DONE, req.offset, req.len)
                 } else {
+                    let mut h = proto::Header::default();
                     proto::encode_simple_reply(&mut h, req.cookie, 0);
-                }
+                    h
+                };
                 self.send(Body::Data(h, buf, len), keep).await
             }
             Some(ext) => {
-                let mut headers: Vec<Vec<u8>> = Vec::with_capacity(ext.len());
-                for (i, e) in ext.iter().enumerate() {
-                    let flags = if i + 1 == ext.len() { chunk::FLAG_DONE } else { 0 };
-                    let mut h = Vec::with_capacity(48);
-                    if e.allocated {
-                        proto::encode_chunk_header(
-                            &mut h,
-                            self.extended,
-                            flags,
-                            chunk::OFFSET_DATA,
-                            req.cookie,
-                            e.offset,
-                            8 + e.length,
-                        );
-                        h.extend_from_slice(&e.offset.to_be_bytes());
-                    } else {
-                        proto::encode_chunk_header(
-                            &mut h,
-                            self.extended,
-                            flags,
-                            chunk::OFFSET_HOLE,
-                            req.cookie,
-                            e.offset,
-                            12,
-                        );
-                        h.extend_from_slice(&e.offset.to_be_bytes());
-                        h.extend_from_slice(&(e.length as u32).to_be_bytes());
-                    }
-                    headers.push(h);
-                }
+                let headers = (ext.iter().enumerate())
+                    .map(|(i, e)| {
+                        let flags = if i + 1 == ext.len() { chunk::FLAG_DONE } else { 0 };
+                        if e.allocated {
+                            self.data_chunk(req.cookie, flags, e.offset, e.length)
+                        } else {
+                            let mut h = proto::Header::default();
+                            proto::encode_chunk_header(
+                                &mut h,
+                                self.extended,
+                                flags,
+                                chunk::OFFSET_HOLE,
+                                req.cookie,
+                                e.offset,
+                                12,
+                            );
+                            h.put(&e.offset.to_be_bytes());
+                            h.put(&(e.length as u32).to_be_bytes());
+                            h
+                        }
+                    })
+                    .collect();
                 self.send(Body::Sparse(headers, ext, buf, req.offset), keep).await
             }
         }
+    }
+
+    /// The header of an OFFSET_DATA chunk carrying `len` bytes at `offset`
+    /// (its offset field included).
+    fn data_chunk(&self, cookie: u64, flags: u16, offset: u64, len: u64) -> proto::Header {
+        let mut h = proto::Header::default();
+        proto::encode_chunk_header(&mut h, self.extended, flags, chunk::OFFSET_DATA, cookie, offset, 8 + len);
+        h.put(&offset.to_be_bytes());
+        h
     }
 
     async fn block_status(&self, req: proto::Request, keep: Keep) -> io::Result<()> {
