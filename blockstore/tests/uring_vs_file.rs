@@ -143,31 +143,9 @@ async fn concurrent_tasks_see_their_own_data() {
     let path = temp_file(&dir, "concurrent.img", TASKS * REGION_BLOCKS * BLOCK_SIZE);
     let backend = Arc::new(open_uring(&path));
 
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let backend = Arc::clone(&backend);
-        tasks.push(tokio::spawn(async move {
-            let base = (t * REGION_BLOCKS * BLOCK_SIZE) as u64;
-            let mut w = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
-            let mut r = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
-            for round in 0..ROUNDS {
-                // Vary the extent so requests of different sizes interleave.
-                let blocks = 1 + (round as usize + t) % REGION_BLOCKS;
-                let len = blocks * BLOCK_SIZE;
-                fill(&mut w[..len], (t as u64) << 32 | round);
-                timed("write", backend.write_at(&w[..len], base)).await.unwrap();
-                if round % 16 == 15 {
-                    timed("sync", backend.sync()).await.unwrap();
-                }
-                r[..len].fill(0);
-                timed("read", backend.read_at(&mut r[..len], base)).await.unwrap();
-                assert!(r[..len] == w[..len], "task {t} round {round}: data mismatch");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    // Vary the extent so requests of different sizes interleave, and sync
+    // now and then between them.
+    own_regions(Arc::clone(&backend), 0..TASKS, REGION_BLOCKS, ROUNDS, Some(16)).await;
 
     // Each region's first block holds its task's last write; check it through
     // the portable engine too.
@@ -318,24 +296,35 @@ fn completion_thread_mode_outside_a_runtime() {
 /// `tasks` tasks on the current runtime, each writing, reading back and
 /// checking its own region `rounds` times.
 async fn own_region_round_trips(backend: Arc<UringBackend>, tasks: usize, rounds: u64) {
-    own_regions_from(backend, 0, tasks, rounds).await
+    own_regions(backend, 0..tasks, 2, rounds, None).await
 }
 
-/// [`own_region_round_trips`] on regions `first..first + tasks`.
-async fn own_regions_from(backend: Arc<UringBackend>, first: usize, tasks: usize, rounds: u64) {
-    const REGION_BLOCKS: usize = 2;
-    assert!(backend.len() >= ((first + tasks) * REGION_BLOCKS * BLOCK_SIZE) as u64);
+/// One task per region in `regions` (of `region_blocks` blocks each), each
+/// `rounds` times writing 1 to `region_blocks` blocks of its own pattern,
+/// reading them back and checking them; with `sync_every`, a sync after
+/// every that many writes.
+async fn own_regions(
+    backend: Arc<UringBackend>,
+    regions: std::ops::Range<usize>,
+    region_blocks: usize,
+    rounds: u64,
+    sync_every: Option<u64>,
+) {
+    assert!(backend.len() >= (regions.end * region_blocks * BLOCK_SIZE) as u64);
     let mut handles = Vec::new();
-    for t in first..first + tasks {
+    for t in regions {
         let backend = Arc::clone(&backend);
         handles.push(tokio::spawn(async move {
-            let base = (t * REGION_BLOCKS * BLOCK_SIZE) as u64;
-            let mut w = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
-            let mut r = AlignedBuf::new(REGION_BLOCKS * BLOCK_SIZE);
+            let base = (t * region_blocks * BLOCK_SIZE) as u64;
+            let mut w = AlignedBuf::new(region_blocks * BLOCK_SIZE);
+            let mut r = AlignedBuf::new(region_blocks * BLOCK_SIZE);
             for round in 0..rounds {
-                let len = (1 + (round as usize + t) % REGION_BLOCKS) * BLOCK_SIZE;
+                let len = (1 + (round as usize + t) % region_blocks) * BLOCK_SIZE;
                 fill(&mut w[..len], (t as u64) << 32 | round);
                 timed("write", backend.write_at(&w[..len], base)).await.unwrap();
+                if sync_every.is_some_and(|k| round % k == k - 1) {
+                    timed("sync", backend.sync()).await.unwrap();
+                }
                 r[..len].fill(0);
                 timed("read", backend.read_at(&mut r[..len], base)).await.unwrap();
                 assert!(r[..len] == w[..len], "task {t} round {round}: data mismatch");
@@ -381,7 +370,7 @@ fn many_threads_submitting_at_once_lose_no_sqe() {
             let backend = Arc::clone(&backend);
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(own_regions_from(backend, i * TASKS, TASKS, 200));
+                rt.block_on(own_regions(backend, i * TASKS..(i + 1) * TASKS, 2, 200, None));
             })
         })
         .collect();
