@@ -219,7 +219,7 @@ impl<B: Backend> Volume<B> {
         }
     }
 
-    /// Read whole blocks into an aligned buffer; returns the entries read.
+    /// Read whole blocks into an aligned buffer.
     async fn read_blocks(&self, first: u64, n: usize, dst: &mut [u8]) -> Result<()> {
         let _g = self.pool.grace.enter();
         let mut s = Scratch::take();
@@ -718,13 +718,13 @@ impl<B: Backend> Volume<B> {
         let mut out: Vec<Extent> = Vec::new();
         let end = offset + len;
         let mut b = offset / BS;
-        let mut s = Scratch::take();
+        let mut scratch = Scratch::take();
         let _g = self.pool.grace.enter();
         while b * BS < end {
             let n = ((end.div_ceil(BS) - b) as usize).min(PIECE_BLOCKS);
-            let entries = &mut s.entries;
-            self.map(b, &mut entries[..n]).await?;
-            for (k, e) in entries[..n].iter().enumerate() {
+            let entries = &mut scratch.entries[..n];
+            self.map(b, entries).await?;
+            for (k, e) in entries.iter().enumerate() {
                 let s = ((b + k as u64) * BS).max(offset);
                 let t = ((b + k as u64 + 1) * BS).min(end);
                 let allocated = e.is_mapped();

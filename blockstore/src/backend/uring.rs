@@ -403,7 +403,10 @@ impl Shared {
     /// Hand every queued SQE to the kernel. Called by the one thread that is
     /// submitting (see [`Shared::push_and_submit`]), without `sq_lock`:
     /// pushes under the lock may go on meanwhile (the kernel takes SQEs up
-    /// to the tail it reads; later ones wait for the next round).
+    /// to the tail it reads; later ones wait for the next round). The one
+    /// exception, a push that finds the queue full (which the slot count
+    /// rules out), calls it under the lock; the kernel serializes
+    /// concurrent enters itself.
     ///
     /// Once an SQE has been published it cannot be taken back, and its buffer
     /// is only guaranteed alive while the submitting future waits for the
