@@ -15,7 +15,14 @@
 #             volume of SIZE, written once sequentially, with $SNAPSHOTS
 #             snapshots taken afterwards (so every first overwrite of a block
 #             is a copy-on-write), served by keel_nbd_server::serve on a
-#             tokio runtime of $THREADS worker threads (io_uring + O_DIRECT)
+#             tokio runtime of $THREADS worker threads (io_uring + O_DIRECT),
+#             with a data cache of $DATA_CACHE MiB: the appliance's default
+#             (an eighth of the machine's memory) unless set. qemu-nbd runs
+#             with --cache=none and has no cache of its own, so with the
+#             default the read rows compare Keel's cache (once warm, a SIZE
+#             volume fits in it on a machine of 16 GiB or more) with
+#             qemu-nbd's disk reads; DATA_CACHE=0 compares disk with disk.
+#             Run both before quoting a read ratio.
 # The raw files are prefilled with the same fio command (sequential 1 MiB
 # writes, io_uring, O_DIRECT), so reads hit written data on all three and
 # none of it starts in the page cache.
@@ -49,6 +56,7 @@
 #   JOBS          fio jobs (= NBD connections) per run [1]
 #   SNAPSHOTS     snapshots of Keel's volume [3]
 #   THREADS       Keel's tokio worker threads [2]
+#   DATA_CACHE    Keel's data cache, MiB; 0 for none [MemTotal / 8]
 #   NBDKIT_CACHE  nbdkit file plugin cache= mode [none]
 #   PORT          first of three TCP ports on 127.0.0.1 [10871]
 #   REPEAT        runs per test and server; the table shows the median [1];
@@ -73,6 +81,7 @@ SEQ_BS=${SEQ_BS:-1M}
 JOBS=${JOBS:-1}
 SNAPSHOTS=${SNAPSHOTS:-3}
 THREADS=${THREADS:-2}
+DATA_CACHE=${DATA_CACHE:-$(awk '$1 == "MemTotal:" { print int($2 / 1024 / 8) }' /proc/meminfo)}
 NBDKIT_CACHE=${NBDKIT_CACHE:-none}
 PORT=${PORT:-10871}
 REPEAT=${REPEAT:-1}
@@ -99,6 +108,7 @@ seq_bs_bytes=$(numfmt --from=iec "${SEQ_BS%[bB]}") || die "bad SEQ_BS $SEQ_BS"
 ((size_bytes % seq_bs_bytes == 0)) || die "SIZE must be a multiple of SEQ_BS"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer"
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive integer"
+[[ $DATA_CACHE =~ ^[0-9]+$ ]] || die "DATA_CACHE must be a number of MiB"
 if ! [[ $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT + 2 > 65535)); then
 	die "bad PORT $PORT"
 fi
@@ -166,7 +176,7 @@ fi
 	echo "# nbd-vs-peers $(date -Is)"
 	echo "# $(uname -srm); $(nproc) CPUs; $(fio --version); $(qemu-nbd --version | head -n 1); $(nbdkit --version)"
 	echo "# BENCH_DIR=$BENCH_DIR ($fstype on $source_dev) SIZE=$SIZE RUNTIME=$RUNTIME WARMUP=$WARMUP JOBS=$JOBS"
-	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS THREADS=$THREADS NBDKIT_CACHE=$NBDKIT_CACHE REPEAT=$REPEAT"
+	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS THREADS=$THREADS DATA_CACHE=$DATA_CACHE NBDKIT_CACHE=$NBDKIT_CACHE REPEAT=$REPEAT"
 	rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 	dirty=$(git -C "$root" status --porcelain -- blockstore nbd-server 2>/dev/null | wc -l)
 	echo "# keel $rev, blockstore/ and nbd-server/ files changed since: $dirty; load before starting: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -214,7 +224,7 @@ nbdkit_pid=$!
 wait_nbd nbdkit "$nbdkit_pid" "${ports[1]}"
 
 cmd=("$ks" --pool "$pool" --create "$pool_bytes" --volume "$EXPORT" --volume-size "$size_bytes"
-	--snapshots "$SNAPSHOTS" --threads "$THREADS" --listen "127.0.0.1:${ports[2]}")
+	--snapshots "$SNAPSHOTS" --threads "$THREADS" --data-cache-mib "$DATA_CACHE" --listen "127.0.0.1:${ports[2]}")
 echo "\$ ${cmd[*]}" >>"$log"
 "${cmd[@]}" >"$keel_out" 2>>"$log" &
 pids+=($!)
@@ -341,6 +351,11 @@ measure "$SEQ_BS seq write QD$SEQ_QD" write "$SEQ_BS" "$SEQ_QD"
 	echo
 	echo "Keel NBD vs qemu-nbd and nbdkit (fio --ioengine=nbd, $JOBS connection(s)) on $BENCH_DIR ($fstype on $source_dev),"
 	echo "SIZE=$SIZE, RUNTIME=${RUNTIME}s, $(nproc) CPUs, Keel volume with $SNAPSHOTS snapshots, load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+	if ((DATA_CACHE > 0)); then
+		echo "Keel's data cache: $DATA_CACHE MiB (qemu-nbd: --cache=none, no cache); DATA_CACHE=0 to compare without it"
+	else
+		echo "Keel's data cache: off (DATA_CACHE=0); every server reads the disk"
+	fi
 	# shellcheck disable=SC2059
 	printf "$fmt\n" test "qemu-nbd IOPS" "nbdkit IOPS" "keel IOPS" "keel/qemu" "keel/nbdkit" target "" "disk IOPS"
 	printf '%s\n' "${rows[@]}"

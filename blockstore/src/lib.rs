@@ -15,6 +15,7 @@
 
 pub mod backend;
 mod cache;
+mod datacache;
 mod device;
 mod error;
 pub mod format;
@@ -28,6 +29,7 @@ mod volume;
 mod walk;
 
 pub use backend::{AlignedBuf, AnyBackend, BLOCK_SIZE, Backend, Engine};
+pub use datacache::DataCacheStats;
 pub use device::BlockDevice;
 pub use error::{Error, ErrorKind, Result};
 pub use format::DeviceKind;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::backend::{BLOCK_SIZE, Backend};
+use crate::datacache::DataCacheStats;
 use crate::error::{Error, Result};
 use crate::format::{DeviceKind, DeviceRecord, Entry};
 use crate::pool::{Pool, check_name, depth_for_size};
@@ -48,6 +49,8 @@ pub struct PoolStats {
     pub devices: usize,
     /// Map pages held in memory.
     pub cached_pages: usize,
+    /// The data cache's size, use and hits (all zero without one).
+    pub data_cache: DataCacheStats,
 }
 
 impl<B: Backend> Pool<B> {
@@ -262,6 +265,7 @@ impl<B: Backend> Pool<B> {
             provisioned_bytes: provisioned,
             devices: cat.devices.len(),
             cached_pages: self.inner.cache.len(),
+            data_cache: self.inner.data_cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
         }
     }
 

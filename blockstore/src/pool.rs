@@ -37,6 +37,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::cache::PageCache;
+use crate::datacache::DataCache;
 use crate::error::{Error, Result};
 use crate::format::{
     CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, MAX_NAME, Page, RECORD_SIZE,
@@ -54,6 +55,9 @@ const BS: u64 = BLOCK_SIZE as u64;
 pub struct PoolOptions {
     /// Bytes of clean map pages kept in memory.
     pub cache_bytes: usize,
+    /// Bytes of verified data blocks kept in memory for reads (0: none).
+    /// Shared by every device that maps a block; see `datacache.rs`.
+    pub data_cache_bytes: usize,
     /// Bytes of dirty map pages allowed before a write forces a commit.
     pub dirty_limit_bytes: usize,
     /// Catalog pages per copy when creating a pool (31 devices each).
@@ -62,7 +66,7 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { cache_bytes: 64 << 20, dirty_limit_bytes: 32 << 20, catalog_pages: 128 }
+        PoolOptions { cache_bytes: 64 << 20, data_cache_bytes: 0, dirty_limit_bytes: 32 << 20, catalog_pages: 128 }
     }
 }
 
@@ -145,6 +149,7 @@ pub(crate) struct Inner<B> {
     pub alloc: Mutex<Allocator>,
     pub meta_cursor: Mutex<(u64, u64)>,
     pub cache: PageCache,
+    pub data_cache: Option<DataCache>,
     pub grace: Grace,
     pub commit: tokio::sync::Mutex<CommitState>,
     /// Captures begun; a flush that sees this move past its start knows a
@@ -341,6 +346,7 @@ impl<B: Backend> Pool<B> {
             alloc: Mutex::new(alloc),
             meta_cursor: Mutex::new((0, 0)),
             cache: PageCache::new(opts.cache_bytes / BLOCK_SIZE),
+            data_cache: DataCache::new(opts.data_cache_bytes),
             grace: Grace::default(),
             commit: tokio::sync::Mutex::new(CommitState {
                 generation: sb.generation,

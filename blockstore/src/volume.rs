@@ -251,6 +251,15 @@ impl<B: Backend> Volume<B> {
             }
             i = j;
         }
+        let cache = self.pool.data_cache.as_ref();
+        if let Some(cache) = cache
+            && count > 0
+            && entries.iter().enumerate().all(|(k, e)| {
+                !e.is_mapped() || cache.get(e.phys, e.crc, &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE])
+            })
+        {
+            return Ok(());
+        }
         let backend = &self.pool.backend;
         match count {
             0 => {}
@@ -285,6 +294,13 @@ impl<B: Backend> Volume<B> {
         for (k, e) in entries.iter().enumerate() {
             if e.is_mapped() && crc(&dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != e.crc {
                 return Err(Error::Corrupt { what: "data block", block: e.phys });
+            }
+        }
+        // Verified, and the caller is inside a grace epoch: see
+        // `datacache.rs` for why that makes the insert safe.
+        if let Some(cache) = cache {
+            for (k, e) in entries.iter().enumerate().filter(|(_, e)| e.is_mapped()) {
+                cache.insert(e.phys, e.crc, &dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]);
             }
         }
         Ok(())
@@ -434,6 +450,13 @@ impl<B: Backend> Volume<B> {
             }
         }
         let extents = &extents[..count];
+        // Whatever the data cache kept of these blocks' earlier lives goes
+        // before the new contents can be mapped.
+        if let Some(cache) = &self.pool.data_cache {
+            for &(s, l) in extents {
+                cache.invalidate(s, l);
+            }
+        }
         // Data first: every extent at once.
         let written = if let [(s, _)] = extents {
             self.pool.backend.write_at(src, s * BS).await

@@ -949,6 +949,16 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     gauge("keel_pool_allocated_bytes", "Bytes in use in the pool.", "gauge", vec![(String::new(), s.allocated_bytes)]);
     gauge("keel_pool_free_bytes", "Free bytes in the pool.", "gauge", vec![(String::new(), s.free_bytes)]);
     gauge("keel_pool_provisioned_bytes", "Sum of volume sizes.", "gauge", vec![(String::new(), s.provisioned_bytes)]);
+    let dc = s.data_cache;
+    gauge("keel_data_cache_bytes", "Bytes the data cache may hold.", "gauge", vec![(String::new(), dc.capacity_bytes)]);
+    gauge("keel_data_cache_used_bytes", "Bytes the data cache holds.", "gauge", vec![(String::new(), dc.used_bytes)]);
+    gauge("keel_data_cache_hits_total", "Blocks read from the data cache.", "counter", vec![(String::new(), dc.hits)]);
+    gauge(
+        "keel_data_cache_misses_total",
+        "Blocks looked up in the data cache and read from disk.",
+        "counter",
+        vec![(String::new(), dc.misses)],
+    );
     let devices = app.pool.list();
     let vols: Vec<_> = devices.iter().filter(|d| d.kind == keel_blockstore::DeviceKind::Volume).collect();
     gauge("keel_volumes", "Volumes in the pool.", "gauge", vec![(String::new(), vols.len() as u64)]);

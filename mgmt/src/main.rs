@@ -93,8 +93,8 @@ enum ListCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
-    /// cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu, accel,
-    /// vm_stop_timeout, token_ttl, export_auth); flags win.
+    /// cache, data_cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
+    /// accel, vm_stop_timeout, token_ttl, export_auth); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
@@ -115,6 +115,11 @@ struct ServeArgs {
     /// Map page cache [default: 64M].
     #[arg(long, value_parser = parse_size)]
     cache: Option<u64>,
+    /// Cache of verified data blocks for reads, shared by a volume, its
+    /// snapshots and its clones; 0 turns it off [default: an eighth of
+    /// the machine's memory].
+    #[arg(long, value_parser = parse_size)]
+    data_cache: Option<u64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
     #[arg(long, requires = "nbd_tls_key")]
     nbd_tls_cert: Option<PathBuf>,
@@ -209,6 +214,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         pool_size: size(a.pool_size, &f.pool_size, "pool_size", 64 << 30)?,
         engine,
         cache: size(a.cache, &f.cache, "cache", 64 << 20)?,
+        data_cache: size(a.data_cache, &f.data_cache, "data_cache", keel_mgmt::serve::default_data_cache())?,
         nbd_tls,
         nbd_require_tls,
         vms,

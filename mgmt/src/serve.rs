@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub engine: Option<String>,
     /// Map page cache size (`64M`).
     pub cache: Option<String>,
+    /// Data block cache size (`3G`; `0` for none).
+    pub data_cache: Option<String>,
     /// NBD TLS certificate (PEM).
     pub nbd_tls_cert: Option<PathBuf>,
     /// NBD TLS key (PEM).
@@ -71,6 +73,8 @@ pub struct Settings {
     pub engine: Engine,
     /// Map page cache bytes.
     pub cache: u64,
+    /// Data block cache bytes.
+    pub data_cache: u64,
     /// NBD TLS (cert, key).
     pub nbd_tls: Option<(PathBuf, PathBuf)>,
     /// Refuse NBD clients without TLS.
@@ -261,10 +265,27 @@ fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// The data cache when none is configured: an eighth of the machine's
+/// memory (`MemTotal` in `/proc/meminfo`), or none when that cannot be read.
+pub fn default_data_cache() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    kib * 1024 / 8
+}
+
 /// Run the appliance until SIGINT or SIGTERM.
 pub async fn serve(s: Settings) -> Result<()> {
-    let opts = PoolOptions { cache_bytes: s.cache as usize, ..Default::default() };
+    let opts =
+        PoolOptions { cache_bytes: s.cache as usize, data_cache_bytes: s.data_cache as usize, ..Default::default() };
     let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
+    match s.data_cache {
+        0 => println!("data cache off"),
+        n => println!("data cache {}", human(n)),
+    }
     let (meta, found) = Meta::open(&s.data.join("keel.redb")).context("opening the metadata database")?;
     if found < crate::db::SCHEMA_VERSION {
         println!("metadata: schema migrated from version {found} to {}", crate::db::SCHEMA_VERSION);

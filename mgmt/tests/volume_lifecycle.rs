@@ -105,6 +105,13 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(written >= 2 << 20, "two 1 MiB writes were counted: {metrics}");
+    // The clone and the snapshot read the same blocks as disk1's first read
+    // of 0xab, and found them in the data cache (on by default).
+    let metric = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(metric("keel_data_cache_bytes") > Some(0), "{metrics}");
+    assert!(metric("keel_data_cache_hits_total") >= Some(2 * 256), "{metrics}");
     let msg = assert_error(d.call("DELETE", "/api/v1/volumes/disk1?recursive=true", None), 409);
     assert!(msg.contains("in use"), "{msg}");
     let out = d.cli(&["volume", "delete", "disk1", "--recursive"]);

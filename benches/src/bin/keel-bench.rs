@@ -147,6 +147,9 @@ struct Args {
     /// Map page cache, MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: usize,
+    /// Data block cache, MiB (0: none, reads go to the disk).
+    #[arg(long, default_value_t = 0)]
+    data_cache_mib: usize,
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -244,7 +247,11 @@ async fn open_pool(args: &Args) -> Result<Pool<AnyBackend>> {
         EngineArg::Sync => Engine::Sync,
     };
     let backend = AnyBackend::open(&args.pool, engine).with_context(|| format!("opening {}", args.pool.display()))?;
-    let opts = PoolOptions { cache_bytes: args.cache_mib << 20, ..PoolOptions::default() };
+    let opts = PoolOptions {
+        cache_bytes: args.cache_mib << 20,
+        data_cache_bytes: args.data_cache_mib << 20,
+        ..PoolOptions::default()
+    };
     let pool = if exists {
         Pool::open(backend, opts).await.with_context(|| format!("opening the pool on {}", args.pool.display()))?.0
     } else {

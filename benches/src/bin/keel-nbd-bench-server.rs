@@ -9,7 +9,7 @@
 //! workers. When it listens it prints one line on stdout:
 //!
 //! ```text
-//! ready nbd://127.0.0.1:10809/bench size=2147483648 snapshots=3 engine=io_uring direct=1
+//! ready nbd://127.0.0.1:10809/bench size=2147483648 snapshots=3 engine=io_uring direct=1 data_cache_mib=0
 //! ```
 //!
 //! It serves until SIGINT or SIGTERM, then commits the pool and exits.
@@ -93,6 +93,9 @@ struct Args {
     /// Map page cache, MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: usize,
+    /// Data block cache, MiB (0: none, reads go to the disk).
+    #[arg(long, default_value_t = 0)]
+    data_cache_mib: usize,
     /// RNG seed for the prefill data (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -168,7 +171,11 @@ async fn open_pool(args: &Args) -> Result<Pool<AnyBackend>> {
         EngineArg::Sync => Engine::Sync,
     };
     let backend = AnyBackend::open(&args.pool, engine).with_context(|| format!("opening {}", args.pool.display()))?;
-    let opts = PoolOptions { cache_bytes: args.cache_mib << 20, ..PoolOptions::default() };
+    let opts = PoolOptions {
+        cache_bytes: args.cache_mib << 20,
+        data_cache_bytes: args.data_cache_mib << 20,
+        ..PoolOptions::default()
+    };
     let pool = if exists {
         Pool::open(backend, opts).await.with_context(|| format!("opening the pool on {}", args.pool.display()))?.0
     } else {
@@ -303,7 +310,11 @@ async fn run(args: Args) -> Result<()> {
          with {} worker threads",
         args.threads.max(1)
     );
-    println!("ready nbd://{addr}/{name} size={size} snapshots={snapshots} engine={engine} direct={}", u8::from(direct));
+    println!(
+        "ready nbd://{addr}/{name} size={size} snapshots={snapshots} engine={engine} direct={} data_cache_mib={}",
+        u8::from(direct),
+        args.data_cache_mib
+    );
     if let Some(iscsi) = args.iscsi {
         let listener = TcpListener::bind(iscsi).await.with_context(|| format!("listening on {iscsi}"))?;
         let addr = listener.local_addr()?;

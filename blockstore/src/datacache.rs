@@ -1,0 +1,262 @@
+//! The bounded cache of verified data blocks.
+//!
+//! A data block's contents never change while it is allocated: every write
+//! goes to freshly allocated blocks (see `Volume::write_blocks`), and a block
+//! freed by a commit returns to the allocator only after a grace period in
+//! which no reader that mapped it can still be running (`grace.rs`). So the
+//! cache is keyed by pool block number, and it is shared by every device
+//! that maps a block: a volume, its snapshots and its clones read one copy.
+//!
+//! Two rules keep it right:
+//! - A reader inserts a block only after its checksum passed, and only while
+//!   it is inside a grace epoch, so it cannot insert a block's old contents
+//!   after the block was freed and taken again.
+//! - A write drops the blocks it has just taken before it writes them, so
+//!   whatever the cache held for them from an earlier life is gone before
+//!   any map entry can point at the new contents.
+//!
+//! Each entry also keeps the block's CRC32C, and a lookup must match the
+//! checksum in the map entry it came from: a mistake in the rules above
+//! would show as a miss, not as wrong data.
+//!
+//! The cache is sharded, each shard a CLOCK queue under its own lock; a hit
+//! copies 4 KiB out under the shard lock. Slot memory is allocated in chunks
+//! as the shard first fills and reused from then on; a cache of zero bytes is
+//! not built at all.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use parking_lot::Mutex;
+
+use crate::backend::BLOCK_SIZE;
+
+const SHARDS: usize = 64;
+/// Slots allocated at once as a shard fills (1 MiB).
+const CHUNK_SLOTS: usize = 256;
+
+/// Hash of a block number for the shard maps: one multiply, folded.
+#[derive(Default)]
+struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        let p = (x as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+}
+
+struct Shard {
+    index: HashMap<u64, u32, BuildHasherDefault<BlockHasher>>,
+    /// Per slot: its block (when in `index`), checksum and CLOCK bit.
+    blocks: Vec<u64>,
+    crcs: Vec<u32>,
+    referenced: Vec<bool>,
+    chunks: Vec<Box<[u8]>>,
+    hand: usize,
+    capacity: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl Shard {
+    fn data(&mut self, slot: usize) -> &mut [u8] {
+        let chunk = &mut self.chunks[slot / CHUNK_SLOTS];
+        let at = (slot % CHUNK_SLOTS) * BLOCK_SIZE;
+        &mut chunk[at..at + BLOCK_SIZE]
+    }
+
+    /// A slot for a new entry: a fresh one while the shard fills, then the
+    /// first the CLOCK hand finds unreferenced.
+    fn victim(&mut self) -> usize {
+        if self.blocks.len() < self.capacity {
+            let slot = self.blocks.len();
+            if slot.is_multiple_of(CHUNK_SLOTS) {
+                let n = CHUNK_SLOTS.min(self.capacity - slot);
+                self.chunks.push(vec![0u8; n * BLOCK_SIZE].into_boxed_slice());
+            }
+            self.blocks.push(u64::MAX);
+            self.crcs.push(0);
+            self.referenced.push(false);
+            return slot;
+        }
+        loop {
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % self.capacity;
+            if std::mem::take(&mut self.referenced[slot]) {
+                continue;
+            }
+            let old = self.blocks[slot];
+            if old != u64::MAX && self.index.get(&old) == Some(&(slot as u32)) {
+                self.index.remove(&old);
+            }
+            self.blocks[slot] = u64::MAX;
+            return slot;
+        }
+    }
+}
+
+/// Counters of a data cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataCacheStats {
+    /// Bytes the cache may hold.
+    pub capacity_bytes: u64,
+    /// Bytes it holds now.
+    pub used_bytes: u64,
+    /// Blocks read from the cache.
+    pub hits: u64,
+    /// Blocks looked up and not found (then read from disk).
+    pub misses: u64,
+}
+
+/// Sharded CLOCK cache of verified data blocks, keyed by pool block number.
+pub(crate) struct DataCache {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl DataCache {
+    /// A cache of about `bytes` (at least one block per shard), or `None`
+    /// for zero bytes.
+    pub fn new(bytes: usize) -> Option<DataCache> {
+        if bytes < BLOCK_SIZE {
+            return None;
+        }
+        let per_shard = (bytes / BLOCK_SIZE).div_ceil(SHARDS).max(1);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    index: HashMap::default(),
+                    blocks: Vec::new(),
+                    crcs: Vec::new(),
+                    referenced: Vec::new(),
+                    chunks: Vec::new(),
+                    hand: 0,
+                    capacity: per_shard,
+                    hits: 0,
+                    misses: 0,
+                })
+            })
+            .collect();
+        Some(DataCache { shards })
+    }
+
+    fn shard(&self, block: u64) -> &Mutex<Shard> {
+        let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    /// Copy block `block` into `dst` if it is cached with checksum `crc`.
+    pub fn get(&self, block: u64, crc: u32, dst: &mut [u8]) -> bool {
+        let mut s = self.shard(block).lock();
+        let slot = match s.index.get(&block) {
+            Some(&slot) if s.crcs[slot as usize] == crc => slot as usize,
+            _ => {
+                s.misses += 1;
+                return false;
+            }
+        };
+        s.referenced[slot] = true;
+        s.hits += 1;
+        dst.copy_from_slice(s.data(slot));
+        true
+    }
+
+    /// Keep a copy of block `block`, whose verified contents are `src`.
+    pub fn insert(&self, block: u64, crc: u32, src: &[u8]) {
+        let mut s = self.shard(block).lock();
+        let slot = match s.index.get(&block) {
+            Some(&slot) => slot as usize,
+            None => {
+                let slot = s.victim();
+                s.index.insert(block, slot as u32);
+                s.blocks[slot] = block;
+                slot
+            }
+        };
+        s.crcs[slot] = crc;
+        s.data(slot).copy_from_slice(src);
+    }
+
+    /// Forget blocks `start..start + n`.
+    pub fn invalidate(&self, start: u64, n: u64) {
+        for block in start..start + n {
+            let mut s = self.shard(block).lock();
+            if let Some(slot) = s.index.remove(&block) {
+                s.blocks[slot as usize] = u64::MAX;
+                s.referenced[slot as usize] = false;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> DataCacheStats {
+        let mut st = DataCacheStats::default();
+        for s in self.shards.iter() {
+            let s = s.lock();
+            st.capacity_bytes += (s.capacity * BLOCK_SIZE) as u64;
+            st.used_bytes += (s.index.len() * BLOCK_SIZE) as u64;
+            st.hits += s.hits;
+            st.misses += s.misses;
+        }
+        st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BLOCK_SIZE]
+    }
+
+    #[test]
+    fn a_hit_needs_the_same_block_and_checksum() {
+        let c = DataCache::new(1 << 20).unwrap();
+        let mut out = block(0);
+        assert!(!c.get(7, 1, &mut out));
+        c.insert(7, 1, &block(0xAB));
+        assert!(c.get(7, 1, &mut out));
+        assert_eq!(out, block(0xAB));
+        assert!(!c.get(7, 2, &mut out), "another checksum is another block's contents");
+        assert!(!c.get(8, 1, &mut out));
+        c.invalidate(5, 3);
+        assert!(!c.get(7, 1, &mut out));
+        let st = c.stats();
+        assert_eq!((st.hits, st.misses, st.used_bytes), (1, 4, 0));
+    }
+
+    #[test]
+    fn it_stays_within_its_size_and_keeps_what_is_used() {
+        // Two slots per shard.
+        let c = DataCache::new(2 * SHARDS * BLOCK_SIZE).unwrap();
+        let mut out = block(0);
+        c.insert(1, 1, &block(1));
+        for b in 2..2000u64 {
+            // Block 1 is read between inserts, so CLOCK keeps it while
+            // its shard's other entries come and go.
+            assert!(c.get(1, 1, &mut out), "block 1 evicted before block {b}");
+            c.insert(b, b as u32, &block(b as u8));
+        }
+        let st = c.stats();
+        assert!(st.used_bytes <= st.capacity_bytes, "{st:?}");
+        assert_eq!(st.capacity_bytes, (2 * SHARDS * BLOCK_SIZE) as u64);
+        // The newest block of every shard is there, with its own contents.
+        assert!(c.get(1999, 1999, &mut out));
+        assert_eq!(out, block(1999u64 as u8));
+    }
+
+    #[test]
+    fn zero_bytes_builds_no_cache() {
+        assert!(DataCache::new(0).is_none());
+    }
+}

@@ -1,0 +1,187 @@
+//! The data cache: reads served from memory are the same bytes the disk
+//! holds, however blocks are freed and taken again underneath it.
+
+mod common;
+use common::*;
+use keel_blockstore::{ErrorKind, PoolOptions};
+
+const BS: usize = 4096;
+
+fn cached(cache_bytes: usize) -> PoolOptions {
+    PoolOptions { data_cache_bytes: cache_bytes, ..PoolOptions::default() }
+}
+
+/// A small pool (so blocks are freed and reused many times over) with a
+/// cache bigger than it, against a model of every device's bytes: random
+/// writes, zeroes, discards, snapshots taken and deleted, clones, flushes,
+/// each followed by reads of random ranges of every device.
+#[tokio::test]
+async fn reads_match_a_model_while_blocks_are_freed_and_reused() {
+    let pool = mem_pool_with(24 * MIB, cached(64 * MIB as usize)).await;
+    let size = 2 * MIB as usize;
+    let v = pool.create_volume("v", size as u64).await.unwrap();
+    let mut model = vec![0u8; size];
+    // (device name, its bytes)
+    let mut frozen: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut written_blocks = 0u64;
+    for round in 0..1000u64 {
+        match rnd(10) {
+            0..=4 => {
+                let blocks = 1 + rnd(128) as usize;
+                let at = rnd((size / BS - blocks) as u64 + 1) as usize * BS;
+                let data = pattern(round, blocks * BS);
+                v.write(at as u64, &data, rnd(4) == 0).await.unwrap();
+                model[at..at + data.len()].copy_from_slice(&data);
+                written_blocks += blocks as u64;
+            }
+            5 => {
+                let blocks = 1 + rnd(128) as usize;
+                let at = rnd((size / BS - blocks) as u64 + 1) as usize * BS;
+                if rnd(2) == 0 {
+                    v.discard(at as u64, (blocks * BS) as u64).await.unwrap();
+                } else {
+                    v.write_zeroes(at as u64, (blocks * BS) as u64, false).await.unwrap();
+                }
+                model[at..at + blocks * BS].fill(0);
+            }
+            6 if frozen.len() < 4 => {
+                let name = format!("s{round}");
+                pool.snapshot("v", &name).await.unwrap();
+                frozen.push((format!("v@{name}"), model.clone()));
+                if rnd(2) == 0 {
+                    let clone = format!("c{round}");
+                    pool.clone_snapshot(&format!("v@{name}"), &clone).await.unwrap();
+                    frozen.push((clone, model.clone()));
+                }
+            }
+            6 | 7 if !frozen.is_empty() => {
+                let (name, _) = frozen.remove(rnd(frozen.len() as u64) as usize);
+                match name.split_once('@') {
+                    Some((vol, snap)) => pool.delete_snapshot(vol, snap).await.unwrap(),
+                    None => pool.delete_volume(&name, true).await.unwrap(),
+                }
+            }
+            _ => pool.flush().await.unwrap(),
+        }
+        // Read back every device at a few random places, in pieces that
+        // span cached and uncached blocks.
+        let mut devices = vec![("v".to_string(), &model)];
+        devices.extend(frozen.iter().map(|(n, m)| (n.clone(), m)));
+        for (name, want) in devices {
+            let dev = pool.volume(&name).unwrap();
+            for _ in 0..3 {
+                let blocks = 1 + rnd(32) as usize;
+                let at = rnd((size / BS - blocks) as u64 + 1) as usize * BS;
+                let mut got = vec![0u8; blocks * BS];
+                dev.read(at as u64, &mut got).await.unwrap();
+                assert!(got[..] == want[at..at + got.len()], "round {round}: {name} at {at}+{} differs", got.len());
+            }
+        }
+    }
+    let st = pool.stats();
+    assert!(
+        written_blocks * BS as u64 > 3 * st.total_bytes,
+        "the workload must reuse the pool's blocks several times over: wrote {written_blocks} blocks into {}",
+        st.total_bytes
+    );
+    assert!(st.data_cache.hits > 1000 && st.data_cache.misses > 100, "{:?}", st.data_cache);
+    pool.check().await.unwrap();
+}
+
+/// Readers on other threads see each block's newest version, or one being
+/// written, never an older one and never another block's bytes, while
+/// writers overwrite and flush so that freed blocks come back into use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_never_see_an_older_version() {
+    let pool = mem_pool_with(8 * MIB, cached(32 * MIB as usize)).await;
+    let blocks = 64u64;
+    let v = pool.create_volume("v", blocks * BS as u64).await.unwrap();
+    // Block b at version n: b, n, then a pattern of both.
+    let contents = |b: u64, n: u64| {
+        let mut d = pattern(b << 32 | n, BS);
+        d[..8].copy_from_slice(&b.to_le_bytes());
+        d[8..16].copy_from_slice(&n.to_le_bytes());
+        d
+    };
+    let mut init = Vec::new();
+    for b in 0..blocks {
+        init.extend(contents(b, 0));
+    }
+    v.write(0, &init, false).await.unwrap();
+    let versions: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>> =
+        std::sync::Arc::new((0..blocks).map(|_| Default::default()).collect());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (v, pool, versions) = (v.clone(), pool.clone(), versions.clone());
+        tokio::spawn(async move {
+            for n in 1..=4000u64 {
+                let b = n * 7 % blocks;
+                v.write(b * BS as u64, &contents(b, n), false).await.unwrap();
+                versions[b as usize].store(n, std::sync::atomic::Ordering::SeqCst);
+                if n % 50 == 0 {
+                    pool.flush().await.unwrap();
+                }
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for r in 0..3u64 {
+        let (v, versions, done) = (v.clone(), versions.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u64;
+            let mut buf = vec![0u8; BS];
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let b = (reads * 13 + r) % blocks;
+                let floor = versions[b as usize].load(std::sync::atomic::Ordering::SeqCst);
+                v.read(b * BS as u64, &mut buf).await.unwrap();
+                let got_b = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                let got_n = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+                assert_eq!(got_b, b, "block {b} holds block {got_b}'s bytes");
+                assert!(got_n >= floor, "block {b}: read version {got_n} after version {floor} was written");
+                assert!(buf == contents(b, got_n), "block {b} version {got_n} is torn");
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+            reads
+        }));
+    }
+    writer.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    for r in readers {
+        assert!(r.await.unwrap() > 100);
+    }
+    let st = pool.stats();
+    assert!(st.data_cache.hits > 0, "{:?}", st.data_cache);
+}
+
+/// A block corrupted on disk after it was cached still reads right from
+/// memory (it was verified when it went in), but the scrub reads the disk
+/// and reports it, and once evicted the read fails as without a cache.
+#[tokio::test]
+async fn the_scrub_reads_the_disk_not_the_cache() {
+    let pool = mem_pool_with(64 * MIB, cached(MIB as usize)).await;
+    let v = pool.create_volume("v", 8 * MIB).await.unwrap();
+    v.write(0, &pattern(1, 4 * BS), false).await.unwrap();
+    pool.flush().await.unwrap();
+    let mut buf = vec![0u8; BS];
+    v.read(BS as u64, &mut buf).await.unwrap();
+    let phys = v.physical_block(BS as u64).await.unwrap().expect("mapped");
+    pool.backend().with_bytes_mut(|b| b[phys as usize * BS + 9] ^= 0x10);
+    v.read(BS as u64, &mut buf).await.unwrap();
+    assert!(buf[..] == pattern(1, 4 * BS)[BS..2 * BS]);
+    let report = pool.scrub().await.unwrap();
+    assert_eq!(report.damage.len(), 1, "{report:?}");
+    assert_eq!(report.damage[0].block, phys);
+    // Push it out of the 1 MiB cache by reading 8 MiB of other blocks.
+    v.write(4 * BS as u64, &pattern(2, 8 * MIB as usize - 4 * BS), false).await.unwrap();
+    let mut big = vec![0u8; 8 * MIB as usize - 4 * BS];
+    v.read(4 * BS as u64, &mut big).await.unwrap();
+    assert_eq!(v.read(BS as u64, &mut buf).await.unwrap_err().kind(), ErrorKind::Corrupt);
+}
