@@ -20,9 +20,12 @@
 //! would show as a miss, not as wrong data.
 //!
 //! The cache is sharded, each shard a CLOCK queue under its own lock; a hit
-//! copies 4 KiB out under the shard lock. Slot memory is allocated in chunks
-//! as the shard first fills and reused from then on; a cache of zero bytes is
-//! not built at all.
+//! copies 4 KiB out under the shard lock. Each shard's slots are one
+//! anonymous mapping made when the cache is built: the kernel provides (and
+//! zeroes) its pages as they are first used, and they are never given back
+//! until the pool closes, so filling the cache touches the allocator and
+//! the page tables once, not on every I/O. A cache of zero bytes is not
+//! built at all.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -32,8 +35,6 @@ use parking_lot::Mutex;
 use crate::backend::BLOCK_SIZE;
 
 const SHARDS: usize = 64;
-/// Slots allocated at once as a shard fills (1 MiB).
-const CHUNK_SLOTS: usize = 256;
 
 /// Hash of a block number for the shard maps: one multiply, folded.
 #[derive(Default)]
@@ -62,7 +63,7 @@ struct Shard {
     blocks: Vec<u64>,
     crcs: Vec<u32>,
     referenced: Vec<bool>,
-    chunks: Vec<Box<[u8]>>,
+    mem: SlotMem,
     hand: usize,
     capacity: usize,
     hits: u64,
@@ -71,9 +72,7 @@ struct Shard {
 
 impl Shard {
     fn data(&mut self, slot: usize) -> &mut [u8] {
-        let chunk = &mut self.chunks[slot / CHUNK_SLOTS];
-        let at = (slot % CHUNK_SLOTS) * BLOCK_SIZE;
-        &mut chunk[at..at + BLOCK_SIZE]
+        self.mem.block(slot)
     }
 
     /// A slot for a new entry: a fresh one while the shard fills, then the
@@ -81,10 +80,6 @@ impl Shard {
     fn victim(&mut self) -> usize {
         if self.blocks.len() < self.capacity {
             let slot = self.blocks.len();
-            if slot.is_multiple_of(CHUNK_SLOTS) {
-                let n = CHUNK_SLOTS.min(self.capacity - slot);
-                self.chunks.push(vec![0u8; n * BLOCK_SIZE].into_boxed_slice());
-            }
             self.blocks.push(u64::MAX);
             self.crcs.push(0);
             self.referenced.push(false);
@@ -106,6 +101,55 @@ impl Shard {
     }
 }
 
+/// Private anonymous memory for a shard's slots: mapped at once, backed by
+/// pages only as they are first written, unmapped on drop.
+struct SlotMem {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value alone; it is only
+// reached through `&mut self` (and, in the cache, under the shard's lock).
+unsafe impl Send for SlotMem {}
+
+impl SlotMem {
+    fn new(blocks: usize) -> Option<SlotMem> {
+        let len = blocks * BLOCK_SIZE;
+        // SAFETY: a new private anonymous mapping; no existing memory is
+        // affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(SlotMem { ptr: std::ptr::NonNull::new(p.cast())?, len })
+    }
+
+    fn block(&mut self, slot: usize) -> &mut [u8] {
+        let at = slot * BLOCK_SIZE;
+        assert!(at + BLOCK_SIZE <= self.len, "slot {slot} beyond the shard");
+        // SAFETY: in bounds of the mapping (checked above), which lives as
+        // long as `self`; `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), BLOCK_SIZE) }
+    }
+}
+
+impl Drop for SlotMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `new`; no borrow of
+        // it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 /// Counters of a data cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataCacheStats {
@@ -122,11 +166,12 @@ pub struct DataCacheStats {
 /// Sharded CLOCK cache of verified data blocks, keyed by pool block number.
 pub(crate) struct DataCache {
     shards: Box<[Mutex<Shard>]>,
+    blocks: u64,
 }
 
 impl DataCache {
     /// A cache of about `bytes` (at least one block per shard), or `None`
-    /// for zero bytes.
+    /// for zero bytes (or if the memory cannot be mapped).
     pub fn new(bytes: usize) -> Option<DataCache> {
         if bytes < BLOCK_SIZE {
             return None;
@@ -134,20 +179,25 @@ impl DataCache {
         let per_shard = (bytes / BLOCK_SIZE).div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
             .map(|_| {
-                Mutex::new(Shard {
+                Some(Mutex::new(Shard {
                     index: HashMap::default(),
                     blocks: Vec::new(),
                     crcs: Vec::new(),
                     referenced: Vec::new(),
-                    chunks: Vec::new(),
+                    mem: SlotMem::new(per_shard)?,
                     hand: 0,
                     capacity: per_shard,
                     hits: 0,
                     misses: 0,
-                })
+                }))
             })
-            .collect();
-        Some(DataCache { shards })
+            .collect::<Option<_>>()?;
+        Some(DataCache { shards, blocks: (per_shard * SHARDS) as u64 })
+    }
+
+    /// Blocks the cache can hold.
+    pub fn capacity_blocks(&self) -> u64 {
+        self.blocks
     }
 
     fn shard(&self, block: u64) -> &Mutex<Shard> {

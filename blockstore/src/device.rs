@@ -40,6 +40,9 @@ pub trait BlockDevice: Send + Sync {
     /// (the ranges may overlap, as with `memmove`); durable on return when
     /// `fua`. The store shares whole blocks instead of copying them.
     fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Pull a range into the store's data cache, if it has one (NBD
+    /// `CACHE`); reads of it then need no disk I/O.
+    fn prefetch(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
     /// Allocated and unallocated extents of a range.
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send;
     /// Byte ranges changed since snapshot `snapshot` of this volume.
@@ -79,6 +82,9 @@ impl<B: Backend> BlockDevice for Volume<B> {
     }
     async fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> Result<()> {
         Volume::copy_within(self, src, dst, len, fua).await
+    }
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        Volume::prefetch(self, offset, len).await
     }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Volume::allocation(self, offset, len).await

@@ -649,6 +649,28 @@ impl<B: Backend> Volume<B> {
         Ok(())
     }
 
+    /// Read a range into the data cache (NBD_CMD_CACHE), up to what the
+    /// cache holds, so that later reads of it need no disk I/O. Holes take
+    /// no room. Without a data cache there is nothing to fill: it returns
+    /// at once. A block that fails its checksum fails it, as a read would.
+    pub async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len, false)?;
+        let Some(cache) = &self.pool.data_cache else { return Ok(()) };
+        let bs = BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let end = (offset + len).div_ceil(bs).min(first + cache.capacity_blocks());
+        let mut tmp = self.pool.bounce();
+        let mut b = first;
+        let mut r = Ok(());
+        while b < end && r.is_ok() {
+            let n = (end - b).min(PIECE_BLOCKS as u64) as usize;
+            r = self.read_blocks(b, n, &mut tmp[..n * BLOCK_SIZE]).await;
+            b += n as u64;
+        }
+        self.pool.bounce_back(tmp);
+        r
+    }
+
     /// Make every write acknowledged so far durable (the whole pool's).
     pub async fn flush(&self) -> Result<()> {
         self.pool.flush().await

@@ -118,6 +118,9 @@ impl BlockDevice for InUse {
         self.count_write(len as usize);
         self.vol.copy_within(src, dst, len, fua).await
     }
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.vol.prefetch(offset, len).await
+    }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.vol.allocation(offset, len).await
     }

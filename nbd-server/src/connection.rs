@@ -754,7 +754,10 @@ impl<D: BlockDevice, W: AsyncWrite + Unpin + Send> Conn<D, W> {
                 let r = self.dev.write_zeroes(req.offset, req.len, fua).await;
                 self.status(req.cookie, r, keep).await
             }
-            cmd::CACHE => self.reply_status(req.cookie, 0, "", keep).await,
+            cmd::CACHE => {
+                let r = self.dev.prefetch(req.offset, req.len).await;
+                self.status(req.cookie, r, keep).await
+            }
             // Boxed: its map walks would make every request's future (which
             // is copied as the request's task is spawned) several KiB.
             cmd::BLOCK_STATUS => Box::pin(self.block_status(req, keep)).await,

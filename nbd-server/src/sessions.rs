@@ -190,6 +190,9 @@ impl<D: BlockDevice> BlockDevice for Counted<D> {
         self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
         self.dev.copy_within(src, dst, len, fua).await
     }
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.dev.prefetch(offset, len).await
+    }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.dev.allocation(offset, len).await
     }
@@ -249,6 +252,9 @@ mod tests {
             Ok(())
         }
         async fn copy_within(&self, _: u64, _: u64, _: u64, _: bool) -> Result<()> {
+            Ok(())
+        }
+        async fn prefetch(&self, _: u64, _: u64) -> Result<()> {
             Ok(())
         }
         async fn allocation(&self, _: u64, _: u64) -> Result<Vec<Extent>> {

@@ -714,6 +714,38 @@ async fn a_corrupt_block_fails_the_read_whichever_way_it_is_answered() {
     assert!(text(&out).contains("Input/output error"), "{}", text(&out));
 }
 
+/// NBD_CMD_CACHE pulls the range into the store's data cache: after it, a
+/// block damaged on disk behind the store still reads back as written (it
+/// comes from memory, verified when it went in), while the same damage
+/// outside the cached range fails its read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_pulls_a_range_into_the_data_cache() {
+    use std::os::unix::fs::FileExt;
+    let opts = PoolOptions { data_cache_bytes: 8 * MIB as usize, ..PoolOptions::default() };
+    let h = Harness::with_options(256 * MIB, keel_nbd_server::ServerConfig::default(), opts).await;
+    let v = h.pool.create_volume("v", 16 * MIB).await.unwrap();
+    let data = pattern(9, 4 * MIB as usize);
+    v.write(0, &data, false).await.unwrap();
+    h.pool.flush().await.unwrap();
+    assert_eq!(h.pool.stats().data_cache.used_bytes, 0, "writes do not fill the cache");
+    let (mut w, _) = Wire::open(h.addr, "v", true).await;
+    assert_eq!(w.request(cmd::CACHE, 0, 0, 2 * MIB as u32, &[]).await.error, 0);
+    assert_eq!(h.pool.stats().data_cache.used_bytes, 2 * MIB);
+    let f = std::fs::OpenOptions::new().write(true).open(h.path("pool.img")).unwrap();
+    for at in [MIB, 3 * MIB] {
+        let phys = v.physical_block(at).await.unwrap().expect("written block is mapped");
+        f.write_all_at(&[0x5a; 512], phys * 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+    assert!(w.read_ok(0, 2 * MIB as u32).await == data[..2 * MIB as usize]);
+    let c = w.send_request(cmd::READ, 0, 3 * MIB, 4096, &[]).await;
+    let r = w.reply().await;
+    assert_eq!((r.cookie, r.error), (c, errno::EIO), "{r:?}");
+    // Beyond the end: the protocol's error, as for a read.
+    assert_eq!(w.request(cmd::CACHE, 0, 16 * MIB, 4096, &[]).await.error, errno::EINVAL);
+    w.disconnect().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_ignores_unknown_info_requests() {
     // NBD_OPT_GO with NBD_INFO requests the server does not know: it MUST

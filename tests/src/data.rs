@@ -30,10 +30,15 @@ pub fn scratch() -> PathBuf {
 /// [`scratch`] (removed when the returned directory is dropped), on the best
 /// engine the machine has.
 pub async fn temp_pool(prefix: &str, bytes: u64) -> (tempfile::TempDir, Pool<AnyBackend>) {
+    temp_pool_with(prefix, bytes, PoolOptions::default()).await
+}
+
+/// [`temp_pool`] with options of its own (say, a data cache).
+pub async fn temp_pool_with(prefix: &str, bytes: u64, opts: PoolOptions) -> (tempfile::TempDir, Pool<AnyBackend>) {
     let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(scratch()).unwrap();
     let path = dir.path().join("pool.img");
     std::fs::File::create(&path).unwrap().set_len(bytes).unwrap();
     let backend = AnyBackend::open(&path, Engine::Auto).unwrap();
-    let pool = Pool::create(backend, PoolOptions::default()).await.unwrap();
+    let pool = Pool::create(backend, opts).await.unwrap();
     (dir, pool)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
-use keel_blockstore::{AnyBackend, Pool};
+use keel_blockstore::{AnyBackend, Pool, PoolOptions};
 use keel_nbd_server::{PoolExports, ServerConfig, serve};
 
 pub const MIB: u64 = 1 << 20;
@@ -25,7 +25,11 @@ impl Harness {
     }
 
     pub async fn with_config(pool_bytes: u64, config: ServerConfig) -> Harness {
-        let (dir, pool) = keel_tests::data::temp_pool("keel-nbd", pool_bytes).await;
+        Harness::with_options(pool_bytes, config, PoolOptions::default()).await
+    }
+
+    pub async fn with_options(pool_bytes: u64, config: ServerConfig, opts: PoolOptions) -> Harness {
+        let (dir, pool) = keel_tests::data::temp_pool_with("keel-nbd", pool_bytes, opts).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let exports = Arc::new(PoolExports::new(pool.clone()));
