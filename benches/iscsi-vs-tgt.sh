@@ -25,7 +25,9 @@
 #                               step: offsets jump around the whole LUN)
 #   1 MiB sequential write, QD 8  qemu-img bench -w -t none -d 8 -s 1M
 #                               -c $SEQ_COUNT
-# Target: keel >= 1.5 x tgt on each. The table gives IOPS (or MiB/s) per
+# After every run the script calls sync (not timed), so that tgt's
+# buffered writes are written back before the next run rather than during
+# it. Target: keel >= 1.5 x tgt on each. The table gives IOPS (or MiB/s) per
 # target, the ratio, and each test's median over REPEAT rounds.
 #
 # Environment (defaults in brackets):
@@ -130,6 +132,10 @@ for round in $(seq "$REPEAT"); do
         for who in $order; do
             if [[ $who == keel ]]; then url=$keel_url; else url=$tgt_url; fi
             v=$(measure "$test" "$url")
+            # tgt's buffered writes reach the disk later (kernel writeback,
+            # up to 30 s on): flush them now, untimed, so that they do not
+            # land in the next run, which is often Keel's.
+            sync
             echo "round $round $test $who: $v" >&2
             results[$test.$who]+="$v "
         done
