@@ -15,6 +15,11 @@
 //!   whatever the cache held for them from an earlier life is gone before
 //!   any map entry can point at the new contents.
 //!
+//! Blocks freed by a commit are also dropped when their grace period ends
+//! (`Inner::finish`), which is not needed for correctness but empties their
+//! slots at once: otherwise a rewritten volume's old blocks would sit in the
+//! cache until evicted while the new ones took fresh memory.
+//!
 //! Each entry also keeps the block's CRC32C, and a lookup must match the
 //! checksum in the map entry it came from: a mistake in the rules above
 //! would show as a miss, not as wrong data.
@@ -63,6 +68,8 @@ struct Shard {
     blocks: Vec<u64>,
     crcs: Vec<u32>,
     referenced: Vec<bool>,
+    /// Slots emptied by [`DataCache::invalidate`], reused first.
+    free: Vec<u32>,
     mem: SlotMem,
     hand: usize,
     capacity: usize,
@@ -75,9 +82,17 @@ impl Shard {
         self.mem.block(slot)
     }
 
-    /// A slot for a new entry: a fresh one while the shard fills, then the
-    /// first the CLOCK hand finds unreferenced.
+    /// A slot for a new entry: one emptied by an invalidation, else a fresh
+    /// one while the shard fills, else the first the CLOCK hand finds
+    /// unreferenced. Emptied slots come first so the cache reuses memory it
+    /// has already touched: the first touch of a page costs a fault and, in
+    /// a virtual machine, the host's too (after a volume was rewritten, a
+    /// cache growing into fresh pages halved random-read IOPS here). The
+    /// hand only runs when `free` is empty, so it never picks a free slot.
     fn victim(&mut self) -> usize {
+        if let Some(slot) = self.free.pop() {
+            return slot as usize;
+        }
         if self.blocks.len() < self.capacity {
             let slot = self.blocks.len();
             self.blocks.push(u64::MAX);
@@ -157,6 +172,8 @@ pub struct DataCacheStats {
     pub capacity_bytes: u64,
     /// Bytes it holds now.
     pub used_bytes: u64,
+    /// Bytes of memory its slots have touched so far (held or emptied).
+    pub resident_bytes: u64,
     /// Blocks read from the cache.
     pub hits: u64,
     /// Blocks looked up and not found (then read from disk).
@@ -184,6 +201,7 @@ impl DataCache {
                     blocks: Vec::new(),
                     crcs: Vec::new(),
                     referenced: Vec::new(),
+                    free: Vec::new(),
                     mem: SlotMem::new(per_shard)?,
                     hand: 0,
                     capacity: per_shard,
@@ -244,6 +262,7 @@ impl DataCache {
             if let Some(slot) = s.index.remove(&block) {
                 s.blocks[slot as usize] = u64::MAX;
                 s.referenced[slot as usize] = false;
+                s.free.push(slot);
             }
         }
     }
@@ -254,6 +273,7 @@ impl DataCache {
             let s = s.lock();
             st.capacity_bytes += (s.capacity * BLOCK_SIZE) as u64;
             st.used_bytes += (s.index.len() * BLOCK_SIZE) as u64;
+            st.resident_bytes += (s.blocks.len() * BLOCK_SIZE) as u64;
             st.hits += s.hits;
             st.misses += s.misses;
         }
@@ -303,6 +323,31 @@ mod tests {
         // The newest block of every shard is there, with its own contents.
         assert!(c.get(1999, 1999, &mut out));
         assert_eq!(out, block(1999u64 as u8));
+    }
+
+    #[test]
+    fn emptied_slots_are_reused_before_fresh_memory() {
+        let c = DataCache::new(64 << 20).unwrap();
+        for b in 0..4096u64 {
+            c.insert(b, 0, &block(b as u8));
+        }
+        let before = c.stats();
+        assert_eq!(before.resident_bytes, 4096 * BLOCK_SIZE as u64);
+        c.invalidate(0, 4096);
+        let mut out = block(0);
+        for b in 10_000..14_096u64 {
+            c.insert(b, 7, &block(b as u8));
+        }
+        let after = c.stats();
+        // Blocks hash to shards, so a shard may get a few more new blocks
+        // than it emptied: those few take fresh slots.
+        assert!(after.resident_bytes <= before.resident_bytes * 51 / 50, "{after:?}");
+        assert_eq!(after.used_bytes, 4096 * BLOCK_SIZE as u64);
+        for b in (10_000..14_096u64).step_by(97) {
+            assert!(c.get(b, 7, &mut out));
+            assert_eq!(out, block(b as u8));
+        }
+        assert!(!c.get(5, 0, &mut out));
     }
 
     #[test]

@@ -821,6 +821,14 @@ impl<B: Backend> Inner<B> {
         let epoch = self.grace.try_advance();
         while cs.limbo.front().is_some_and(|(e, _)| e + 2 <= epoch) {
             let (_, blocks) = cs.limbo.pop_front().expect("front");
+            // No reader can still insert these into the data cache (the
+            // grace period is over): empty their slots for reuse now rather
+            // than when the blocks are next written.
+            if let Some(dc) = &self.data_cache {
+                for &b in &blocks {
+                    dc.invalidate(b, 1);
+                }
+            }
             let mut a = self.alloc.lock();
             for b in blocks {
                 // A block may have been referenced again only if it was

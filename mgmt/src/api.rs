@@ -952,6 +952,12 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     let dc = s.data_cache;
     gauge("keel_data_cache_bytes", "Bytes the data cache may hold.", "gauge", vec![(String::new(), dc.capacity_bytes)]);
     gauge("keel_data_cache_used_bytes", "Bytes the data cache holds.", "gauge", vec![(String::new(), dc.used_bytes)]);
+    gauge(
+        "keel_data_cache_resident_bytes",
+        "Bytes of memory the data cache has touched.",
+        "gauge",
+        vec![(String::new(), dc.resident_bytes)],
+    );
     gauge("keel_data_cache_hits_total", "Blocks read from the data cache.", "counter", vec![(String::new(), dc.hits)]);
     gauge(
         "keel_data_cache_misses_total",
