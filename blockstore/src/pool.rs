@@ -823,8 +823,12 @@ impl<B: Backend> Inner<B> {
             let (_, blocks) = cs.limbo.pop_front().expect("front");
             // No reader can still insert these into the data cache (the
             // grace period is over): empty their slots for reuse now rather
-            // than when the blocks are next written.
-            if let Some(dc) = &self.data_cache {
+            // than when the blocks are next written. Not for a batch larger
+            // than the cache (deleting a big volume): that would hold the
+            // commit lock for a lookup per block, and its entries age out.
+            if let Some(dc) = &self.data_cache
+                && blocks.len() as u64 <= dc.capacity_blocks()
+            {
                 for &b in &blocks {
                     dc.invalidate(b, 1);
                 }

@@ -254,11 +254,14 @@ impl<B: Backend> Volume<B> {
         let cache = self.pool.data_cache.as_ref();
         if let Some(cache) = cache
             && count > 0
-            && entries.iter().enumerate().all(|(k, e)| {
-                !e.is_mapped() || cache.get(e.phys, e.crc, &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE])
-            })
         {
-            return Ok(());
+            let hit = entries.iter().enumerate().all(|(k, e)| {
+                !e.is_mapped() || cache.get(e.phys, e.crc, &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE])
+            });
+            cache.record(hit, entries.iter().filter(|e| e.is_mapped()).count() as u64);
+            if hit {
+                return Ok(());
+            }
         }
         let backend = &self.pool.backend;
         match count {

@@ -960,6 +960,12 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     );
     gauge("keel_data_cache_hits_total", "Blocks read from the data cache.", "counter", vec![(String::new(), dc.hits)]);
     gauge(
+        "keel_data_cache_stale_total",
+        "Data cache lookups that found a block with another checksum (0 unless a bug).",
+        "counter",
+        vec![(String::new(), dc.stale)],
+    );
+    gauge(
         "keel_data_cache_misses_total",
         "Blocks looked up in the data cache and read from disk.",
         "counter",

@@ -265,16 +265,24 @@ fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
-/// The data cache when none is configured: an eighth of the machine's
-/// memory (`MemTotal` in `/proc/meminfo`), or none when that cannot be read.
+/// The data cache when none is configured: an eighth of the memory this
+/// process may use: the machine's (`MemTotal` in `/proc/meminfo`), or its
+/// cgroup's limit (`memory.max`) when that is lower; none when neither can
+/// be read.
 pub fn default_data_cache() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = meminfo
+    let total = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    kib * 1024 / 8
+        .unwrap_or(0)
+        * 1024;
+    // cgroup v2: "max" (no limit) does not parse and leaves the total.
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    total.min(limit) / 8
 }
 
 /// Run the appliance until SIGINT or SIGTERM.
@@ -282,7 +290,8 @@ pub async fn serve(s: Settings) -> Result<()> {
     let opts =
         PoolOptions { cache_bytes: s.cache as usize, data_cache_bytes: s.data_cache as usize, ..Default::default() };
     let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
-    match s.data_cache {
+    match pool.stats().data_cache.capacity_bytes {
+        0 if s.data_cache > 0 => println!("data cache off: {} could not be mapped", human(s.data_cache)),
         0 => println!("data cache off"),
         n => println!("data cache {}", human(n)),
     }

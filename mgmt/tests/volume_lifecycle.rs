@@ -112,6 +112,7 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
     };
     assert!(metric("keel_data_cache_bytes") > Some(0), "{metrics}");
     assert!(metric("keel_data_cache_hits_total") >= Some(2 * 256), "{metrics}");
+    assert_eq!(metric("keel_data_cache_stale_total"), Some(0), "{metrics}");
     let msg = assert_error(d.call("DELETE", "/api/v1/volumes/disk1?recursive=true", None), 409);
     assert!(msg.contains("in use"), "{msg}");
     let out = d.cli(&["volume", "delete", "disk1", "--recursive"]);
