@@ -950,27 +950,26 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     gauge("keel_pool_free_bytes", "Free bytes in the pool.", "gauge", vec![(String::new(), s.free_bytes)]);
     gauge("keel_pool_provisioned_bytes", "Sum of volume sizes.", "gauge", vec![(String::new(), s.provisioned_bytes)]);
     let dc = s.data_cache;
-    gauge("keel_data_cache_bytes", "Bytes the data cache may hold.", "gauge", vec![(String::new(), dc.capacity_bytes)]);
-    gauge("keel_data_cache_used_bytes", "Bytes the data cache holds.", "gauge", vec![(String::new(), dc.used_bytes)]);
-    gauge(
-        "keel_data_cache_resident_bytes",
-        "Bytes of memory the data cache has touched.",
-        "gauge",
-        vec![(String::new(), dc.resident_bytes)],
-    );
-    gauge("keel_data_cache_hits_total", "Blocks read from the data cache.", "counter", vec![(String::new(), dc.hits)]);
-    gauge(
-        "keel_data_cache_stale_total",
-        "Data cache lookups that found a block with another checksum (0 unless a bug).",
-        "counter",
-        vec![(String::new(), dc.stale)],
-    );
-    gauge(
-        "keel_data_cache_misses_total",
-        "Blocks looked up in the data cache and read from disk.",
-        "counter",
-        vec![(String::new(), dc.misses)],
-    );
+    for (name, help, kind, v) in [
+        ("keel_data_cache_bytes", "Bytes the data cache may hold.", "gauge", dc.capacity_bytes),
+        ("keel_data_cache_used_bytes", "Bytes the data cache holds.", "gauge", dc.used_bytes),
+        ("keel_data_cache_resident_bytes", "Bytes of memory the data cache has touched.", "gauge", dc.resident_bytes),
+        ("keel_data_cache_hits_total", "Blocks of reads answered from the data cache.", "counter", dc.hits),
+        (
+            "keel_data_cache_misses_total",
+            "Blocks of reads that missed the data cache and went to disk.",
+            "counter",
+            dc.misses,
+        ),
+        (
+            "keel_data_cache_stale_total",
+            "Data cache lookups that found a block with another checksum (0 unless a bug).",
+            "counter",
+            dc.stale,
+        ),
+    ] {
+        gauge(name, help, kind, vec![(String::new(), v)]);
+    }
     let devices = app.pool.list();
     let vols: Vec<_> = devices.iter().filter(|d| d.kind == keel_blockstore::DeviceKind::Volume).collect();
     gauge("keel_volumes", "Volumes in the pool.", "gauge", vec![(String::new(), vols.len() as u64)]);
