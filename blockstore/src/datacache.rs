@@ -113,11 +113,12 @@ impl Shard {
             if std::mem::take(&mut self.referenced[slot]) {
                 continue;
             }
-            let old = self.blocks[slot];
-            if old != u64::MAX && self.index.get(&old) == Some(&(slot as u32)) {
+            // `blocks[slot]` is a block in `index` exactly when the slot
+            // holds it; the hand never meets a free slot (see above).
+            let old = std::mem::replace(&mut self.blocks[slot], u64::MAX);
+            if old != u64::MAX {
                 self.index.remove(&old);
             }
-            self.blocks[slot] = u64::MAX;
             return slot;
         }
     }
@@ -265,9 +266,14 @@ impl DataCache {
     }
 
     /// Keep a copy of block `block`, whose verified contents are `src`.
+    /// A block already cached with the same checksum holds these very
+    /// contents (a block does not change while allocated): it is kept, not
+    /// copied again, as happens to the cached blocks of a read that was
+    /// only partly cached.
     pub fn insert(&self, block: u64, crc: u32, src: &[u8]) {
         let mut s = self.shard(block).lock();
         let slot = match s.index.get(&block) {
+            Some(&slot) if s.crcs[slot as usize] == crc => return,
             Some(&slot) => slot as usize,
             None => {
                 let slot = s.victim();

@@ -235,8 +235,10 @@ impl<B: Backend> Volume<B> {
     /// several physical runs builds a set of futures.
     async fn read_mapped(&self, entries: &[Entry], dst: &mut [u8]) -> Result<()> {
         let n = entries.len();
-        // Zero the holes, count the mapped runs and remember the first.
+        // Zero the holes, count the mapped runs and blocks, and remember the
+        // first run.
         let mut count = 0;
+        let mut mapped = 0u64;
         let mut first_run = (0, 0);
         let mut i = 0;
         while i < n {
@@ -246,6 +248,7 @@ impl<B: Backend> Volume<B> {
                     first_run = (i, j);
                 }
                 count += 1;
+                mapped += (j - i) as u64;
             } else {
                 dst[i * BLOCK_SIZE..j * BLOCK_SIZE].fill(0);
             }
@@ -258,7 +261,7 @@ impl<B: Backend> Volume<B> {
             let hit = entries.iter().enumerate().all(|(k, e)| {
                 !e.is_mapped() || cache.get(e.phys, e.crc, &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE])
             });
-            cache.record(hit, entries.iter().filter(|e| e.is_mapped()).count() as u64);
+            cache.record(hit, mapped);
             if hit {
                 return Ok(());
             }

@@ -117,7 +117,7 @@ struct ServeArgs {
     cache: Option<u64>,
     /// Cache of verified data blocks for reads, shared by a volume, its
     /// snapshots and its clones; 0 turns it off [default: an eighth of
-    /// the machine's memory].
+    /// the machine's memory, or of the cgroup's limit when lower].
     #[arg(long, value_parser = parse_size)]
     data_cache: Option<u64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).

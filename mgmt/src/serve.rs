@@ -291,7 +291,9 @@ pub async fn serve(s: Settings) -> Result<()> {
         PoolOptions { cache_bytes: s.cache as usize, data_cache_bytes: s.data_cache as usize, ..Default::default() };
     let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
     match pool.stats().data_cache.capacity_bytes {
-        0 if s.data_cache > 0 => println!("data cache off: {} could not be mapped", human(s.data_cache)),
+        0 if s.data_cache > 0 => {
+            println!("data cache off: {} is less than a block or could not be mapped", human(s.data_cache))
+        }
         0 => println!("data cache off"),
         n => println!("data cache {}", human(n)),
     }
