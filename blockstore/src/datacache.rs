@@ -13,7 +13,10 @@
 //!   after the block was freed and taken again.
 //! - A write drops the blocks it has just taken before it writes them, so
 //!   whatever the cache held for them from an earlier life is gone before
-//!   any map entry can point at the new contents.
+//!   any map entry can point at the new contents. Once they are on disk,
+//!   and before the map points at them (while they are still the write's
+//!   alone, so nobody can free them), it inserts the bytes it wrote: writes
+//!   fill the cache as a page cache's do.
 //!
 //! Blocks freed by a commit are also dropped when their grace period ends
 //! (`Inner::finish`), unless the batch is larger than the cache. That is not

@@ -486,6 +486,17 @@ impl<B: Backend> Volume<B> {
             }
             return Err(Error::io("writing data")(e));
         }
+        // The new contents are on disk and the blocks are still this
+        // write's alone (not mapped yet, so nobody can free them): keep
+        // them for readers, as a page cache would.
+        if let Some(cache) = &self.pool.data_cache {
+            let mut blocks = src.chunks_exact(BLOCK_SIZE).zip(crcs.iter());
+            for &(s, l) in extents {
+                for (b, (data, &c)) in (s..s + l).zip(blocks.by_ref()) {
+                    cache.insert(b, c, data);
+                }
+            }
+        }
         // Then the map.
         let phys_of = |i: usize| {
             let mut i = i as u64;

@@ -105,8 +105,9 @@ fn volume_written_over_nbd_survives_snapshot_clone_and_restart() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(written >= 2 << 20, "two 1 MiB writes were counted: {metrics}");
-    // The clone and the snapshot read the same blocks as disk1's first read
-    // of 0xab, and found them in the data cache (on by default).
+    // The clone and the snapshot read the same blocks as disk1's read of
+    // 0xab, and found them in the data cache (on by default; the write put
+    // them there).
     let metric = |name: &str| {
         metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<u64>().ok())
     };

@@ -721,13 +721,18 @@ async fn a_corrupt_block_fails_the_read_whichever_way_it_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_pulls_a_range_into_the_data_cache() {
     use std::os::unix::fs::FileExt;
-    let opts = PoolOptions { data_cache_bytes: 8 * MIB as usize, ..PoolOptions::default() };
-    let h = Harness::with_options(256 * MIB, keel_nbd_server::ServerConfig::default(), opts).await;
-    let v = h.pool.create_volume("v", 16 * MIB).await.unwrap();
+    // Writes fill the cache, so the data is written by the pool opened
+    // without one, and served by the same pool reopened with one.
+    let (dir, pool) = keel_tests::data::temp_pool_with("keel-nbd", 256 * MIB, PoolOptions::default()).await;
     let data = pattern(9, 4 * MIB as usize);
-    v.write(0, &data, false).await.unwrap();
-    h.pool.flush().await.unwrap();
-    assert_eq!(h.pool.stats().data_cache.used_bytes, 0, "writes do not fill the cache");
+    pool.create_volume("v", 16 * MIB).await.unwrap().write(0, &data, false).await.unwrap();
+    pool.close().await.unwrap();
+    let backend = AnyBackend::open(&dir.path().join("pool.img"), Engine::Auto).unwrap();
+    let opts = PoolOptions { data_cache_bytes: 8 * MIB as usize, ..PoolOptions::default() };
+    let (pool, _) = Pool::open(backend, opts).await.unwrap();
+    let h = Harness::serving(dir, pool, keel_nbd_server::ServerConfig::default()).await;
+    let v = h.pool.volume("v").unwrap();
+    assert_eq!(h.pool.stats().data_cache.used_bytes, 0);
     let (mut w, _) = Wire::open(h.addr, "v", true).await;
     assert_eq!(w.request(cmd::CACHE, 0, 0, 2 * MIB as u32, &[]).await.error, 0);
     assert_eq!(h.pool.stats().data_cache.used_bytes, 2 * MIB);

@@ -30,6 +30,11 @@ impl Harness {
 
     pub async fn with_options(pool_bytes: u64, config: ServerConfig, opts: PoolOptions) -> Harness {
         let (dir, pool) = keel_tests::data::temp_pool_with("keel-nbd", pool_bytes, opts).await;
+        Harness::serving(dir, pool, config).await
+    }
+
+    /// Serve a pool made by the caller, whose file lives in `dir`.
+    pub async fn serving(dir: tempfile::TempDir, pool: Pool<AnyBackend>, config: ServerConfig) -> Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let exports = Arc::new(PoolExports::new(pool.clone()));
