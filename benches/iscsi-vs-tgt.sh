@@ -13,7 +13,10 @@
 #         thin volume of SIZE (written once sequentially before the run, no
 #         snapshots), io_uring + O_DIRECT, served as LUN 0 of
 #         iqn.2026-11.io.keel:bench on a tokio runtime of $THREADS threads,
-#         with a data cache of $DATA_CACHE MiB (the appliance's default, an
+#         with write-back of up to $WRITE_BACK MiB (the appliance's default:
+#         a write is acknowledged once staged in the data cache and reaches
+#         the disk in batches; a flush waits for it) and a data cache of
+#         $DATA_CACHE MiB (the appliance's default, an
 #         eighth of memory, unless set; 0 for none)
 # tgt's raw file is prefilled with random data (dd, 1 MiB blocks) so reads
 # hit written data on both, and the page cache is dropped before the run.
@@ -38,6 +41,7 @@
 #   SEQ_COUNT    1 MiB writes per qemu-img bench run [2048]
 #   THREADS      Keel's tokio worker threads [2]
 #   DATA_CACHE   Keel's data cache, MiB; 0 for none [MemTotal / 8]
+#   WRITE_BACK   Keel's write-back, MiB; 0 for none [64]
 #   REPEAT       rounds; the table shows medians [3]
 #   PORT         first of two TCP ports on 127.0.0.1 [3270]
 #   TGT_DIRECT   1 to run tgt's backing store with O_DIRECT [0]
@@ -51,6 +55,7 @@ WRITE_COUNT=${WRITE_COUNT:-100000}
 SEQ_COUNT=${SEQ_COUNT:-2048}
 THREADS=${THREADS:-2}
 DATA_CACHE=${DATA_CACHE:-$(awk '$1 == "MemTotal:" { print int($2 / 1024 / 8) }' /proc/meminfo)}
+WRITE_BACK=${WRITE_BACK:-64}
 REPEAT=${REPEAT:-3}
 PORT=${PORT:-3270}
 TGT_DIRECT=${TGT_DIRECT:-0}
@@ -82,7 +87,7 @@ cleanup() {
 trap cleanup EXIT
 
 target/release/keel-nbd-bench-server --pool "$keel_pool" --create $((size_bytes * 3)) --volume-size "$size_bytes" \
-    --snapshots 0 --threads "$THREADS" --data-cache-mib "$DATA_CACHE" --listen "127.0.0.1:$((PORT + 100))" --iscsi "127.0.0.1:$PORT" \
+    --snapshots 0 --threads "$THREADS" --data-cache-mib "$DATA_CACHE" --write-back-mib "$WRITE_BACK" --listen "127.0.0.1:$((PORT + 100))" --iscsi "127.0.0.1:$PORT" \
     >"$BENCH_DIR/keel.out" 2>"$BENCH_DIR/keel.err" &
 pids+=($!)
 for _ in $(seq 600); do grep -q "^ready iscsi" "$BENCH_DIR/keel.out" 2>/dev/null && break; sleep 0.5; done
@@ -153,4 +158,4 @@ for test in randread randwrite seqwrite; do
     esac
     printf '%-28s %12s %12s %8s\n' "$label" "$k" "$t" "$(awk -v a="$k" -v b="$t" 'BEGIN { printf "%.2f", a / b }')"
 done
-echo "(medians of $REPEAT rounds; tgt O_DIRECT: $TGT_DIRECT; Keel data cache: $DATA_CACHE MiB; target keel/tgt >= 1.5)"
+echo "(medians of $REPEAT rounds; tgt O_DIRECT: $TGT_DIRECT; Keel data cache: $DATA_CACHE MiB, write-back: $WRITE_BACK MiB; target keel/tgt >= 1.5)"

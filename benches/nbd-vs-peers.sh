@@ -22,7 +22,11 @@
 #             default the read rows compare Keel's cache (once warm, a SIZE
 #             volume fits in it on a machine of 16 GiB or more) with
 #             qemu-nbd's disk reads; DATA_CACHE=0 compares disk with disk.
-#             Run both before quoting a read ratio.
+#             Run both before quoting a read ratio. Keel also has the
+#             appliance's write-back of $WRITE_BACK MiB (a write is
+#             acknowledged once staged in the data cache and reaches the
+#             disk in batches; flushes and FUA writes wait for it);
+#             WRITE_BACK=0 writes every block before acknowledging it.
 # The raw files are prefilled with the same fio command (sequential 1 MiB
 # writes, io_uring, O_DIRECT), so reads hit written data on all three and
 # none of it starts in the page cache.
@@ -57,6 +61,7 @@
 #   SNAPSHOTS     snapshots of Keel's volume [3]
 #   THREADS       Keel's tokio worker threads [2]
 #   DATA_CACHE    Keel's data cache, MiB; 0 for none [MemTotal / 8]
+#   WRITE_BACK    Keel's write-back, MiB; 0 for none [64, the appliance's]
 #   NBDKIT_CACHE  nbdkit file plugin cache= mode [none]
 #   PORT          first of three TCP ports on 127.0.0.1 [10871]
 #   REPEAT        runs per test and server; the table shows the median [1];
@@ -82,6 +87,7 @@ JOBS=${JOBS:-1}
 SNAPSHOTS=${SNAPSHOTS:-3}
 THREADS=${THREADS:-2}
 DATA_CACHE=${DATA_CACHE:-$(awk '$1 == "MemTotal:" { print int($2 / 1024 / 8) }' /proc/meminfo)}
+WRITE_BACK=${WRITE_BACK:-64}
 NBDKIT_CACHE=${NBDKIT_CACHE:-none}
 PORT=${PORT:-10871}
 REPEAT=${REPEAT:-1}
@@ -109,6 +115,7 @@ seq_bs_bytes=$(numfmt --from=iec "${SEQ_BS%[bB]}") || die "bad SEQ_BS $SEQ_BS"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer"
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive integer"
 [[ $DATA_CACHE =~ ^[0-9]+$ ]] || die "DATA_CACHE must be a number of MiB"
+[[ $WRITE_BACK =~ ^[0-9]+$ ]] || die "WRITE_BACK must be a number of MiB"
 if ! [[ $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT + 2 > 65535)); then
 	die "bad PORT $PORT"
 fi
@@ -176,7 +183,7 @@ fi
 	echo "# nbd-vs-peers $(date -Is)"
 	echo "# $(uname -srm); $(nproc) CPUs; $(fio --version); $(qemu-nbd --version | head -n 1); $(nbdkit --version)"
 	echo "# BENCH_DIR=$BENCH_DIR ($fstype on $source_dev) SIZE=$SIZE RUNTIME=$RUNTIME WARMUP=$WARMUP JOBS=$JOBS"
-	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS THREADS=$THREADS DATA_CACHE=$DATA_CACHE NBDKIT_CACHE=$NBDKIT_CACHE REPEAT=$REPEAT"
+	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS THREADS=$THREADS DATA_CACHE=$DATA_CACHE WRITE_BACK=$WRITE_BACK NBDKIT_CACHE=$NBDKIT_CACHE REPEAT=$REPEAT"
 	rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 	dirty=$(git -C "$root" status --porcelain -- blockstore nbd-server 2>/dev/null | wc -l)
 	echo "# keel $rev, blockstore/ and nbd-server/ files changed since: $dirty; load before starting: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -224,7 +231,7 @@ nbdkit_pid=$!
 wait_nbd nbdkit "$nbdkit_pid" "${ports[1]}"
 
 cmd=("$ks" --pool "$pool" --create "$pool_bytes" --volume "$EXPORT" --volume-size "$size_bytes"
-	--snapshots "$SNAPSHOTS" --threads "$THREADS" --data-cache-mib "$DATA_CACHE" --listen "127.0.0.1:${ports[2]}")
+	--snapshots "$SNAPSHOTS" --threads "$THREADS" --data-cache-mib "$DATA_CACHE" --write-back-mib "$WRITE_BACK" --listen "127.0.0.1:${ports[2]}")
 echo "\$ ${cmd[*]}" >>"$log"
 "${cmd[@]}" >"$keel_out" 2>>"$log" &
 pids+=($!)

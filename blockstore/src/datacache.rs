@@ -78,6 +78,9 @@ struct Shard {
     blocks: Vec<u64>,
     crcs: Vec<u32>,
     referenced: Vec<bool>,
+    /// Per slot: holds a staged write not yet on disk (see `writeback.rs`):
+    /// never evicted, never overwritten, until [`DataCache::clean`].
+    dirty: Vec<bool>,
     /// Slots emptied by [`DataCache::invalidate`], reused first.
     free: Vec<u32>,
     mem: SlotMem,
@@ -94,26 +97,28 @@ impl Shard {
 
     /// A slot for a new entry: one emptied by an invalidation, else a fresh
     /// one while the shard fills, else the first the CLOCK hand finds
-    /// unreferenced. Emptied slots come first so the cache reuses memory it
+    /// unreferenced and clean; `None` when two turns of the hand found only
+    /// dirty slots. Emptied slots come first so the cache reuses memory it
     /// has already touched: the first touch of a page costs a fault and, in
     /// a virtual machine, the host's too (after a volume was rewritten, a
     /// cache growing into fresh pages halved random-read IOPS here). The
     /// hand only runs when `free` is empty, so it never picks a free slot.
-    fn victim(&mut self) -> usize {
+    fn victim(&mut self) -> Option<usize> {
         if let Some(slot) = self.free.pop() {
-            return slot as usize;
+            return Some(slot as usize);
         }
         if self.blocks.len() < self.capacity {
             let slot = self.blocks.len();
             self.blocks.push(u64::MAX);
             self.crcs.push(0);
             self.referenced.push(false);
-            return slot;
+            self.dirty.push(false);
+            return Some(slot);
         }
-        loop {
+        for _ in 0..2 * self.capacity {
             let slot = self.hand;
             self.hand = (self.hand + 1) % self.capacity;
-            if std::mem::take(&mut self.referenced[slot]) {
+            if self.dirty[slot] || std::mem::take(&mut self.referenced[slot]) {
                 continue;
             }
             // `blocks[slot]` is a block in `index` exactly when the slot
@@ -122,8 +127,18 @@ impl Shard {
             if old != u64::MAX {
                 self.index.remove(&old);
             }
-            return slot;
+            return Some(slot);
         }
+        None
+    }
+
+    /// Empty `slot`, which holds `block`, and put it on the free list.
+    fn empty(&mut self, block: u64, slot: u32) {
+        self.index.remove(&block);
+        self.blocks[slot as usize] = u64::MAX;
+        self.referenced[slot as usize] = false;
+        self.dirty[slot as usize] = false;
+        self.free.push(slot);
     }
 }
 
@@ -194,6 +209,8 @@ pub struct DataCacheStats {
     /// map entry's. Zero unless the rules in the module doc are broken;
     /// the tests assert it.
     pub stale: u64,
+    /// Bytes of written data held for write-back, not yet on disk.
+    pub staged_bytes: u64,
 }
 
 /// Sharded CLOCK cache of verified data blocks, keyed by pool block number.
@@ -219,6 +236,7 @@ impl DataCache {
                     blocks: Vec::new(),
                     crcs: Vec::new(),
                     referenced: Vec::new(),
+                    dirty: Vec::new(),
                     free: Vec::new(),
                     mem: SlotMem::new(per_shard)?,
                     hand: 0,
@@ -274,29 +292,82 @@ impl DataCache {
     /// copied again, as happens to the cached blocks of a read that was
     /// only partly cached.
     pub fn insert(&self, block: u64, crc: u32, src: &[u8]) {
+        self.put(block, crc, src, false);
+    }
+
+    /// Keep block `block`, whose contents `src` (checksum `crc`) a write
+    /// has staged and not yet written to the disk: the entry stays, and
+    /// reads find it, until [`DataCache::clean`] after the write. False
+    /// (and nothing kept) when the block's shard has no slot to spare.
+    pub fn insert_dirty(&self, block: u64, crc: u32, src: &[u8]) -> bool {
+        self.put(block, crc, src, true)
+    }
+
+    fn put(&self, block: u64, crc: u32, src: &[u8], dirty: bool) -> bool {
         let mut s = self.shard(block).lock();
         let slot = match s.index.get(&block) {
-            Some(&slot) if s.crcs[slot as usize] == crc => return,
+            // A staged block is only ever written by its flush.
+            Some(&slot) if s.dirty[slot as usize] => return !dirty && s.crcs[slot as usize] == crc,
+            Some(&slot) if s.crcs[slot as usize] == crc && !dirty => return true,
             Some(&slot) => slot as usize,
             None => {
-                let slot = s.victim();
+                let Some(slot) = s.victim() else { return false };
                 s.index.insert(block, slot as u32);
                 s.blocks[slot] = block;
                 slot
             }
         };
         s.crcs[slot] = crc;
+        s.dirty[slot] = dirty;
         s.data(slot).copy_from_slice(src);
+        true
     }
 
-    /// Forget blocks `start..start + n`.
+    /// Copy staged block `block` into `dst` for its flush; false if it is
+    /// not cached dirty.
+    pub fn copy_dirty(&self, block: u64, dst: &mut [u8]) -> bool {
+        let mut s = self.shard(block).lock();
+        match s.index.get(&block) {
+            Some(&slot) if s.dirty[slot as usize] => {
+                dst.copy_from_slice(s.data(slot as usize));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Block `block` is on disk now: its entry becomes an ordinary one.
+    pub fn clean(&self, block: u64) {
+        let mut s = self.shard(block).lock();
+        if let Some(&slot) = s.index.get(&block) {
+            s.dirty[slot as usize] = false;
+        }
+    }
+
+    /// Forget block `block`, staged or not (a staged write abandoned before
+    /// anything mapped it). True if it was staged.
+    pub fn discard(&self, block: u64) -> bool {
+        let mut s = self.shard(block).lock();
+        match s.index.get(&block) {
+            Some(&slot) => {
+                let was = s.dirty[slot as usize];
+                s.empty(block, slot);
+                was
+            }
+            None => false,
+        }
+    }
+
+    /// Forget blocks `start..start + n`. None of them may be staged: a
+    /// staged block is mapped (so not free to be taken again) or abandoned
+    /// through [`DataCache::discard`], and every commit writes all staged
+    /// blocks before it frees any.
     pub fn invalidate(&self, start: u64, n: u64) {
         for block in start..start + n {
             let mut s = self.shard(block).lock();
-            if let Some(slot) = s.index.remove(&block) {
-                s.blocks[slot as usize] = u64::MAX;
-                s.referenced[slot as usize] = false;
-                s.free.push(slot);
+            if let Some(&slot) = s.index.get(&block) {
+                debug_assert!(!s.dirty[slot as usize], "invalidating staged block {block}");
+                s.empty(block, slot);
             }
         }
     }

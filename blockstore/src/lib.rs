@@ -27,6 +27,7 @@ mod space;
 mod tree;
 mod volume;
 mod walk;
+mod writeback;
 
 pub use backend::{AlignedBuf, AnyBackend, BLOCK_SIZE, Backend, Engine};
 pub use datacache::DataCacheStats;

@@ -265,7 +265,10 @@ impl<B: Backend> Pool<B> {
             provisioned_bytes: provisioned,
             devices: cat.devices.len(),
             cached_pages: self.inner.cache.len(),
-            data_cache: self.inner.data_cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
+            data_cache: DataCacheStats {
+                staged_bytes: self.inner.writeback.as_ref().map_or(0, |w| (w.staged() * BLOCK_SIZE) as u64),
+                ..self.inner.data_cache.as_ref().map(|c| c.stats()).unwrap_or_default()
+            },
         }
     }
 

@@ -47,6 +47,7 @@ use crate::format::{
 use crate::grace::Grace;
 use crate::space::{Allocator, RefTable};
 use crate::tree::{DevState, TreeCtx};
+use crate::writeback::WriteBack;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -58,6 +59,10 @@ pub struct PoolOptions {
     /// Bytes of verified data blocks kept in memory for reads (0: none).
     /// Shared by every device that maps a block; see `datacache.rs`.
     pub data_cache_bytes: usize,
+    /// Bytes of written data that may wait in the data cache for the disk
+    /// (0: every write goes to the disk before it is acknowledged). Needs
+    /// a data cache, and is capped at a quarter of it; see `writeback.rs`.
+    pub write_back_bytes: usize,
     /// Bytes of dirty map pages allowed before a write forces a commit.
     pub dirty_limit_bytes: usize,
     /// Catalog pages per copy when creating a pool (31 devices each).
@@ -66,7 +71,13 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { cache_bytes: 64 << 20, data_cache_bytes: 0, dirty_limit_bytes: 32 << 20, catalog_pages: 128 }
+        PoolOptions {
+            cache_bytes: 64 << 20,
+            data_cache_bytes: 0,
+            write_back_bytes: 0,
+            dirty_limit_bytes: 32 << 20,
+            catalog_pages: 128,
+        }
     }
 }
 
@@ -150,6 +161,8 @@ pub(crate) struct Inner<B> {
     pub meta_cursor: Mutex<(u64, u64)>,
     pub cache: PageCache,
     pub data_cache: Option<DataCache>,
+    /// Only with a data cache, whose dirty entries hold the staged blocks.
+    pub writeback: Option<WriteBack>,
     pub grace: Grace,
     pub commit: tokio::sync::Mutex<CommitState>,
     /// Captures begun; a flush that sees this move past its start knows a
@@ -339,6 +352,8 @@ impl<B: Backend> Pool<B> {
             }
             cat_state.push(CatPage { bytes: bytes[REGION_HEADER..].into(), slot });
         }
+        let data_cache = DataCache::new(opts.data_cache_bytes);
+        let writeback = data_cache.as_ref().and_then(|c| WriteBack::new(opts.write_back_bytes, c.capacity_blocks()));
         let inner = Inner {
             geo: sb,
             catalog: RwLock::new(catalog),
@@ -346,7 +361,8 @@ impl<B: Backend> Pool<B> {
             alloc: Mutex::new(alloc),
             meta_cursor: Mutex::new((0, 0)),
             cache: PageCache::new(opts.cache_bytes / BLOCK_SIZE),
-            data_cache: DataCache::new(opts.data_cache_bytes),
+            data_cache,
+            writeback,
             grace: Grace::default(),
             commit: tokio::sync::Mutex::new(CommitState {
                 generation: sb.generation,
@@ -371,6 +387,12 @@ impl<B: Backend> Pool<B> {
     /// Make every write acknowledged so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.inner.flush().await
+    }
+
+    /// Bytes of written data that may wait for the disk (write-back), as
+    /// built: 0 without a data cache or with `write_back_bytes` 0.
+    pub fn write_back_bytes(&self) -> u64 {
+        self.inner.writeback.as_ref().map_or(0, |w| (w.limit() * BLOCK_SIZE) as u64)
     }
 
     /// Commit and stop using the pool.
@@ -621,12 +643,26 @@ impl<B: Backend> Inner<B> {
         // written even when the hook refused its change (the hook's error
         // is returned after): skipping it would lose those pages.
         let (plan, r) = self.capture(cs, hook);
+        // Every block the captured maps point at must be on disk before
+        // the sync that precedes the commit point.
+        if let Err(e) = self.flush_staged().await {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         if let Err(e) = self.write_plan(&plan).await {
             self.failed.store(true, Ordering::SeqCst);
             return Err(e);
         }
         self.finish(cs, plan);
         r
+    }
+
+    /// Write every block staged by write-back to the disk (no sync).
+    pub async fn flush_staged(&self) -> Result<()> {
+        match (&self.writeback, &self.data_cache) {
+            (Some(wb), Some(cache)) => wb.flush(&self.backend, cache).await.map_err(Error::io("writing staged data")),
+            _ => Ok(()),
+        }
     }
 
     /// Commit with a catalog change.

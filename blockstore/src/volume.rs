@@ -298,7 +298,8 @@ impl<B: Backend> Volume<B> {
             }
         }
         for (k, e) in entries.iter().enumerate() {
-            if e.is_mapped() && crc(&dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE]) != e.crc {
+            let block = &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+            if e.is_mapped() && crc(block) != e.crc && !self.restaged(e, block).await? {
                 return Err(Error::Corrupt { what: "data block", block: e.phys });
             }
         }
@@ -310,6 +311,31 @@ impl<B: Backend> Volume<B> {
             }
         }
         Ok(())
+    }
+
+    /// A block read from the disk did not match its checksum: it may be a
+    /// block staged by write-back and not written yet (a read that was only
+    /// partly cached reads all its blocks from the disk), whose contents
+    /// are in the cache; or one whose flush finished after the disk read,
+    /// so a second read finds it. True if `block` now holds the right
+    /// contents.
+    async fn restaged(&self, e: &Entry, block: &mut [u8]) -> Result<bool> {
+        let Some(cache) = &self.pool.data_cache else { return Ok(false) };
+        if self.pool.writeback.is_none() {
+            return Ok(false);
+        }
+        if cache.get(e.phys, e.crc, block) {
+            return Ok(true);
+        }
+        let mut tmp = self.pool.bounce();
+        let r = self.pool.backend.read_at(&mut tmp[..BLOCK_SIZE], e.phys * BS).await;
+        let ok = r.is_ok() && crc(&tmp[..BLOCK_SIZE]) == e.crc;
+        if ok {
+            block.copy_from_slice(&tmp[..BLOCK_SIZE]);
+        }
+        self.pool.bounce_back(tmp);
+        r.map_err(Error::io("reading data"))?;
+        Ok(ok)
     }
 
     /// Write `data` at `offset`. With `fua`, the data is durable when this
@@ -339,6 +365,14 @@ impl<B: Backend> Volume<B> {
     }
 
     async fn after_write(&self, fua: bool) -> Result<()> {
+        if !fua
+            && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache)
+            && let Err(e) = wb.flush_if_due(&self.pool.backend, cache).await
+        {
+            // The blocks stay staged; the next commit tries again and
+            // reports the error to whoever asked for durability.
+            tracing::warn!("writing staged data failed: {e}");
+        }
         let limit = self.pool.opts.dirty_limit_bytes / BLOCK_SIZE;
         if fua || self.pool.dirty_pages.load(Ordering::Relaxed) > limit || self.pool.should_commit_for_space() {
             self.pool.flush().await?;
@@ -463,37 +497,44 @@ impl<B: Backend> Volume<B> {
                 cache.invalidate(s, l);
             }
         }
-        // Data first: every extent at once.
-        let written = if let [(s, _)] = extents {
-            self.pool.backend.write_at(src, s * BS).await
-        } else {
-            let mut at = 0usize;
-            let mut writes = futures::stream::FuturesUnordered::new();
-            for &(s, l) in extents {
-                let len = l as usize * BLOCK_SIZE;
-                writes.push(self.pool.backend.write_at(&src[at..at + len], s * BS));
-                at += len;
-            }
-            let mut r = Ok(());
-            while let Some(x) = writes.next().await {
-                r = r.and(x);
-            }
-            r
+        // Data first: staged in the data cache for write-back, or written
+        // now, every extent at once.
+        let staged = match (&self.pool.writeback, &self.pool.data_cache) {
+            (Some(wb), Some(cache)) => wb.stage(cache, extents, src, &crcs[..n]),
+            _ => false,
         };
-        if let Err(e) = written {
-            for &(s, l) in extents {
-                self.pool.give_back(s, l);
+        if !staged {
+            let written = if let [(s, _)] = extents {
+                self.pool.backend.write_at(src, s * BS).await
+            } else {
+                let mut at = 0usize;
+                let mut writes = futures::stream::FuturesUnordered::new();
+                for &(s, l) in extents {
+                    let len = l as usize * BLOCK_SIZE;
+                    writes.push(self.pool.backend.write_at(&src[at..at + len], s * BS));
+                    at += len;
+                }
+                let mut r = Ok(());
+                while let Some(x) = writes.next().await {
+                    r = r.and(x);
+                }
+                r
+            };
+            if let Err(e) = written {
+                for &(s, l) in extents {
+                    self.pool.give_back(s, l);
+                }
+                return Err(Error::io("writing data")(e));
             }
-            return Err(Error::io("writing data")(e));
-        }
-        // The new contents are on disk and the blocks are still this
-        // write's alone (not mapped yet, so nobody can free them): keep
-        // them for readers, as a page cache would.
-        if let Some(cache) = &self.pool.data_cache {
-            let mut blocks = src.chunks_exact(BLOCK_SIZE).zip(crcs.iter());
-            for &(s, l) in extents {
-                for (b, (data, &c)) in (s..s + l).zip(blocks.by_ref()) {
-                    cache.insert(b, c, data);
+            // The new contents are on disk and the blocks are still this
+            // write's alone (not mapped yet, so nobody can free them): keep
+            // them for readers, as a page cache would.
+            if let Some(cache) = &self.pool.data_cache {
+                let mut blocks = src.chunks_exact(BLOCK_SIZE).zip(crcs.iter());
+                for &(s, l) in extents {
+                    for (b, (data, &c)) in (s..s + l).zip(blocks.by_ref()) {
+                        cache.insert(b, c, data);
+                    }
                 }
             }
         }
@@ -547,16 +588,16 @@ impl<B: Backend> Volume<B> {
                 Some(Stop::Miss(m)) => {
                     debug_assert!(!atomic || i == 0, "an atomic write met a miss after its first change");
                     if let Err(e) = self.pool.load_held(m.0, &mut held).await {
-                        self.give_back_from(i, n, &phys_of);
+                        self.give_back_from(i, n, &phys_of, staged).await;
                         return Err(e);
                     }
                 }
                 Some(Stop::Raced) => {
-                    self.give_back_from(i, n, &phys_of);
+                    self.give_back_from(i, n, &phys_of, staged).await;
                     return Ok(false);
                 }
                 Some(Stop::Err(e)) => {
-                    self.give_back_from(i, n, &phys_of);
+                    self.give_back_from(i, n, &phys_of, staged).await;
                     return Err(e);
                 }
             }
@@ -564,7 +605,12 @@ impl<B: Backend> Volume<B> {
         Ok(true)
     }
 
-    fn give_back_from(&self, i: usize, n: usize, phys_of: &dyn Fn(usize) -> u64) {
+    /// Return blocks `i..n` of a write, which it could not map, to the
+    /// allocator (abandoning them first if they were staged).
+    async fn give_back_from(&self, i: usize, n: usize, phys_of: &(dyn Fn(usize) -> u64 + Sync), staged: bool) {
+        if staged && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache) {
+            wb.abandon(cache, (i..n).map(phys_of)).await;
+        }
         for k in i..n {
             self.pool.give_back(phys_of(k), 1);
         }

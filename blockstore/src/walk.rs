@@ -286,6 +286,11 @@ impl<B: Backend> Pool<B> {
                 report.blocks_checked += 1;
                 if level == 0 {
                     inner.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("scrubbing"))?;
+                    if crc(&buf) != e.crc && inner.writeback.is_some() {
+                        // Perhaps staged by write-back and not on disk yet.
+                        inner.flush_staged().await?;
+                        inner.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("scrubbing"))?;
+                    }
                     if crc(&buf) != e.crc {
                         report.damage.push(Damage {
                             device: name.clone(),

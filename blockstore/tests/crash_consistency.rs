@@ -335,6 +335,15 @@ impl Params {
             // A tiny dirty budget: writes trigger commits of their own.
             opts.dirty_limit_bytes = rng.gen_range(2..24) * BLOCK_SIZE;
         }
+        if rng.gen_bool(0.5) {
+            // A data cache, half the time with write-back: writes are then
+            // acknowledged from memory and reach the disk in batches, on
+            // flushes and commits (`writeback.rs`).
+            opts.data_cache_bytes = rng.gen_range(16..512) * BLOCK_SIZE;
+            if rng.gen_bool(0.5) {
+                opts.write_back_bytes = rng.gen_range(1..256) * BLOCK_SIZE;
+            }
+        }
         Params { ops: rng.gen_range(24..=40), opts }
     }
 }

@@ -19,7 +19,21 @@ fn cached(cache_bytes: usize) -> PoolOptions {
 /// would hide such a mistake from the reads.
 #[tokio::test]
 async fn reads_match_a_model_while_blocks_are_freed_and_reused() {
-    model_run(64 * MIB as usize).await;
+    model_run(cached(64 * MIB as usize)).await;
+}
+
+/// The same with write-back: writes are acknowledged once staged in the
+/// cache, and reach the disk in batches, on flushes and commits.
+#[tokio::test]
+async fn reads_match_a_model_with_write_back() {
+    model_run(PoolOptions { write_back_bytes: 256 * BS, ..cached(4 * MIB as usize) }).await;
+}
+
+/// Write-back with a cache so small that staged blocks fill whole shards:
+/// writes that find no slot go to the disk themselves.
+#[tokio::test]
+async fn write_back_in_a_small_cache_matches_the_model_too() {
+    model_run(PoolOptions { write_back_bytes: MIB as usize, ..cached(128 * BS) }).await;
 }
 
 /// The same with a cache of 64 blocks: most commits free more blocks than
@@ -28,11 +42,14 @@ async fn reads_match_a_model_while_blocks_are_freed_and_reused() {
 /// from looking stale.
 #[tokio::test]
 async fn a_small_cache_matches_the_model_too() {
-    model_run(64 * BS).await;
+    model_run(cached(64 * BS)).await;
 }
 
-async fn model_run(cache_bytes: usize) {
-    let pool = mem_pool_with(24 * MIB, cached(cache_bytes)).await;
+async fn model_run(opts: PoolOptions) {
+    let cache_bytes = opts.data_cache_bytes;
+    let write_back = opts.write_back_bytes > 0;
+    let mut max_staged = 0;
+    let pool = mem_pool_with(24 * MIB, opts).await;
     let size = 2 * MIB as usize;
     let v = pool.create_volume("v", size as u64).await.unwrap();
     let mut model = vec![0u8; size];
@@ -85,6 +102,7 @@ async fn model_run(cache_bytes: usize) {
             }
             _ => pool.flush().await.unwrap(),
         }
+        max_staged = max_staged.max(pool.stats().data_cache.staged_bytes);
         // Read back every device at a few random places, in pieces that
         // span cached and uncached blocks.
         let mut devices = vec![("v".to_string(), &model)];
@@ -113,6 +131,11 @@ async fn model_run(cache_bytes: usize) {
         assert!(st.data_cache.misses > 100, "{:?}", st.data_cache);
     }
     assert_eq!(st.data_cache.stale, 0, "{:?}", st.data_cache);
+    if write_back {
+        assert!(max_staged > 0, "no write was staged");
+        pool.flush().await.unwrap();
+        assert_eq!(pool.stats().data_cache.staged_bytes, 0, "a commit writes every staged block");
+    }
     pool.check().await.unwrap();
 }
 

@@ -956,6 +956,12 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
         ("keel_data_cache_resident_bytes", "Bytes of memory the data cache has touched.", "gauge", dc.resident_bytes),
         ("keel_data_cache_hits_total", "Blocks of reads answered from the data cache.", "counter", dc.hits),
         (
+            "keel_data_cache_staged_bytes",
+            "Written bytes held for write-back, not on disk yet.",
+            "gauge",
+            dc.staged_bytes,
+        ),
+        (
             "keel_data_cache_misses_total",
             "Blocks of reads that missed the data cache and went to disk.",
             "counter",

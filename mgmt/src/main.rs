@@ -93,7 +93,7 @@ enum ListCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
-    /// cache, data_cache, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
+    /// cache, data_cache, write_back, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
     /// accel, vm_stop_timeout, token_ttl, export_auth); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
@@ -120,6 +120,12 @@ struct ServeArgs {
     /// the machine's memory, or of the cgroup's limit when lower].
     #[arg(long, value_parser = parse_size)]
     data_cache: Option<u64>,
+    /// Written data that may wait in the data cache before it goes to the
+    /// disk, batched into large writes (write-back; a flush or FUA write
+    /// still waits for it, and what was not flushed was never promised);
+    /// at most a quarter of the data cache; 0 turns it off [default: 64M].
+    #[arg(long, value_parser = parse_size)]
+    write_back: Option<u64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
     #[arg(long, requires = "nbd_tls_key")]
     nbd_tls_cert: Option<PathBuf>,
@@ -215,6 +221,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         engine,
         cache: size(a.cache, &f.cache, "cache", 64 << 20)?,
         data_cache: size(a.data_cache, &f.data_cache, "data_cache", keel_mgmt::serve::default_data_cache())?,
+        write_back: size(a.write_back, &f.write_back, "write_back", 64 << 20)?,
         nbd_tls,
         nbd_require_tls,
         vms,

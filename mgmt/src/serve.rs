@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub cache: Option<String>,
     /// Data block cache size (`3G`; `0` for none).
     pub data_cache: Option<String>,
+    /// Write-back size (`64M`; `0` for none).
+    pub write_back: Option<String>,
     /// NBD TLS certificate (PEM).
     pub nbd_tls_cert: Option<PathBuf>,
     /// NBD TLS key (PEM).
@@ -75,6 +77,8 @@ pub struct Settings {
     pub cache: u64,
     /// Data block cache bytes.
     pub data_cache: u64,
+    /// Write-back bytes (capped by the store at a quarter of the cache).
+    pub write_back: u64,
     /// NBD TLS (cert, key).
     pub nbd_tls: Option<(PathBuf, PathBuf)>,
     /// Refuse NBD clients without TLS.
@@ -287,15 +291,21 @@ pub fn default_data_cache() -> u64 {
 
 /// Run the appliance until SIGINT or SIGTERM.
 pub async fn serve(s: Settings) -> Result<()> {
-    let opts =
-        PoolOptions { cache_bytes: s.cache as usize, data_cache_bytes: s.data_cache as usize, ..Default::default() };
+    let opts = PoolOptions {
+        cache_bytes: s.cache as usize,
+        data_cache_bytes: s.data_cache as usize,
+        write_back_bytes: s.write_back as usize,
+        ..Default::default()
+    };
     let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
+    let wb = pool.write_back_bytes();
     match pool.stats().data_cache.capacity_bytes {
         0 if s.data_cache > 0 => {
             println!("data cache off: {} is less than a block or could not be mapped", human(s.data_cache))
         }
         0 => println!("data cache off"),
-        n => println!("data cache {}", human(n)),
+        n if wb > 0 => println!("data cache {}, write-back up to {}", human(n), human(wb)),
+        n => println!("data cache {}, write-back off", human(n)),
     }
     let (meta, found) = Meta::open(&s.data.join("keel.redb")).context("opening the metadata database")?;
     if found < crate::db::SCHEMA_VERSION {

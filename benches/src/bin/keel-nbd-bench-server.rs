@@ -96,6 +96,10 @@ struct Args {
     /// Data block cache, MiB (0: none, reads go to the disk).
     #[arg(long, default_value_t = 0)]
     data_cache_mib: usize,
+    /// Written data that may wait in the data cache for the disk, MiB
+    /// (write-back; 0: writes reach the disk before they are acknowledged).
+    #[arg(long, default_value_t = 0)]
+    write_back_mib: usize,
     /// RNG seed for the prefill data (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -174,6 +178,7 @@ async fn open_pool(args: &Args) -> Result<Pool<AnyBackend>> {
     let opts = PoolOptions {
         cache_bytes: args.cache_mib << 20,
         data_cache_bytes: args.data_cache_mib << 20,
+        write_back_bytes: args.write_back_mib << 20,
         ..PoolOptions::default()
     };
     let pool = if exists {
@@ -311,9 +316,10 @@ async fn run(args: Args) -> Result<()> {
         args.threads.max(1)
     );
     println!(
-        "ready nbd://{addr}/{name} size={size} snapshots={snapshots} engine={engine} direct={} data_cache_mib={}",
+        "ready nbd://{addr}/{name} size={size} snapshots={snapshots} engine={engine} direct={} data_cache_mib={} write_back_mib={}",
         u8::from(direct),
-        args.data_cache_mib
+        args.data_cache_mib,
+        args.write_back_mib
     );
     if let Some(iscsi) = args.iscsi {
         let listener = TcpListener::bind(iscsi).await.with_context(|| format!("listening on {iscsi}"))?;
