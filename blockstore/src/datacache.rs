@@ -13,10 +13,12 @@
 //!   after the block was freed and taken again.
 //! - A write drops the blocks it has just taken before it writes them, so
 //!   whatever the cache held for them from an earlier life is gone before
-//!   any map entry can point at the new contents. Once they are on disk,
-//!   and before the map points at them (while they are still the write's
-//!   alone, so nobody can free them), it inserts the bytes it wrote: writes
-//!   fill the cache as a page cache's do.
+//!   any map entry can point at the new contents. Before the map points at
+//!   them (while they are still the write's alone, so nobody can free
+//!   them), it inserts the bytes it wrote: once they are on disk, as
+//!   ordinary entries (writes fill the cache as a page cache's do), or
+//!   before, as *dirty* entries staged for write-back (`writeback.rs`),
+//!   which are never evicted nor overwritten until written.
 //!
 //! Blocks freed by a commit are also dropped when their grace period ends
 //! (`Inner::finish`), unless the batch is larger than the cache. That is not
@@ -334,6 +336,12 @@ impl DataCache {
             }
             _ => false,
         }
+    }
+
+    /// Whether block `block` is cached dirty (staged, not yet on disk).
+    pub fn is_dirty(&self, block: u64) -> bool {
+        let s = self.shard(block).lock();
+        s.index.get(&block).is_some_and(|&slot| s.dirty[slot as usize])
     }
 
     /// Block `block` is on disk now: its entry becomes an ordinary one.

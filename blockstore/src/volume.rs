@@ -365,13 +365,10 @@ impl<B: Backend> Volume<B> {
     }
 
     async fn after_write(&self, fua: bool) -> Result<()> {
-        if !fua
-            && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache)
-            && let Err(e) = wb.flush_if_due(&self.pool.backend, cache).await
-        {
-            // The blocks stay staged; the next commit tries again and
-            // reports the error to whoever asked for durability.
-            tracing::warn!("writing staged data failed: {e}");
+        if !fua && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache) {
+            // On error the blocks stay staged for the next flush; the
+            // error goes to this write's caller, as the disk's would.
+            wb.flush_if_due(&self.pool.backend, cache).await.map_err(Error::io("writing staged data"))?;
         }
         let limit = self.pool.opts.dirty_limit_bytes / BLOCK_SIZE;
         if fua || self.pool.dirty_pages.load(Ordering::Relaxed) > limit || self.pool.should_commit_for_space() {

@@ -23,12 +23,21 @@
 //!   (a raced compare, an error) abandons them through
 //!   [`WriteBack::abandon`], which waits for any flush in progress (it may
 //!   have copied them) before they return to the allocator.
+//! - A flush takes the queue once and writes what it took (one pass: a
+//!   commit needs only what its capture saw, which was queued before it,
+//!   and writers must not keep a commit waiting). Whatever it took and did
+//!   not write, because a run failed or because its future was dropped, is
+//!   queued again before the flushing lock is released ([`Flight`]), so no
+//!   commit's flush can miss it.
 //! - A flush that fails keeps its blocks staged and fails the commit; the
-//!   pool then refuses further commits (as for a failed metadata write).
+//!   pool then refuses further commits (as for a failed metadata write). A
+//!   write whose own batch flush fails returns that error.
 //!
-//! Limits: at most `limit` blocks are staged (then writes go to the disk
-//! themselves, as without write-back); a write that finds `batch` blocks
-//! staged and no flush running flushes them before it returns. Staged
+//! Limits: only writes of up to `MAX_STAGED_WRITE` blocks are staged
+//! (larger ones are large I/Os already); at most `limit` blocks are staged
+//! (then writes go to the disk themselves, as without write-back); a write
+//! that finds `batch` blocks queued and no flush running flushes them
+//! before it returns. Staged
 //! blocks below `batch` wait for the next write, flush or commit: like a
 //! disk's volatile write cache, they are lost if the process dies first,
 //! which the contract allows for writes not flushed.
@@ -47,6 +56,12 @@ const BS: u64 = BLOCK_SIZE as u64;
 const MAX_RUN: usize = 256;
 /// Runs written at once by a flush.
 const RUNS_IN_FLIGHT: usize = 16;
+/// Run buffers kept between flushes (each `MAX_RUN` blocks).
+const KEEP_BUFS: usize = 4;
+/// Largest write staged, in blocks (64 KiB). Larger ones are already large
+/// I/Os: staging would only add two copies (into the cache, out for the
+/// flush), so they go to the disk themselves.
+const MAX_STAGED_WRITE: usize = 16;
 
 pub(crate) struct WriteBack {
     /// Most blocks staged at once.
@@ -57,8 +72,9 @@ pub(crate) struct WriteBack {
     queue: Mutex<Vec<u64>>,
     /// Blocks staged and not yet on disk (queued or being written).
     staged: AtomicUsize,
-    /// One flush at a time; `abandon` takes it to wait for a running one.
-    flushing: tokio::sync::Mutex<()>,
+    /// One flush at a time (`abandon` takes it to wait for a running one);
+    /// it keeps the flush's run buffers for the next one.
+    flushing: tokio::sync::Mutex<Vec<AlignedBuf>>,
 }
 
 impl WriteBack {
@@ -75,7 +91,7 @@ impl WriteBack {
             batch: (limit / 2).clamp(1, MAX_RUN),
             queue: Mutex::new(Vec::with_capacity(limit)),
             staged: AtomicUsize::new(0),
-            flushing: tokio::sync::Mutex::new(()),
+            flushing: tokio::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -95,6 +111,9 @@ impl WriteBack {
     /// slot: the caller writes them to the disk itself.
     pub fn stage(&self, cache: &DataCache, extents: &[(u64, u64)], src: &[u8], crcs: &[u32]) -> bool {
         let n = src.len() / BLOCK_SIZE;
+        if n > MAX_STAGED_WRITE {
+            return false;
+        }
         if self.staged.fetch_add(n, Ordering::AcqRel) + n > self.limit {
             self.staged.fetch_sub(n, Ordering::AcqRel);
             return false;
@@ -122,64 +141,76 @@ impl WriteBack {
             return Ok(());
         }
         match self.flushing.try_lock() {
-            Ok(_one) => self.flush_locked(backend, cache).await,
+            Ok(lock) => self.flush_locked(lock, backend, cache).await,
             Err(_) => Ok(()),
         }
     }
 
-    /// Write every staged block to the disk (without syncing), waiting for
-    /// a flush already running. On error the blocks that were not written
-    /// stay staged.
+    /// Write every block staged so far to the disk (without syncing),
+    /// after a flush already running. On error the blocks that were not
+    /// written stay staged. One pass: blocks staged meanwhile wait for the
+    /// next flush (a commit needs only those its capture saw, which were
+    /// queued before it, and writers must not keep it going forever).
     pub async fn flush<B: Backend>(&self, backend: &B, cache: &DataCache) -> io::Result<()> {
-        let _one = self.flushing.lock().await;
-        self.flush_locked(backend, cache).await
+        let lock = self.flushing.lock().await;
+        self.flush_locked(lock, backend, cache).await
     }
 
     /// [`WriteBack::flush`], with `flushing` held.
-    async fn flush_locked<B: Backend>(&self, backend: &B, cache: &DataCache) -> io::Result<()> {
-        loop {
-            let mut blocks = std::mem::take(&mut *self.queue.lock());
-            if blocks.is_empty() {
-                return Ok(());
-            }
+    async fn flush_locked<B: Backend>(
+        &self,
+        lock: tokio::sync::MutexGuard<'_, Vec<AlignedBuf>>,
+        backend: &B,
+        cache: &DataCache,
+    ) -> io::Result<()> {
+        let mut flight = Flight { wb: self, cache, blocks: std::mem::take(&mut *self.queue.lock()), lock };
+        let Flight { blocks, lock: bufs, .. } = &mut flight;
+        {
             blocks.sort_unstable();
             blocks.dedup();
-            // Gather runs of consecutive blocks (each copied out of the
-            // cache under its shard's lock).
-            let mut runs: Vec<(u64, usize, AlignedBuf)> = Vec::new();
+            // Runs of consecutive blocks, as index ranges into `blocks`.
+            let mut runs = std::collections::VecDeque::new();
             let mut i = 0;
             while i < blocks.len() {
                 let mut j = i + 1;
                 while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && j - i < MAX_RUN {
                     j += 1;
                 }
-                let mut buf = AlignedBuf::new((j - i) * BLOCK_SIZE);
-                let (mut len, mut k) = (0, i);
-                while k < j {
-                    k += 1;
-                    // Every queued block is staged (only `abandon` discards
-                    // staged blocks, and it holds `flushing`); were one not,
-                    // the run would end before it.
-                    if !cache.copy_dirty(blocks[k - 1], &mut buf[len * BLOCK_SIZE..(len + 1) * BLOCK_SIZE]) {
-                        debug_assert!(false, "queued block {} is not staged", blocks[k - 1]);
-                        break;
-                    }
-                    len += 1;
-                }
-                if len > 0 {
-                    runs.push((blocks[i], len, buf));
-                }
-                i = k;
+                runs.push_back((i, j));
+                i = j;
             }
             let mut writes = futures::stream::FuturesUnordered::new();
-            let mut todo = runs.iter();
             let mut failed = None;
             loop {
                 while writes.len() < RUNS_IN_FLIGHT {
-                    let Some((start, len, buf)) = todo.next() else { break };
-                    writes.push(write_run(backend, *start, *len, buf));
+                    let Some((i, j)) = runs.pop_front() else { break };
+                    let mut buf = bufs.pop().unwrap_or_else(|| AlignedBuf::new(MAX_RUN * BLOCK_SIZE));
+                    // Each block is copied out under its shard's lock. Every
+                    // queued block is staged (only `abandon` discards staged
+                    // blocks, and it holds `flushing`); were one not, the run
+                    // would end before it and go on after it.
+                    let mut len = 0;
+                    while i + len < j {
+                        let at = len * BLOCK_SIZE;
+                        if !cache.copy_dirty(blocks[i + len], &mut buf[at..at + BLOCK_SIZE]) {
+                            debug_assert!(false, "queued block {} is not staged", blocks[i + len]);
+                            if i + len + 1 < j {
+                                runs.push_front((i + len + 1, j));
+                            }
+                            break;
+                        }
+                        len += 1;
+                    }
+                    if len == 0 {
+                        bufs.push(buf);
+                        continue;
+                    }
+                    writes.push(write_run(backend, blocks[i], len, buf));
                 }
-                let Some((start, len, r)) = writes.next().await else { break };
+                let Some((start, len, buf, r)) = writes.next().await else { break };
+                if bufs.len() < KEEP_BUFS {
+                    bufs.push(buf);
+                }
                 match r {
                     Ok(()) => {
                         for b in start..start + len as u64 {
@@ -187,15 +218,13 @@ impl WriteBack {
                         }
                         self.staged.fetch_sub(len, Ordering::AcqRel);
                     }
+                    // Its blocks stay dirty: `Flight` queues them again.
                     Err(e) => {
-                        self.queue.lock().extend(start..start + len as u64);
                         failed.get_or_insert(e);
                     }
                 }
             }
-            if let Some(e) = failed {
-                return Err(e);
-            }
+            failed.map_or(Ok(()), Err)
         }
     }
 
@@ -203,7 +232,7 @@ impl WriteBack {
     /// map them), before they return to the allocator: waits for a running
     /// flush, which may be writing them, then drops them.
     pub async fn abandon(&self, cache: &DataCache, blocks: impl Iterator<Item = u64>) {
-        let _one = self.flushing.lock().await;
+        let _flush = self.flushing.lock().await;
         let mut queue = self.queue.lock();
         for b in blocks {
             if cache.discard(b) {
@@ -216,6 +245,32 @@ impl WriteBack {
     }
 }
 
-async fn write_run<B: Backend>(backend: &B, start: u64, len: usize, buf: &AlignedBuf) -> (u64, usize, io::Result<()>) {
-    (start, len, backend.write_at(&buf[..len * BLOCK_SIZE], start * BS).await)
+/// The blocks one flush took from the queue. Whatever of them is still
+/// dirty when it ends (a run that failed, or every run not yet written when
+/// the flush's future was dropped) goes back to the queue, before the
+/// flushing lock (dropped after this) lets a commit's flush look at it.
+struct Flight<'a> {
+    wb: &'a WriteBack,
+    cache: &'a DataCache,
+    blocks: Vec<u64>,
+    lock: tokio::sync::MutexGuard<'a, Vec<AlignedBuf>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let back: Vec<u64> = self.blocks.iter().copied().filter(|&b| self.cache.is_dirty(b)).collect();
+        if !back.is_empty() {
+            self.wb.queue.lock().extend(back);
+        }
+    }
+}
+
+async fn write_run<B: Backend>(
+    backend: &B,
+    start: u64,
+    len: usize,
+    buf: AlignedBuf,
+) -> (u64, usize, AlignedBuf, io::Result<()>) {
+    let r = backend.write_at(&buf[..len * BLOCK_SIZE], start * BS).await;
+    (start, len, buf, r)
 }
