@@ -487,20 +487,21 @@ impl<B: Backend> Volume<B> {
             }
         }
         let extents = &extents[..count];
-        // Whatever the data cache kept of these blocks' earlier lives goes
-        // before the new contents can be mapped.
-        if let Some(cache) = &self.pool.data_cache {
-            for &(s, l) in extents {
-                cache.invalidate(s, l);
-            }
-        }
-        // Data first: staged in the data cache for write-back, or written
-        // now, every extent at once.
+        // Data first: staged in the data cache for write-back (which puts
+        // the new contents over whatever the cache kept of these blocks'
+        // earlier lives), or written now, every extent at once.
         let staged = match (&self.pool.writeback, &self.pool.data_cache) {
             (Some(wb), Some(cache)) => wb.stage(cache, extents, src, &crcs[..n]),
             _ => false,
         };
         if !staged {
+            // Whatever the data cache kept of these blocks' earlier lives
+            // goes before the new contents can be mapped.
+            if let Some(cache) = &self.pool.data_cache {
+                for &(s, l) in extents {
+                    cache.invalidate(s, l);
+                }
+            }
             let written = if let [(s, _)] = extents {
                 self.pool.backend.write_at(src, s * BS).await
             } else {
