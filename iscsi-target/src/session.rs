@@ -2,8 +2,9 @@
 //!
 //! Two halves. The reader owns the socket's read side: it checks each PDU's
 //! sequence numbers, gathers a write's data (immediate, unsolicited and
-//! solicited by R2T) and spawns each SCSI command once its data is in, so
-//! commands run concurrently against the logical unit. The writer owns the
+//! solicited by R2T) and queues each SCSI command, once its data is in, to
+//! the connection's driver, which runs them concurrently against the
+//! logical unit (all three in the connection's one task). The writer owns the
 //! write side: everything that goes out (responses, Data-In, R2T, NOP-In)
 //! passes through one channel to it, and it stamps StatSN, ExpCmdSN and
 //! MaxCmdSN at the moment of sending, batching whatever is queued into one
@@ -183,8 +184,8 @@ impl<D: BlockDevice + 'static> Session<D> {
         });
         let last_rx = Arc::new(Mutex::new(Instant::now()));
         let ping_due = Arc::new(AtomicBool::new(false));
-        let writer =
-            tokio::spawn(writer(wr, rx, shared.clone(), framing(&self.params), self.params.max_send_data, self.statsn));
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let writer = writer(wr, rx, shared.clone(), framing(&self.params), self.params.max_send_data, self.statsn);
         let pinger = tokio::spawn(pinger(shared.clone(), last_rx.clone(), ping_due.clone(), self.keepalive));
         let mut conn = Reader {
             s: &self,
@@ -195,27 +196,60 @@ impl<D: BlockDevice + 'static> Session<D> {
             last_rx,
             ping_due,
             host,
+            cmds,
         };
-        let result = tokio::select! {
-            r = conn.read_loop(&mut rd) => r,
-            _ = self.kill.notified() => Ok(()),
+        let session = async {
+            let result = tokio::select! {
+                r = conn.read_loop(&mut rd) => r,
+                _ = self.kill.notified() => Ok(()),
+            };
+            // Dropping the reader closes the command queue: the driver
+            // ends once the commands already queued have run.
+            drop(conn);
+            pinger.abort();
+            // Let running tasks finish (their writes are acknowledged to
+            // nobody, but they must not race a new session's I/O).
+            let running: Vec<_> = shared.tasks.lock().values().cloned().collect();
+            for t in running {
+                t.aborted.store(true, Ordering::Release);
+                t.wait().await;
+            }
+            let _ = shared.out.send(Out::Close);
+            result
         };
-        drop(conn);
-        pinger.abort();
-        // Let running tasks finish (their writes are acknowledged to
-        // nobody, but they must not race a new session's I/O).
-        let running: Vec<_> = shared.tasks.lock().values().cloned().collect();
-        for t in running {
-            t.aborted.store(true, Ordering::Release);
-            t.wait().await;
-        }
-        let _ = shared.out.send(Out::Close);
-        let _ = writer.await;
+        // The reader, the commands and the writer of a connection run in
+        // this one task, so on one worker thread at a time: a command's
+        // completion wakes the writer without waking another thread, and
+        // the connection's data stays in one CPU's caches. Connections are
+        // spread over the runtime's workers.
+        let (result, (), _) = tokio::join!(session, drive(cmd_rx), writer);
         if let Some(lu) = &self.lu {
             lu.nexus_lost(&self.nexus);
         }
         result
     }
+}
+
+/// A SCSI command's execution, queued by the reader to the connection's
+/// driver.
+type CmdFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Run the connection's commands, concurrently, until the reader has
+/// closed the queue and every command has finished.
+async fn drive(mut queue: mpsc::UnboundedReceiver<CmdFuture>) {
+    use futures::StreamExt;
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = running.next(), if !running.is_empty() => {}
+            next = queue.recv() => match next {
+                Some(cmd) => running.push(cmd),
+                None => break,
+            },
+        }
+    }
+    while running.next().await.is_some() {}
 }
 
 struct Reader<'a, D: BlockDevice + 'static, H: SessionHost> {
@@ -227,6 +261,8 @@ struct Reader<'a, D: BlockDevice + 'static, H: SessionHost> {
     last_rx: Arc<Mutex<Instant>>,
     ping_due: Arc<AtomicBool>,
     host: Arc<H>,
+    /// To the connection's command driver ([`drive`]).
+    cmds: mpsc::UnboundedSender<CmdFuture>,
 }
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
@@ -534,10 +570,11 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         let lu = self.s.lu.clone().expect("normal session");
         let nexus = self.s.nexus.clone();
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        // The driver runs until the reader is gone, so the queue is open.
+        let _ = self.cmds.send(Box::pin(async move {
             let (resp, residual) = execute(&lu, &nexus, &cdb, lun, edtl, read, data_out).await;
             complete(&shared, Done { itt, immediate, lun, resp, send_data: read, residual }, &ctl);
-        });
+        }));
     }
 
     async fn tmf(&mut self, bhs: &Bhs) {
