@@ -4,7 +4,11 @@
 #
 # Baseline: fio --ioengine=io_uring --direct=1 on a plain file of SIZE bytes.
 # Keel:     keel-bench (io_uring + O_DIRECT through the store) on a pool file
-#           holding one volume of SIZE bytes.
+#           holding one volume of SIZE bytes, on a tokio runtime of $THREADS
+#           worker threads: one by default, as fio runs its one job on one
+#           thread. (With two, a random read's completion often wakes the
+#           other, idle worker, which steals the woken tasks: three times the
+#           context switches, and 5-10% fewer random-read IOPS here.)
 #
 # Tests (each baseline run is followed at once by its Keel run, so drift in
 # the disk's speed hits both alike):
@@ -32,6 +36,7 @@
 #   SNAPSHOTS   snapshots for the snapshot test [1000]
 #   REPEAT      runs per test; the table shows the median [1]
 #   KEEP_FILES  1 to keep the data files afterwards [0]
+#   THREADS     keel-bench's tokio worker threads [1]
 #
 # Every command and its raw output go to $BENCH_DIR/store-vs-fio-<time>.log.
 set -euo pipefail
@@ -46,6 +51,7 @@ SEQ_BS=${SEQ_BS:-1M}
 SNAPSHOTS=${SNAPSHOTS:-1000}
 REPEAT=${REPEAT:-1}
 KEEP_FILES=${KEEP_FILES:-0}
+THREADS=${THREADS:-1}
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -104,7 +110,7 @@ kb="$target_dir/release/keel-bench"
 	echo "# store-vs-fio $(date -Is)"
 	echo "# $(uname -srm); $(nproc) CPUs; $(fio --version)"
 	echo "# BENCH_DIR=$BENCH_DIR ($fstype on $source_dev) SIZE=$SIZE RUNTIME=$RUNTIME WARMUP=$WARMUP"
-	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS REPEAT=$REPEAT"
+	echo "# RAND_QD=$RAND_QD SEQ_QD=$SEQ_QD SEQ_BS=$SEQ_BS SNAPSHOTS=$SNAPSHOTS REPEAT=$REPEAT THREADS=$THREADS"
 	rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 	dirty=$(git -C "$root" status --porcelain -- blockstore 2>/dev/null | wc -l)
 	echo "# keel $rev, blockstore/ files changed since: $dirty; load before starting: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -134,7 +140,7 @@ fio_time_based() {
 
 # keel_run [keel-bench options...] -> "IOPS MiB/s"
 keel_run() {
-	local cmd=("$kb" "$@")
+	local cmd=("$kb" --threads "$THREADS" "$@")
 	echo "\$ ${cmd[*]}" >>"$log"
 	local out
 	out=$("${cmd[@]}" 2>>"$log") || die "keel-bench failed (see $log)"
@@ -252,7 +258,7 @@ pair "4k randread QD$RAND_QD, $SNAPSHOTS snaps (base: its clone, 0)" 0.95 k_rand
 
 {
 	echo
-	echo "Keel vs raw fio (io_uring, O_DIRECT) on $BENCH_DIR ($fstype on $source_dev), SIZE=$SIZE, RUNTIME=${RUNTIME}s"
+	echo "Keel vs raw fio (io_uring, O_DIRECT) on $BENCH_DIR ($fstype on $source_dev), SIZE=$SIZE, RUNTIME=${RUNTIME}s, keel-bench threads=$THREADS"
 	printf '%-44s %10s %10s  %10s %10s  %6s  %6s  %s\n' test "base IOPS" "base MiB/s" "keel IOPS" "keel MiB/s" ratio target ""
 	printf '%s\n' "${rows[@]}"
 	echo
