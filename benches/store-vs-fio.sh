@@ -5,10 +5,13 @@
 # Baseline: fio --ioengine=io_uring --direct=1 on a plain file of SIZE bytes.
 # Keel:     keel-bench (io_uring + O_DIRECT through the store) on a pool file
 #           holding one volume of SIZE bytes, on a tokio runtime of $THREADS
-#           worker threads: one by default, as fio runs its one job on one
-#           thread. (With two, a random read's completion often wakes the
-#           other, idle worker, which steals the woken tasks: three times the
-#           context switches, and 5-10% fewer random-read IOPS here.)
+#           worker threads (2 by default, the shape of the appliance's
+#           runtime on this machine). THREADS=1 gives Keel the one thread
+#           fio's one job has: random reads then gain (with two, a batch of
+#           completions reaped on one worker wakes the idle other to steal
+#           the woken tasks: three times the context switches, 5-10% fewer
+#           IOPS here), but random writes and 1 MiB reads, whose
+#           copy-on-write and checksum work is CPU, lose more.
 #
 # Tests (each baseline run is followed at once by its Keel run, so drift in
 # the disk's speed hits both alike):
@@ -36,7 +39,7 @@
 #   SNAPSHOTS   snapshots for the snapshot test [1000]
 #   REPEAT      runs per test; the table shows the median [1]
 #   KEEP_FILES  1 to keep the data files afterwards [0]
-#   THREADS     keel-bench's tokio worker threads [1]
+#   THREADS     keel-bench's tokio worker threads [2]
 #
 # Every command and its raw output go to $BENCH_DIR/store-vs-fio-<time>.log.
 set -euo pipefail
@@ -51,7 +54,7 @@ SEQ_BS=${SEQ_BS:-1M}
 SNAPSHOTS=${SNAPSHOTS:-1000}
 REPEAT=${REPEAT:-1}
 KEEP_FILES=${KEEP_FILES:-0}
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
