@@ -659,10 +659,16 @@ impl<B: Backend> Inner<B> {
 
     /// Write every block staged by write-back to the disk (no sync).
     pub async fn flush_staged(&self) -> Result<()> {
-        match (&self.writeback, &self.data_cache) {
-            (Some(wb), Some(cache)) => wb.flush(&self.backend, cache).await.map_err(Error::io("writing staged data")),
-            _ => Ok(()),
+        match self.staging() {
+            Some((wb, cache)) => wb.flush(&self.backend, cache).await.map_err(Error::io("writing staged data")),
+            None => Ok(()),
         }
+    }
+
+    /// Write-back and the data cache whose dirty entries hold its staged
+    /// blocks, when the pool has write-back.
+    pub fn staging(&self) -> Option<(&WriteBack, &DataCache)> {
+        Some((self.writeback.as_ref()?, self.data_cache.as_ref()?))
     }
 
     /// Commit with a catalog change.
@@ -776,20 +782,15 @@ impl<B: Backend> Inner<B> {
 
         // Coalesce into runs of consecutive blocks.
         pages.sort_unstable_by_key(|p| p.0);
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len() && pages[j].0 == pages[j - 1].0 + 1 && j - i < 256 {
-                j += 1;
-            }
-            let mut buf = AlignedBuf::new((j - i) * BLOCK_SIZE);
-            for (k, (_, bytes)) in pages[i..j].iter().enumerate() {
-                buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].copy_from_slice(bytes);
-            }
-            runs.push((pages[i].0, buf));
-            i = j;
-        }
+        let runs = consecutive_runs(pages.len(), |k| pages[k].0, 256)
+            .map(|(i, j)| {
+                let mut buf = AlignedBuf::new((j - i) * BLOCK_SIZE);
+                for (k, (_, bytes)) in pages[i..j].iter().enumerate() {
+                    buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].copy_from_slice(bytes);
+                }
+                (pages[i].0, buf)
+            })
+            .collect();
         (Plan { generation, runs, superblock, pinned, rc_slots, cat_pages, frees }, r)
     }
 
@@ -996,6 +997,28 @@ impl<B: Backend> Inner<B> {
         *c = (0, 0);
         Ok(())
     }
+}
+
+/// Runs of consecutive block numbers among `n` sorted ones (`block(k)` is
+/// the k-th), at most `max` long, as index ranges `i..j`.
+pub(crate) fn consecutive_runs(
+    n: usize,
+    block: impl Fn(usize) -> u64,
+    max: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= n {
+            return None;
+        }
+        let mut j = i + 1;
+        while j < n && block(j) == block(j - 1) + 1 && j - i < max {
+            j += 1;
+        }
+        let run = (i, j);
+        i = j;
+        Some(run)
+    })
 }
 
 fn write_run<'a, B: Backend>(

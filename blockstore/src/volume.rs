@@ -320,10 +320,7 @@ impl<B: Backend> Volume<B> {
     /// so a second read finds it. True if `block` now holds the right
     /// contents.
     async fn restaged(&self, e: &Entry, block: &mut [u8]) -> Result<bool> {
-        let Some(cache) = &self.pool.data_cache else { return Ok(false) };
-        if self.pool.writeback.is_none() {
-            return Ok(false);
-        }
+        let Some((_, cache)) = self.pool.staging() else { return Ok(false) };
         if cache.get(e.phys, e.crc, block) {
             return Ok(true);
         }
@@ -365,7 +362,7 @@ impl<B: Backend> Volume<B> {
     }
 
     async fn after_write(&self, fua: bool) -> Result<()> {
-        if !fua && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache) {
+        if !fua && let Some((wb, cache)) = self.pool.staging() {
             // On error the blocks stay staged for the next flush; the
             // error goes to this write's caller, as the disk's would.
             wb.flush_if_due(&self.pool.backend, cache).await.map_err(Error::io("writing staged data"))?;
@@ -490,10 +487,7 @@ impl<B: Backend> Volume<B> {
         // Data first: staged in the data cache for write-back (which puts
         // the new contents over whatever the cache kept of these blocks'
         // earlier lives), or written now, every extent at once.
-        let staged = match (&self.pool.writeback, &self.pool.data_cache) {
-            (Some(wb), Some(cache)) => wb.stage(cache, extents, src, &crcs[..n]),
-            _ => false,
-        };
+        let staged = self.pool.staging().is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
         if !staged {
             // Whatever the data cache kept of these blocks' earlier lives
             // goes before the new contents can be mapped.
@@ -606,7 +600,7 @@ impl<B: Backend> Volume<B> {
     /// Return blocks `i..n` of a write, which it could not map, to the
     /// allocator (abandoning them first if they were staged).
     async fn give_back_from(&self, i: usize, n: usize, phys_of: &(dyn Fn(usize) -> u64 + Sync), staged: bool) {
-        if staged && let (Some(wb), Some(cache)) = (&self.pool.writeback, &self.pool.data_cache) {
+        if staged && let Some((wb, cache)) = self.pool.staging() {
             wb.abandon(cache, (i..n).map(phys_of)).await;
         }
         for k in i..n {

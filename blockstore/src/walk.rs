@@ -257,8 +257,10 @@ impl<B: Backend> Pool<B> {
         let _g = inner.grace.enter();
         // Roots taken inside a commit: every page under them is clean (a
         // root taken outside could carry a dirty page's old checksum, which
-        // a concurrent commit would make look like damage), and the grace
-        // period keeps them from reuse until the scrub ends.
+        // a concurrent commit would make look like damage), every data block
+        // under them is on disk (the commit writes what write-back staged
+        // before its capture), and the grace period keeps them from reuse
+        // until the scrub ends.
         let devs: Vec<(Arc<Device>, String, Entry, u8)> = inner
             .commit_with(|l| {
                 let devs: Vec<Arc<Device>> = l.cat.devices.values().cloned().collect();
@@ -286,11 +288,6 @@ impl<B: Backend> Pool<B> {
                 report.blocks_checked += 1;
                 if level == 0 {
                     inner.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("scrubbing"))?;
-                    if crc(&buf) != e.crc && inner.writeback.is_some() {
-                        // Perhaps staged by write-back and not on disk yet.
-                        inner.flush_staged().await?;
-                        inner.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("scrubbing"))?;
-                    }
                     if crc(&buf) != e.crc {
                         report.damage.push(Damage {
                             device: name.clone(),

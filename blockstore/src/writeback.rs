@@ -37,11 +37,12 @@
 //! (larger ones are large I/Os already); at most `limit` blocks are staged
 //! (then writes go to the disk themselves, as without write-back); a write
 //! that finds `batch` blocks queued and no flush running flushes them
-//! before it returns. Staged
-//! blocks below `batch` wait for the next write, flush or commit: like a
-//! disk's volatile write cache, they are lost if the process dies first,
-//! which the contract allows for writes not flushed.
+//! before it returns. Staged blocks below `batch` wait for the next write,
+//! flush or commit: like a disk's volatile write cache, they are lost if
+//! the process dies first, which the contract allows for writes not
+//! flushed.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -50,6 +51,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::datacache::DataCache;
+use crate::pool::consecutive_runs;
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Longest run written with one I/O, in blocks (1 MiB).
@@ -165,67 +167,55 @@ impl WriteBack {
     ) -> io::Result<()> {
         let mut flight = Flight { wb: self, cache, blocks: std::mem::take(&mut *self.queue.lock()), lock };
         let Flight { blocks, lock: bufs, .. } = &mut flight;
-        {
-            blocks.sort_unstable();
-            blocks.dedup();
-            // Runs of consecutive blocks, as index ranges into `blocks`.
-            let mut runs = std::collections::VecDeque::new();
-            let mut i = 0;
-            while i < blocks.len() {
-                let mut j = i + 1;
-                while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && j - i < MAX_RUN {
-                    j += 1;
-                }
-                runs.push_back((i, j));
-                i = j;
-            }
-            let mut writes = futures::stream::FuturesUnordered::new();
-            let mut failed = None;
-            loop {
-                while writes.len() < RUNS_IN_FLIGHT {
-                    let Some((i, j)) = runs.pop_front() else { break };
-                    let mut buf = bufs.pop().unwrap_or_else(|| AlignedBuf::new(MAX_RUN * BLOCK_SIZE));
-                    // Each block is copied out under its shard's lock. Every
-                    // queued block is staged (only `abandon` discards staged
-                    // blocks, and it holds `flushing`); were one not, the run
-                    // would end before it and go on after it.
-                    let mut len = 0;
-                    while i + len < j {
-                        let at = len * BLOCK_SIZE;
-                        if !cache.copy_dirty(blocks[i + len], &mut buf[at..at + BLOCK_SIZE]) {
-                            debug_assert!(false, "queued block {} is not staged", blocks[i + len]);
-                            if i + len + 1 < j {
-                                runs.push_front((i + len + 1, j));
-                            }
-                            break;
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut runs: VecDeque<_> = consecutive_runs(blocks.len(), |k| blocks[k], MAX_RUN).collect();
+        let mut writes = futures::stream::FuturesUnordered::new();
+        let mut failed = None;
+        loop {
+            while writes.len() < RUNS_IN_FLIGHT {
+                let Some((i, j)) = runs.pop_front() else { break };
+                let mut buf = bufs.pop().unwrap_or_else(|| AlignedBuf::new(MAX_RUN * BLOCK_SIZE));
+                // Each block is copied out under its shard's lock. Every
+                // queued block is staged (only `abandon` discards staged
+                // blocks, and it holds `flushing`); were one not, the run
+                // would end before it and go on after it.
+                let mut len = 0;
+                while i + len < j {
+                    let at = len * BLOCK_SIZE;
+                    if !cache.copy_dirty(blocks[i + len], &mut buf[at..at + BLOCK_SIZE]) {
+                        debug_assert!(false, "queued block {} is not staged", blocks[i + len]);
+                        if i + len + 1 < j {
+                            runs.push_front((i + len + 1, j));
                         }
-                        len += 1;
+                        break;
                     }
-                    if len == 0 {
-                        bufs.push(buf);
-                        continue;
-                    }
-                    writes.push(write_run(backend, blocks[i], len, buf));
+                    len += 1;
                 }
-                let Some((start, len, buf, r)) = writes.next().await else { break };
-                if bufs.len() < KEEP_BUFS {
+                if len == 0 {
                     bufs.push(buf);
+                    continue;
                 }
-                match r {
-                    Ok(()) => {
-                        for b in start..start + len as u64 {
-                            cache.clean(b);
-                        }
-                        self.staged.fetch_sub(len, Ordering::AcqRel);
+                writes.push(write_run(backend, blocks[i], len, buf));
+            }
+            let Some((start, len, buf, r)) = writes.next().await else { break };
+            if bufs.len() < KEEP_BUFS {
+                bufs.push(buf);
+            }
+            match r {
+                Ok(()) => {
+                    for b in start..start + len as u64 {
+                        cache.clean(b);
                     }
-                    // Its blocks stay dirty: `Flight` queues them again.
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
+                    self.staged.fetch_sub(len, Ordering::AcqRel);
+                }
+                // Its blocks stay dirty: `Flight` queues them again.
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
-            failed.map_or(Ok(()), Err)
         }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Give up staged blocks that no map points at (a write that could not
