@@ -11,14 +11,14 @@
 //! - A reader inserts a block only after its checksum passed, and only while
 //!   it is inside a grace epoch, so it cannot insert a block's old contents
 //!   after the block was freed and taken again.
-//! - A write drops the blocks it has just taken before it writes them, so
-//!   whatever the cache held for them from an earlier life is gone before
-//!   any map entry can point at the new contents. Before the map points at
-//!   them (while they are still the write's alone, so nobody can free
-//!   them), it inserts the bytes it wrote: once they are on disk, as
-//!   ordinary entries (writes fill the cache as a page cache's do), or
-//!   before, as *dirty* entries staged for write-back (`writeback.rs`),
-//!   which are never evicted nor overwritten until written.
+//! - Before the map points at the blocks a write has just taken (while they
+//!   are still the write's alone, so nobody can free them), the write
+//!   replaces whatever the cache held for them from an earlier life with
+//!   the bytes it wrote: once they are on disk, as ordinary entries
+//!   (writes fill the cache as a page cache's do), or before, as *dirty*
+//!   entries staged for write-back (`writeback.rs`), which are never
+//!   evicted nor overwritten until written. A write that fails drops its
+//!   blocks from the cache as it gives them back.
 //!
 //! Blocks freed by a commit are also dropped when their grace period ends
 //! (`Inner::finish`), unless the batch is larger than the cache. That is not
@@ -215,6 +215,18 @@ pub struct DataCacheStats {
     pub staged_bytes: u64,
 }
 
+/// Where an entry's contents come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Put {
+    /// A verified read: an entry of the same block and checksum is this
+    /// very life's, and is kept.
+    Read,
+    /// A write that is on disk: replaces any entry.
+    Written,
+    /// A write staged for write-back (a dirty entry).
+    Staged,
+}
+
 /// Sharded CLOCK cache of verified data blocks, keyed by pool block number.
 pub(crate) struct DataCache {
     shards: Box<[Mutex<Shard>]>,
@@ -294,7 +306,16 @@ impl DataCache {
     /// copied again, as happens to the cached blocks of a read that was
     /// only partly cached.
     pub fn insert(&self, block: u64, crc: u32, src: &[u8]) {
-        self.put(block, crc, src, false);
+        self.put(block, crc, src, Put::Read);
+    }
+
+    /// Keep block `block`, which a write has just put on the disk with
+    /// contents `src` (checksum `crc`), before mapping it. Whatever the
+    /// cache held for the block, from an earlier life, is replaced (never
+    /// kept for an equal checksum, which does not prove equal contents),
+    /// so the write need not drop it first.
+    pub fn insert_written(&self, block: u64, crc: u32, src: &[u8]) {
+        self.put(block, crc, src, Put::Written);
     }
 
     /// Keep block `block`, whose contents `src` (checksum `crc`) a write
@@ -302,15 +323,16 @@ impl DataCache {
     /// reads find it, until [`DataCache::clean`] after the write. False
     /// (and nothing kept) when the block's shard has no slot to spare.
     pub fn insert_dirty(&self, block: u64, crc: u32, src: &[u8]) -> bool {
-        self.put(block, crc, src, true)
+        self.put(block, crc, src, Put::Staged)
     }
 
-    fn put(&self, block: u64, crc: u32, src: &[u8], dirty: bool) -> bool {
+    fn put(&self, block: u64, crc: u32, src: &[u8], how: Put) -> bool {
+        let dirty = how == Put::Staged;
         let mut s = self.shard(block).lock();
         let slot = match s.index.get(&block) {
             // A staged block is only ever written by its flush.
             Some(&slot) if s.dirty[slot as usize] => return !dirty && s.crcs[slot as usize] == crc,
-            Some(&slot) if s.crcs[slot as usize] == crc && !dirty => return true,
+            Some(&slot) if s.crcs[slot as usize] == crc && how == Put::Read => return true,
             Some(&slot) => slot as usize,
             None => {
                 let Some(slot) = s.victim() else { return false };
@@ -417,6 +439,24 @@ mod tests {
         assert!(!c.get(7, 1, &mut out));
         let st = c.stats();
         assert_eq!((st.stale, st.used_bytes), (1, 0));
+    }
+
+    #[test]
+    fn a_written_block_replaces_an_entry_of_the_same_checksum() {
+        // Equal checksums do not prove equal bytes: a block written again
+        // (taken again after its old life was freed, its entry still
+        // cached) must read the bytes written, whatever their checksum.
+        let c = DataCache::new(1 << 20).unwrap();
+        let mut out = block(0);
+        c.insert(7, 5, &block(0x11));
+        c.insert_written(7, 5, &block(0x22));
+        assert!(c.get(7, 5, &mut out));
+        assert_eq!(out, block(0x22), "a write kept an old entry with its checksum");
+        // A read's insert of a block cached with its checksum is the same
+        // life's contents: kept, not copied again.
+        c.insert(7, 5, &block(0x33));
+        assert!(c.get(7, 5, &mut out));
+        assert_eq!(out, block(0x22));
     }
 
     #[test]

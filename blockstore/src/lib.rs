@@ -29,7 +29,7 @@ mod volume;
 mod walk;
 mod writeback;
 
-pub use backend::{AlignedBuf, AnyBackend, BLOCK_SIZE, Backend, Engine};
+pub use backend::{AlignedBuf, AnyBackend, BLOCK_SIZE, Backend, BufPool, Engine};
 pub use datacache::DataCacheStats;
 pub use device::BlockDevice;
 pub use error::{Error, ErrorKind, Result};

@@ -490,12 +490,11 @@ impl<B: Backend> Volume<B> {
         let staged = self.pool.staging().is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
         if !staged {
             // Whatever the data cache kept of these blocks' earlier lives
-            // goes before the new contents can be mapped.
-            if let Some(cache) = &self.pool.data_cache {
-                for &(s, l) in extents {
-                    cache.invalidate(s, l);
-                }
-            }
+            // must be gone before the new contents can be mapped: the
+            // inserts below, once the write is on disk, replace it (nobody
+            // reads these blocks meanwhile: they are not mapped, and no
+            // reader of their earlier lives is left, see `grace.rs`); a
+            // failed write drops it.
             let written = if let [(s, _)] = extents {
                 self.pool.backend.write_at(src, s * BS).await
             } else {
@@ -514,6 +513,9 @@ impl<B: Backend> Volume<B> {
             };
             if let Err(e) = written {
                 for &(s, l) in extents {
+                    if let Some(cache) = &self.pool.data_cache {
+                        cache.invalidate(s, l);
+                    }
                     self.pool.give_back(s, l);
                 }
                 return Err(Error::io("writing data")(e));
@@ -525,7 +527,7 @@ impl<B: Backend> Volume<B> {
                 let mut blocks = src.chunks_exact(BLOCK_SIZE).zip(crcs.iter());
                 for &(s, l) in extents {
                     for (b, (data, &c)) in (s..s + l).zip(blocks.by_ref()) {
-                        cache.insert(b, c, data);
+                        cache.insert_written(b, c, data);
                     }
                 }
             }

@@ -213,7 +213,11 @@ impl<T: Targets> Server<T> {
     async fn connection(self: Arc<Self>, sock: TcpStream) -> io::Result<()> {
         let local = sock.local_addr()?;
         let (rd, mut wr) = sock.into_split();
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        // Small enough that reading a PDU's header does not pull most of a
+        // large data segment through the buffer (the session reads those
+        // straight into their command's buffer), large enough to bring in
+        // several small PDUs per system call.
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
         let tsih = loop {
             let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
             if t != 0 {

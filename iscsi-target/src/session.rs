@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use keel_blockstore::BlockDevice;
+use keel_blockstore::{AlignedBuf, BlockDevice, BufPool};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, mpsc};
 
 use crate::pdu::{self, BHS_LEN, Bhs, FrameError, Framing, op, reject};
@@ -112,15 +112,22 @@ struct Gather {
     cdb: Vec<u8>,
     lun: u64,
     edtl: u32,
-    buf: Vec<u8>,
+    /// `edtl` bytes (and maybe more), from the connection's pool: every
+    /// byte of the first `edtl` is written before the command runs, since
+    /// data PDUs must arrive in order (DataPDUInOrder=Yes, which we
+    /// negotiate) and each one is checked against the next offset due.
+    buf: AlignedBuf,
     received: u32,
     /// End of the unsolicited region (immediate + unsolicited Data-Out).
     unsol_end: u32,
+    /// Next unsolicited offset due.
+    unsol_next: u32,
     unsol_datasn: u32,
     /// Next offset to solicit.
     next_offset: u32,
     r2tsn: u32,
-    /// Outstanding R2Ts: ttt -> (offset, len, received, next DataSN).
+    /// Outstanding R2Ts: ttt -> (offset, len, received, next DataSN); the
+    /// next offset due in a burst is its offset plus what it received.
     bursts: HashMap<u32, (u32, u32, u32, u32)>,
     read: bool,
     immediate: bool,
@@ -168,7 +175,7 @@ pub fn lun_number(field: u64) -> Option<u64> {
 
 impl<D: BlockDevice + 'static> Session<D> {
     /// Run the full-feature phase until logout, error or kill.
-    pub async fn run<R, W, H>(self, mut rd: R, wr: W, host: Arc<H>) -> io::Result<()>
+    pub async fn run<R, W, H>(self, mut rd: BufReader<R>, wr: W, host: Arc<H>) -> io::Result<()>
     where
         R: AsyncRead + Unpin + Send,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -191,6 +198,7 @@ impl<D: BlockDevice + 'static> Session<D> {
             s: &self,
             shared: shared.clone(),
             gathers: HashMap::new(),
+            bufs: Arc::new(BufPool::default()),
             next_ttt: 1,
             text_pending: None,
             last_rx,
@@ -230,6 +238,79 @@ impl<D: BlockDevice + 'static> Session<D> {
     }
 }
 
+/// Where [`Reader::read_in_place`] put a PDU's data segment.
+enum InPlace {
+    /// In the gather buffer of the Data-Out's command, at its offset.
+    DataOut,
+    /// In the first bytes of this buffer: a write command's immediate data.
+    Command(AlignedBuf),
+}
+
+/// A SCSI command's immediate data.
+enum Imm<'a> {
+    /// As received, in the reader's buffer.
+    Bytes(&'a [u8]),
+    /// Already in the first bytes (the PDU's data segment length) of a
+    /// buffer for the command.
+    Placed(AlignedBuf),
+}
+
+/// Read the rest of a PDU without AHS whose header `bhs` has been read:
+/// its header digest (checked: a mismatch is an error, the framing cannot
+/// be trusted), its data segment into `dst` (exactly its length), padding
+/// and data digest. Whether the data digest matched (true when none was
+/// negotiated).
+async fn read_segment<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    bhs: &Bhs,
+    fr: Framing,
+    dst: &mut [u8],
+) -> io::Result<bool> {
+    if fr.header_digest {
+        let mut d = [0u8; 4];
+        rd.read_exact(&mut d).await?;
+        if pdu::digest(&[&bhs.0]) != u32::from_le_bytes(d) {
+            return Err(protocol_error("header digest error"));
+        }
+    }
+    read_into(rd, dst).await?;
+    let pad = pdu::pad(dst.len());
+    let mut trailer = [0u8; 7];
+    let trailer = &mut trailer[..pad + if fr.data_digest { 4 } else { 0 }];
+    rd.read_exact(trailer).await?;
+    if !fr.data_digest {
+        return Ok(true);
+    }
+    let want = u32::from_le_bytes(trailer[pad..].try_into().expect("4 bytes"));
+    Ok(pdu::digest(&[dst, &trailer[..pad]]) == want)
+}
+
+/// Commands that move at least this many bytes run in a task of their own
+/// rather than in their connection's.
+const OWN_TASK: u32 = 256 * 1024;
+
+/// Reads of at least this many bytes bypass the connection's read buffer.
+const DIRECT_READ: usize = 32 * 1024;
+
+/// Fill `dst` from `rd`: first what `rd` has buffered, then a remainder of
+/// at least [`DIRECT_READ`] bytes straight from the socket (one copy fewer
+/// than through the buffer). A smaller remainder goes through the buffer,
+/// whose refill may bring in the next PDUs with the same system call.
+async fn read_into<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, dst: &mut [u8]) -> io::Result<()> {
+    let have = rd.buffer().len().min(dst.len());
+    dst[..have].copy_from_slice(&rd.buffer()[..have]);
+    std::pin::Pin::new(&mut *rd).consume(have);
+    let rest = &mut dst[have..];
+    if rest.len() >= DIRECT_READ {
+        // The buffer is empty now (it held less than `dst`), so reading
+        // past it keeps the stream in order.
+        rd.get_mut().read_exact(rest).await?;
+    } else if !rest.is_empty() {
+        rd.read_exact(rest).await?;
+    }
+    Ok(())
+}
+
 /// A SCSI command's execution, queued by the reader to the connection's
 /// driver.
 type CmdFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -256,6 +337,8 @@ struct Reader<'a, D: BlockDevice + 'static, H: SessionHost> {
     s: &'a Session<D>,
     shared: Arc<Shared>,
     gathers: HashMap<u32, Gather>,
+    /// Write buffers, reused from command to command.
+    bufs: Arc<BufPool>,
     next_ttt: u32,
     text_pending: Option<(u32, Vec<u8>)>,
     last_rx: Arc<Mutex<Instant>>,
@@ -303,7 +386,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         }
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<()> {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> io::Result<()> {
         let fr = framing(&self.s.params);
         let max_data = self.s.params.max_recv_data as usize;
         let mut rest = Vec::new();
@@ -323,6 +406,15 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 }
                 Err(e) => return Err(protocol_error(format!("{e:?}"))),
             };
+            if let Some((placed, digest_ok)) = self.read_in_place(rd, &bhs, fr).await? {
+                *self.last_rx.lock() = Instant::now();
+                match placed {
+                    _ if !digest_ok => self.bad_data_digest(&bhs),
+                    InPlace::DataOut => self.data_out(&bhs, None)?,
+                    InPlace::Command(buf) => self.scsi_command(&bhs, &[], Imm::Placed(buf))?,
+                }
+                continue;
+            }
             rest.resize(n, 0);
             rd.read_exact(&mut rest).await?;
             *self.last_rx.lock() = Instant::now();
@@ -336,30 +428,15 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 Err(e) => return Err(protocol_error(format!("{e:?}"))),
             };
             if !parsed.data_digest_ok {
-                // The header is sound (its own digest passed, or none was
-                // negotiated): reject the PDU, keep the CmdSN sequence
-                // whole, and fail the command it carried or fed.
-                self.reject(reject::DATA_DIGEST, &bhs);
-                match bhs.opcode() {
-                    op::DATA_OUT => self.fail_gather(bhs.itt()),
-                    op::SCSI_CMD if self.s.lu.is_some() && self.accept_cmdsn(&bhs) => {
-                        let ctl = TaskCtl { lun: bhs.lun(), ..TaskCtl::default() };
-                        let resp = crate::scsi_sense::crc_error();
-                        complete(&self.shared, Done::failed(bhs.itt(), bhs.immediate(), bhs.lun(), resp), &ctl);
-                    }
-                    op::NOP_OUT | op::TEXT_REQ if bhs.itt() != RESERVED_TAG && self.accept_cmdsn(&bhs) => {
-                        self.complete_now(&bhs)
-                    }
-                    _ => {}
-                }
+                self.bad_data_digest(&bhs);
                 continue;
             }
             let data = parsed.data;
             let ahs = parsed.ahs;
             match bhs.opcode() {
                 op::NOP_OUT => self.nop_out(&bhs, data),
-                op::SCSI_CMD => self.scsi_command(&bhs, ahs, data)?,
-                op::DATA_OUT => self.data_out(&bhs, data)?,
+                op::SCSI_CMD => self.scsi_command(&bhs, ahs, Imm::Bytes(data))?,
+                op::DATA_OUT => self.data_out(&bhs, Some(data))?,
                 op::TMF_REQ => self.tmf(&bhs).await,
                 op::TEXT_REQ => self.text(&bhs, data),
                 op::LOGOUT_REQ => {
@@ -370,6 +447,23 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 op::LOGIN_REQ => self.reject(reject::PROTOCOL, &bhs),
                 _ => self.reject(reject::NOT_SUPPORTED, &bhs),
             }
+        }
+    }
+
+    /// A PDU whose data digest failed. Its header is sound (its own digest
+    /// passed, or none was negotiated): reject the PDU, keep the CmdSN
+    /// sequence whole, and fail the command it carried or fed.
+    fn bad_data_digest(&mut self, bhs: &Bhs) {
+        self.reject(reject::DATA_DIGEST, bhs);
+        match bhs.opcode() {
+            op::DATA_OUT => self.fail_gather(bhs.itt()),
+            op::SCSI_CMD if self.s.lu.is_some() && self.accept_cmdsn(bhs) => {
+                let ctl = TaskCtl { lun: bhs.lun(), ..TaskCtl::default() };
+                let resp = crate::scsi_sense::crc_error();
+                complete(&self.shared, Done::failed(bhs.itt(), bhs.immediate(), bhs.lun(), resp), &ctl);
+            }
+            op::NOP_OUT | op::TEXT_REQ if bhs.itt() != RESERVED_TAG && self.accept_cmdsn(bhs) => self.complete_now(bhs),
+            _ => {}
         }
     }
 
@@ -392,7 +486,11 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         self.send(Out::Pdu { bhs: b, data: data.to_vec(), stat: Stat::Next });
     }
 
-    fn scsi_command(&mut self, bhs: &Bhs, ahs: &[u8], data: &[u8]) -> io::Result<()> {
+    fn scsi_command(&mut self, bhs: &Bhs, ahs: &[u8], data: Imm<'_>) -> io::Result<()> {
+        let imm = match &data {
+            Imm::Bytes(d) => d.len(),
+            Imm::Placed(_) => bhs.data_len(),
+        };
         if self.s.lu.is_none() {
             self.reject(reject::PROTOCOL, bhs);
             return Err(protocol_error("SCSI command on a discovery session"));
@@ -418,14 +516,14 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             self.complete_now(bhs);
             return Ok(());
         }
-        if !data.is_empty() && (!write || !self.s.params.immediate_data || data.len() as u32 > edtl) {
+        if imm > 0 && (!write || !self.s.params.immediate_data || imm as u32 > edtl) {
             self.reject(reject::PROTOCOL, bhs);
             self.complete_now(bhs);
             return Ok(());
         }
         if !write || edtl == 0 {
             self.shared.tasks.lock().insert(itt, ctl.clone());
-            self.spawn(itt, bhs.immediate(), cdb, bhs.lun(), edtl, read, Vec::new(), ctl);
+            self.spawn(itt, bhs.immediate(), cdb, bhs.lun(), edtl, read, None, ctl);
             return Ok(());
         }
         if edtl > MAX_WRITE {
@@ -437,16 +535,23 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             return Ok(());
         }
         let p = &self.s.params;
-        let unsol_end = if p.initial_r2t { data.len() as u32 } else { p.first_burst.min(edtl).max(data.len() as u32) };
-        let mut buf = vec![0u8; edtl as usize];
-        buf[..data.len()].copy_from_slice(data);
+        let unsol_end = if p.initial_r2t { imm as u32 } else { p.first_burst.min(edtl).max(imm as u32) };
+        let buf = match data {
+            Imm::Placed(buf) => buf,
+            Imm::Bytes(d) => {
+                let mut buf = self.bufs.get(edtl as usize);
+                buf[..d.len()].copy_from_slice(d);
+                buf
+            }
+        };
         let mut g = Gather {
             cdb,
             lun: bhs.lun(),
             edtl,
             buf,
-            received: data.len() as u32,
+            received: imm as u32,
             unsol_end,
+            unsol_next: imm as u32,
             unsol_datasn: 0,
             next_offset: unsol_end,
             r2tsn: 0,
@@ -490,7 +595,10 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         }
     }
 
-    fn data_out(&mut self, bhs: &Bhs, data: &[u8]) -> io::Result<()> {
+    /// A Data-Out PDU: `data` is its data segment, or `None` when
+    /// [`Reader::read_in_place`] has already put it in the gather buffer at
+    /// the offset the PDU names.
+    fn data_out(&mut self, bhs: &Bhs, data: Option<&[u8]>) -> io::Result<()> {
         let itt = bhs.itt();
         let Some(mut g) = self.gathers.remove(&itt) else {
             // Data for a task that failed, was aborted or never existed.
@@ -499,18 +607,21 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         let ttt = bhs.ttt();
         let offset = bhs.u32_at(40);
         let datasn = bhs.u32_at(36);
-        let len = data.len() as u32;
+        let len = data.map_or(bhs.data_len(), <[u8]>::len) as u32;
         let end = offset.checked_add(len).filter(|&e| e <= g.edtl);
+        // Data PDUs come in order (DataPDUInOrder=Yes): each must start
+        // where the previous one of its sequence ended.
         let ok = match (end, ttt) {
             (None, _) => false,
             (Some(end), RESERVED_TAG) => {
-                let good = offset >= g.received.min(g.unsol_end) && end <= g.unsol_end && datasn == g.unsol_datasn;
+                let good = offset == g.unsol_next && end <= g.unsol_end && datasn == g.unsol_datasn;
+                g.unsol_next = end;
                 g.unsol_datasn = g.unsol_datasn.wrapping_add(1);
                 good
             }
-            (Some(end), ttt) => match g.bursts.get_mut(&ttt) {
+            (Some(_), ttt) => match g.bursts.get_mut(&ttt) {
                 Some((boff, blen, got, next_sn)) => {
-                    let good = offset >= *boff && end <= *boff + *blen && datasn == *next_sn;
+                    let good = offset == *boff + *got && *got + len <= *blen && datasn == *next_sn;
                     *got += len;
                     *next_sn = next_sn.wrapping_add(1);
                     good
@@ -527,7 +638,9 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             complete(&self.shared, Done::failed(itt, g.immediate, g.lun, resp), &g.ctl);
             return Ok(());
         }
-        g.buf[offset as usize..(offset + len) as usize].copy_from_slice(data);
+        if let Some(data) = data {
+            g.buf[offset as usize..(offset + len) as usize].copy_from_slice(data);
+        }
         g.received += len;
         if ttt != RESERVED_TAG
             && let Some(&(_, blen, got, _)) = g.bursts.get(&ttt)
@@ -544,6 +657,58 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         Ok(())
     }
 
+    /// Read the data segment of a write's PDU straight into the buffer the
+    /// command will be executed from, rather than through the reader's
+    /// buffer (one copy fewer of every byte written): a Data-Out's into its
+    /// command's gather buffer at the offset the PDU names, a write
+    /// command's immediate data into a new buffer from the pool. `None`
+    /// (and nothing read) for any other PDU, for a Data-Out of no command
+    /// being gathered or beyond its end, and for a command the target will
+    /// refuse anyway; otherwise where the data went and whether its digest
+    /// (if one was negotiated) matched. A Data-Out's offset is checked
+    /// against the next one due afterwards, in [`Reader::data_out`]: data
+    /// that turns out to be unexpected fails the command it landed in.
+    async fn read_in_place<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut BufReader<R>,
+        bhs: &Bhs,
+        fr: Framing,
+    ) -> io::Result<Option<(InPlace, bool)>> {
+        let len = bhs.data_len();
+        if bhs.ahs_len() != 0 || len == 0 {
+            return Ok(None);
+        }
+        match bhs.opcode() {
+            op::DATA_OUT => {
+                let offset = bhs.u32_at(40) as usize;
+                let Some(g) = self.gathers.get_mut(&bhs.itt()) else {
+                    return Ok(None);
+                };
+                if offset.checked_add(len).is_none_or(|end| end > g.edtl as usize) {
+                    return Ok(None);
+                }
+                let ok = read_segment(rd, bhs, fr, &mut g.buf[offset..offset + len]).await?;
+                Ok(Some((InPlace::DataOut, ok)))
+            }
+            op::SCSI_CMD => {
+                let edtl = bhs.u32_at(20);
+                let write = bhs.flags() & 0x20 != 0;
+                if self.s.lu.is_none()
+                    || !write
+                    || !self.s.params.immediate_data
+                    || len > edtl as usize
+                    || edtl > MAX_WRITE
+                {
+                    return Ok(None);
+                }
+                let mut buf = self.bufs.get(edtl as usize);
+                let ok = read_segment(rd, bhs, fr, &mut buf[..len]).await?;
+                Ok(Some((InPlace::Command(buf), ok)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn fail_gather(&mut self, itt: u32) {
         if let Some(g) = self.gathers.remove(&itt) {
             complete(&self.shared, Done::failed(itt, g.immediate, g.lun, crate::scsi_sense::crc_error()), &g.ctl);
@@ -552,7 +717,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
 
     fn launch(&mut self, itt: u32, g: Gather) {
         let Gather { cdb, lun, edtl, buf, read, ctl, immediate, .. } = g;
-        self.spawn(itt, immediate, cdb, lun, edtl, read, buf, ctl);
+        self.spawn(itt, immediate, cdb, lun, edtl, read, Some(buf), ctl);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -564,17 +729,32 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         lun: u64,
         edtl: u32,
         read: bool,
-        data_out: Vec<u8>,
+        data_out: Option<AlignedBuf>,
         ctl: Arc<TaskCtl>,
     ) {
         let lu = self.s.lu.clone().expect("normal session");
         let nexus = self.s.nexus.clone();
         let shared = self.shared.clone();
-        // The driver runs until the reader is gone, so the queue is open.
-        let _ = self.cmds.send(Box::pin(async move {
-            let (resp, residual) = execute(&lu, &nexus, &cdb, lun, edtl, read, data_out).await;
+        let bufs = self.bufs.clone();
+        let cmd = Box::pin(async move {
+            // A gathered buffer holds exactly `edtl` bytes of data.
+            let data = data_out.as_ref().map_or(&[][..], |b| &b[..edtl as usize]);
+            let (resp, residual) = execute(&lu, &nexus, &cdb, lun, edtl, read, data).await;
+            if let Some(b) = data_out {
+                bufs.put(b);
+            }
             complete(&shared, Done { itt, immediate, lun, resp, send_data: read, residual }, &ctl);
-        }));
+        });
+        if edtl >= OWN_TASK {
+            // A large transfer's CPU work (checksums, copies into the data
+            // cache) would hold up the whole connection on its one thread:
+            // it gets a task of its own, which another worker can run. Its
+            // TaskCtl is waited for at the end of the session like any.
+            tokio::spawn(cmd);
+        } else {
+            // The driver runs until the reader is gone, so the queue is open.
+            let _ = self.cmds.send(cmd);
+        }
     }
 
     async fn tmf(&mut self, bhs: &Bhs) {
@@ -805,10 +985,10 @@ async fn execute<D: BlockDevice + 'static>(
     lun: u64,
     edtl: u32,
     read: bool,
-    data_out: Vec<u8>,
+    data_out: &[u8],
 ) -> (Response, (u8, u32)) {
     if lun_number(lun) != Some(0) {
-        let resp = crate::scsi::no_such_lun(Command { cdb, data_out: &data_out, lun });
+        let resp = crate::scsi::no_such_lun(Command { cdb, data_out, lun });
         let n = resp.data_in.len() as u32;
         return (resp, residual_for(n, edtl));
     }
@@ -835,10 +1015,10 @@ async fn execute<D: BlockDevice + 'static>(
         // Anything else (parameter lists, WRITE SAME's block, COMPARE AND
         // WRITE's pair) goes to the logical unit as it came, which judges
         // a size that does not match the CDB.
-        let resp = lu.execute(nexus, Command { cdb, data_out: &data_out, lun }).await;
+        let resp = lu.execute(nexus, Command { cdb, data_out, lun }).await;
         return (resp, residual_for(need, edtl));
     }
-    let resp = lu.execute(nexus, Command { cdb, data_out: &data_out, lun }).await;
+    let resp = lu.execute(nexus, Command { cdb, data_out, lun }).await;
     if read {
         let n = resp.data_in.len() as u32;
         (resp, residual_for(n, edtl))

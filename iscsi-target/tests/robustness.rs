@@ -224,3 +224,94 @@ async fn a_flood_of_logins_leaves_the_target_serving() {
     let inq = run(&["iscsi-inq", &h.url("v")], &[]).await;
     assert!(inq.status.success(), "{}", text(&inq));
 }
+
+/// A Data-Out PDU for `cmd`'s burst `ttt`.
+fn data_out(cmd: &Bhs, ttt: u32, datasn: u32, offset: u32, last: bool) -> Bhs {
+    let mut d = Bhs::new(op::DATA_OUT);
+    d.0[1] = if last { 0x80 } else { 0 };
+    d.put_u32(16, cmd.itt());
+    d.put_u32(20, ttt);
+    d.put_u32(36, datasn);
+    d.put_u32(40, offset);
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn solicited_data_in_odd_pieces_with_digests_lands_whole() {
+    // Data-Out segments are read straight into the command's buffer: pieces
+    // of odd lengths (with padding before their digests) must land at their
+    // offsets, and a corrupted digest must fail the command and write
+    // nothing.
+    let h = Harness::new(128 * MIB).await;
+    h.pool.create_volume("v", 8 * MIB).await.unwrap();
+    let mut w = logged_in(
+        &h,
+        "v",
+        &[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C"), ("InitialR2T", "Yes"), ("ImmediateData", "No")],
+    )
+    .await;
+    assert!(w.framing.header_digest && w.framing.data_digest, "digests not negotiated");
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let b = w.command(&write10(40, 4), false, true, 2048);
+    w.send(&b, &[]).await;
+    let (r2t, _) = w.expect(op::R2T).await.unwrap();
+    assert_eq!((r2t.u32_at(40), r2t.u32_at(44)), (0, 2048), "one R2T for the whole write");
+    let cuts = [0usize, 509, 510, 1027, 2048];
+    for (sn, win) in cuts.windows(2).enumerate() {
+        let last = win[1] == 2048;
+        let d = data_out(&b, r2t.ttt(), sn as u32, win[0] as u32, last);
+        w.send(&d, &data[win[0]..win[1]]).await;
+    }
+    let (r, _) = w.expect(op::SCSI_RESP).await.unwrap();
+    assert_eq!(r.0[3], 0, "write in odd pieces failed");
+    assert_eq!(read_back(&mut w, 40, 4).await, data);
+
+    // The same write again, with a different pattern and its second piece's
+    // data digest broken: rejected, the command fails, the data stays.
+    let b = w.command(&write10(40, 4), false, true, 2048);
+    w.send(&b, &[]).await;
+    let (r2t, _) = w.expect(op::R2T).await.unwrap();
+    w.send(&data_out(&b, r2t.ttt(), 0, 0, false), &[0x99; 1024]).await;
+    let mut bytes = Vec::new();
+    pdu::encode(&mut bytes, &data_out(&b, r2t.ttt(), 1, 1024, true), &[0x99; 1024], w.framing);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    w.send_raw(&bytes).await.unwrap();
+    let (r, _) = w.recv().await.expect("reject");
+    assert_eq!((r.opcode(), r.0[2]), (op::REJECT, pdu::reject::DATA_DIGEST));
+    let (r, _) = w.expect(op::SCSI_RESP).await.expect("the command's status");
+    assert_eq!((r.itt(), r.0[3]), (b.itt(), 2), "a write with a corrupted Data-Out must end in CHECK CONDITION");
+    assert_eq!(read_back(&mut w, 40, 4).await, data, "a failed write changed the disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_out_out_of_order_fails_the_command() {
+    // DataPDUInOrder=Yes is what the target negotiates: a Data-Out must start
+    // where the previous one of its burst ended. Pieces that go back over
+    // data already sent and skip some (all the bytes counted, a gap of
+    // whatever the reused buffer held left), or that come out of order,
+    // fail their command, with nothing written.
+    let h = Harness::new(128 * MIB).await;
+    h.pool.create_volume("v", 8 * MIB).await.unwrap();
+    let mut w = logged_in(&h, "v", &[("InitialR2T", "Yes"), ("ImmediateData", "Yes")]).await;
+    write_ok(&mut w, 64, 2, 0x61).await;
+    let cases: [(&str, [(u32, usize); 3]); 2] = [
+        ("an overlap and a gap", [(0, 512), (256, 256), (768, 256)]),
+        ("pieces out of order", [(0, 512), (768, 256), (512, 256)]),
+    ];
+    for (name, pieces) in cases {
+        let b = w.command(&write10(64, 2), false, true, 1024);
+        w.send(&b, &[]).await;
+        let (r2t, _) = w.expect(op::R2T).await.unwrap();
+        for (sn, (offset, len)) in pieces.into_iter().enumerate() {
+            w.send(&data_out(&b, r2t.ttt(), sn as u32, offset, sn == 2), &vec![0x62; len]).await;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), w.expect(op::SCSI_RESP)).await;
+        let (r, _) = answer.expect("no answer to the write").unwrap();
+        assert_eq!((r.itt(), r.0[3]), (b.itt(), 2), "a write with {name} must fail");
+        assert_eq!(read_back(&mut w, 64, 2).await, vec![0x61; 1024], "a write with {name} changed the disk");
+    }
+    // The session still writes correctly afterwards.
+    write_ok(&mut w, 64, 2, 0x64).await;
+    assert_eq!(read_back(&mut w, 64, 2).await, vec![0x64; 1024]);
+}

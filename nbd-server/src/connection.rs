@@ -395,7 +395,7 @@ struct Conn<D, W> {
     /// (and the connection's end, to shut it down).
     writer: Mutex<W>,
     out: std::sync::Mutex<OutState>,
-    bufs: parking_lot_free::BufPool,
+    bufs: keel_blockstore::BufPool,
 }
 
 /// Replies waiting for the socket. Replies are combined: the task whose
@@ -462,33 +462,6 @@ impl Body {
         match self {
             Body::Data(_, b, _) | Body::Sparse(_, _, b, _) => Some(b),
             _ => None,
-        }
-    }
-}
-
-/// A tiny free list of aligned buffers (std mutex: held for a push or pop).
-mod parking_lot_free {
-    use keel_blockstore::AlignedBuf;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    pub struct BufPool(Mutex<Vec<AlignedBuf>>);
-
-    impl BufPool {
-        pub fn get(&self, len: usize) -> AlignedBuf {
-            let mut l = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = l.iter().position(|b| b.len() >= len && b.len() <= len.max(4096) * 4) {
-                return l.swap_remove(i);
-            }
-            drop(l);
-            AlignedBuf::new(len)
-        }
-
-        pub fn put(&self, b: AlignedBuf) {
-            let mut l = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if l.len() < 256 && b.len() <= 4 << 20 {
-                l.push(b);
-            }
         }
     }
 }

@@ -65,6 +65,40 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// A small free list of [`AlignedBuf`]s, so a protocol server's requests
+/// reuse buffers instead of allocating (and zeroing) one per I/O.
+///
+/// A buffer handed out may hold an earlier request's bytes: callers either
+/// fill it completely or use only what they filled.
+#[derive(Default)]
+pub struct BufPool(parking_lot::Mutex<Vec<AlignedBuf>>);
+
+impl BufPool {
+    /// Buffers kept at most.
+    const KEEP: usize = 256;
+    /// Largest buffer kept.
+    const KEEP_BYTES: usize = 4 << 20;
+
+    /// A buffer of at least `len` bytes (and not wastefully more: at most
+    /// four times `len`, or four blocks).
+    pub fn get(&self, len: usize) -> AlignedBuf {
+        let mut l = self.0.lock();
+        if let Some(i) = l.iter().position(|b| b.len() >= len && b.len() <= len.max(BLOCK_SIZE) * 4) {
+            return l.swap_remove(i);
+        }
+        drop(l);
+        AlignedBuf::new(len)
+    }
+
+    /// Give a buffer back for reuse.
+    pub fn put(&self, b: AlignedBuf) {
+        let mut l = self.0.lock();
+        if l.len() < Self::KEEP && b.len() <= Self::KEEP_BYTES {
+            l.push(b);
+        }
+    }
+}
+
 /// True when `buf` can go to an O_DIRECT backend as it is.
 pub(crate) fn is_aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE) && buf.len().is_multiple_of(BLOCK_SIZE)

@@ -17,7 +17,7 @@ mod file;
 mod mem;
 mod uring;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, BufPool};
 pub use file::FileBackend;
 pub use mem::MemBackend;
 pub use uring::{ReapStats, UringBackend};
