@@ -21,6 +21,7 @@ use crate::format::{DeviceKind, Entry, crc};
 use crate::pool::{Device, Held, Inner, PIECE_BLOCKS};
 use crate::scratch::{Arrays, Scratch};
 use crate::tree::{DevState, Stop, TreeCtx};
+use crate::writeback::MAX_STAGED_WRITE;
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Requests must be aligned to this many bytes.
@@ -452,8 +453,16 @@ impl<B: Backend> Volume<B> {
     ) -> Result<bool> {
         let mut scratch = Scratch::take();
         let Arrays { crcs, extents, .. } = &mut *scratch;
-        for (c, blk) in crcs.iter_mut().zip(src.chunks_exact(BLOCK_SIZE)) {
-            *c = crc(blk);
+        let checksums = |crcs: &mut [u32]| {
+            for (c, blk) in crcs.iter_mut().zip(src.chunks_exact(BLOCK_SIZE)) {
+                *c = crc(blk);
+            }
+        };
+        // Staging needs the checksums first; a write too large to be staged
+        // computes them while its data is on the way to the disk.
+        let stageable = n <= MAX_STAGED_WRITE && self.pool.staging().is_some();
+        if stageable {
+            checksums(&mut crcs[..]);
         }
         let mut count = 0;
         let mut got = 0u64;
@@ -487,7 +496,8 @@ impl<B: Backend> Volume<B> {
         // Data first: staged in the data cache for write-back (which puts
         // the new contents over whatever the cache kept of these blocks'
         // earlier lives), or written now, every extent at once.
-        let staged = self.pool.staging().is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
+        let staged =
+            stageable && self.pool.staging().is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
         if !staged {
             // Whatever the data cache kept of these blocks' earlier lives
             // must be gone before the new contents can be mapped: the
@@ -495,22 +505,31 @@ impl<B: Backend> Volume<B> {
             // reads these blocks meanwhile: they are not mapped, and no
             // reader of their earlier lives is left, see `grace.rs`); a
             // failed write drops it.
-            let written = if let [(s, _)] = extents {
-                self.pool.backend.write_at(src, s * BS).await
-            } else {
-                let mut at = 0usize;
-                let mut writes = futures::stream::FuturesUnordered::new();
-                for &(s, l) in extents {
-                    let len = l as usize * BLOCK_SIZE;
-                    writes.push(self.pool.backend.write_at(&src[at..at + len], s * BS));
-                    at += len;
+            let write = async {
+                if let [(s, _)] = extents {
+                    self.pool.backend.write_at(src, s * BS).await
+                } else {
+                    let mut at = 0usize;
+                    let mut writes = futures::stream::FuturesUnordered::new();
+                    for &(s, l) in extents {
+                        let len = l as usize * BLOCK_SIZE;
+                        writes.push(self.pool.backend.write_at(&src[at..at + len], s * BS));
+                        at += len;
+                    }
+                    let mut r = Ok(());
+                    while let Some(x) = writes.next().await {
+                        r = r.and(x);
+                    }
+                    r
                 }
-                let mut r = Ok(());
-                while let Some(x) = writes.next().await {
-                    r = r.and(x);
-                }
-                r
             };
+            // Polled in this order, the write is submitted before the
+            // checksums are computed.
+            let (written, ()) = futures::join!(write, async {
+                if !stageable {
+                    checksums(&mut crcs[..]);
+                }
+            });
             if let Err(e) = written {
                 for &(s, l) in extents {
                     if let Some(cache) = &self.pool.data_cache {

@@ -63,7 +63,7 @@ const KEEP_BUFS: usize = 4;
 /// Largest write staged, in blocks (64 KiB). Larger ones are already large
 /// I/Os: staging would only add two copies (into the cache, out for the
 /// flush), so they go to the disk themselves.
-const MAX_STAGED_WRITE: usize = 16;
+pub(crate) const MAX_STAGED_WRITE: usize = 16;
 
 pub(crate) struct WriteBack {
     /// Most blocks staged at once.
