@@ -193,9 +193,66 @@ impl DevState {
             phys = child_phys;
         }
         let leaf = self.dirty.get_mut(&phys).expect("dirty leaf");
-        let i = index(b, 1);
-        let old = leaf[i];
-        leaf[i] = new;
+        let old = std::mem::replace(&mut leaf[index(b, 1)], new);
+        self.account(cx, old, new);
+        Ok(Some(old))
+    }
+
+    /// [`DevState::set`] without `expect` for blocks `first..first + n`,
+    /// block `first + i` to `new(i)`, walking (and shadowing) the path to
+    /// each leaf once: the first block of a leaf goes through `set`, the
+    /// rest of that leaf's blocks are changed in place, the leaf being
+    /// dirty now. On a stop (a page to load), `Err` says how many blocks
+    /// were done before it.
+    pub fn set_run(
+        &mut self,
+        cx: &TreeCtx<'_>,
+        first: u64,
+        n: usize,
+        new: impl Fn(usize) -> Entry,
+    ) -> Result<(), (usize, Stop)> {
+        let mut i = 0;
+        while i < n {
+            let b = first + i as u64;
+            self.set(cx, b, new(i), None).map_err(|s| (i, s))?;
+            i += 1;
+            // `set` leaves the path dirty unless it changed nothing.
+            let Some(leaf) = self.dirty_leaf(b) else { continue };
+            while i < n && index(first + i as u64, 1) != 0 {
+                let e = new(i);
+                let slot = &mut self.dirty.get_mut(&leaf).expect("dirty leaf")[index(first + i as u64, 1)];
+                let old = std::mem::replace(slot, e);
+                self.account(cx, old, e);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The block of the leaf holding block `b`, if every page on its path
+    /// is dirty (changeable in place).
+    fn dirty_leaf(&self, b: u64) -> Option<u64> {
+        let root = self.rec.root;
+        if !root.is_mapped() {
+            return None;
+        }
+        let mut phys = root.phys;
+        for level in (2..=self.rec.depth).rev() {
+            let e = self.dirty.get(&phys)?[index(b, level)];
+            if !e.is_mapped() {
+                return None;
+            }
+            phys = e.phys;
+        }
+        self.dirty.contains_key(&phys).then_some(phys)
+    }
+
+    /// Reference counts and the mapped count for a leaf entry that went
+    /// from `old` to `new`.
+    fn account(&mut self, cx: &TreeCtx<'_>, old: Entry, new: Entry) {
+        if old == new {
+            return;
+        }
         if new.is_mapped() {
             cx.refs.inc(new.phys);
             if !old.is_mapped() {
@@ -208,7 +265,6 @@ impl DevState {
                 self.rec.mapped -= 1;
             }
         }
-        Ok(Some(old))
     }
 
     /// Make the page behind `e` dirty (changeable) and return its block:

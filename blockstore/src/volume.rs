@@ -577,6 +577,20 @@ impl<B: Backend> Volume<B> {
                     }
                 }
                 let cx = self.pool.tree_cx_holding(&held);
+                if stop.is_none() && expect.is_none() && !atomic && !st.deleted {
+                    // A leaf's path walked once for all its blocks.
+                    let from = i;
+                    match st.set_run(&cx, first + from as u64, n - from, |k| Entry {
+                        phys: phys_of(from + k),
+                        crc: crcs[from + k],
+                    }) {
+                        Ok(()) => i = n,
+                        Err((done, s)) => {
+                            i = from + done;
+                            stop = Some(s);
+                        }
+                    }
+                }
                 while stop.is_none() && i < n && !st.deleted {
                     let e = Entry { phys: phys_of(i), crc: crcs[i] };
                     match st.set(&cx, first + i as u64, e, expect) {
