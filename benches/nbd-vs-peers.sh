@@ -335,7 +335,8 @@ measure() {
 	local rq rn verdict line
 	rq=$(ratio "$ki" "$qi")
 	rn=$(ratio "$ki" "$ni")
-	verdict=$(awk -v r="$rq" -v t="$TARGET" 'BEGIN { print (r + 0 >= t + 0) ? "ok" : "BELOW" }')
+	# Judged on the exact ratio, not the rounded one printed.
+	verdict=$(awk -v k="$ki" -v b="$qi" -v t="$TARGET" 'BEGIN { print (b > 0 && k / b >= t + 0) ? "ok" : "BELOW" }')
 	# shellcheck disable=SC2059 # the format is ours
 	line=$(printf "$fmt" "$name" "$qi" "$ni" "$ki" "$rq" "$rn" "$TARGET" "$verdict" "$di")
 	rows+=("$line")
