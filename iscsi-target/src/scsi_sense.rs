@@ -30,6 +30,11 @@ pub fn data_phase_error() -> Response {
     check_condition(0x0b, 0x4b, 0x00)
 }
 
+/// HARDWARE ERROR / INTERNAL TARGET FAILURE (a command's task panicked).
+pub fn internal_target_failure() -> Response {
+    check_condition(0x04, 0x44, 0x00)
+}
+
 /// ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR (data digest mismatch).
 pub fn crc_error() -> Response {
     check_condition(0x0b, 0x47, 0x05)

@@ -736,6 +736,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         let nexus = self.s.nexus.clone();
         let shared = self.shared.clone();
         let bufs = self.bufs.clone();
+        let own_task = (edtl >= OWN_TASK).then(|| ctl.clone());
         let cmd = Box::pin(async move {
             // A gathered buffer holds exactly `edtl` bytes of data.
             let data = data_out.as_ref().map_or(&[][..], |b| &b[..edtl as usize]);
@@ -745,12 +746,21 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             }
             complete(&shared, Done { itt, immediate, lun, resp, send_data: read, residual }, &ctl);
         });
-        if edtl >= OWN_TASK {
+        if let Some(watch) = own_task {
             // A large transfer's CPU work (checksums, copies into the data
             // cache) would hold up the whole connection on its one thread:
-            // it gets a task of its own, which another worker can run. Its
-            // TaskCtl is waited for at the end of the session like any.
-            tokio::spawn(cmd);
+            // it gets a task of its own, which another worker can run. The
+            // driver waits for it, and answers for it if it panics (else its
+            // TaskCtl would never be done, and an ABORT TASK, a logout or
+            // the session's end would wait for it forever).
+            let task = tokio::spawn(cmd);
+            let shared = self.shared.clone();
+            let _ = self.cmds.send(Box::pin(async move {
+                if task.await.is_err() && !watch.done.load(Ordering::Acquire) {
+                    let resp = crate::scsi_sense::internal_target_failure();
+                    complete(&shared, Done::failed(itt, immediate, lun, resp), &watch);
+                }
+            }));
         } else {
             // The driver runs until the reader is gone, so the queue is open.
             let _ = self.cmds.send(cmd);

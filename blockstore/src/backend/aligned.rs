@@ -71,30 +71,40 @@ impl std::fmt::Debug for AlignedBuf {
 /// A buffer handed out may hold an earlier request's bytes: callers either
 /// fill it completely or use only what they filled.
 #[derive(Default)]
-pub struct BufPool(parking_lot::Mutex<Vec<AlignedBuf>>);
+pub struct BufPool(parking_lot::Mutex<Kept>);
+
+#[derive(Default)]
+struct Kept {
+    bufs: Vec<AlignedBuf>,
+    bytes: usize,
+}
 
 impl BufPool {
     /// Buffers kept at most.
     const KEEP: usize = 256;
-    /// Largest buffer kept.
-    const KEEP_BYTES: usize = 4 << 20;
+    /// Bytes kept at most, all buffers together: a burst of large requests
+    /// does not leave its buffers held for the rest of the connection.
+    const KEEP_BYTES: usize = 32 << 20;
 
     /// A buffer of at least `len` bytes (and not wastefully more: at most
     /// four times `len`, or four blocks).
     pub fn get(&self, len: usize) -> AlignedBuf {
-        let mut l = self.0.lock();
-        if let Some(i) = l.iter().position(|b| b.len() >= len && b.len() <= len.max(BLOCK_SIZE) * 4) {
-            return l.swap_remove(i);
+        let mut k = self.0.lock();
+        if let Some(i) = k.bufs.iter().position(|b| b.len() >= len && b.len() <= len.max(BLOCK_SIZE) * 4) {
+            let b = k.bufs.swap_remove(i);
+            k.bytes -= b.len();
+            return b;
         }
-        drop(l);
+        drop(k);
         AlignedBuf::new(len)
     }
 
-    /// Give a buffer back for reuse.
+    /// Give a buffer back for reuse (or free it, when the pool is full).
     pub fn put(&self, b: AlignedBuf) {
-        let mut l = self.0.lock();
-        if l.len() < Self::KEEP && b.len() <= Self::KEEP_BYTES {
-            l.push(b);
+        let mut k = self.0.lock();
+        if k.bufs.len() < Self::KEEP && k.bytes + b.len() <= Self::KEEP_BYTES {
+            k.bytes += b.len();
+            k.bufs.push(b);
         }
     }
 }
@@ -102,4 +112,25 @@ impl BufPool {
 /// True when `buf` can go to an O_DIRECT backend as it is.
 pub(crate) fn is_aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE) && buf.len().is_multiple_of(BLOCK_SIZE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_reuses_buffers_and_keeps_a_bounded_number_of_bytes() {
+        let pool = BufPool::default();
+        let b = pool.get(4096);
+        let at = b.as_ptr();
+        pool.put(b);
+        assert_eq!(pool.get(4096).as_ptr(), at, "a returned buffer is handed out again");
+        for _ in 0..20 {
+            pool.put(AlignedBuf::new(4 << 20));
+        }
+        let k = pool.0.lock();
+        assert_eq!(k.bytes, k.bufs.iter().map(|b| b.len()).sum::<usize>());
+        assert!(k.bytes <= BufPool::KEEP_BYTES, "{} bytes kept", k.bytes);
+        assert_eq!(k.bufs.len(), BufPool::KEEP_BYTES / (4 << 20));
+    }
 }
