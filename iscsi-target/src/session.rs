@@ -211,6 +211,9 @@ impl<D: BlockDevice + 'static> Session<D> {
                 r = conn.read_loop(&mut rd) => r,
                 _ = self.kill.notified() => Ok(()),
             };
+            // Writes still waiting for their data will not get it: they
+            // end here, unanswered, or the wait below would never end.
+            conn.abandon_gathers();
             // Dropping the reader closes the command queue: the driver
             // ends once the commands already queued have run.
             drop(conn);
@@ -709,6 +712,16 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
         }
     }
 
+    /// End every write still gathering its data, without an answer (the
+    /// connection is gone), so that its task counts as done.
+    fn abandon_gathers(&mut self) {
+        for (itt, g) in self.gathers.drain() {
+            g.ctl.aborted.store(true, Ordering::Release);
+            let resp = crate::scsi_sense::data_phase_error();
+            complete(&self.shared, Done::failed(itt, g.immediate, g.lun, resp), &g.ctl);
+        }
+    }
+
     fn fail_gather(&mut self, itt: u32) {
         if let Some(g) = self.gathers.remove(&itt) {
             complete(&self.shared, Done::failed(itt, g.immediate, g.lun, crate::scsi_sense::crc_error()), &g.ctl);
@@ -920,6 +933,8 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
     async fn logout(&mut self, bhs: &Bhs) {
         self.accept_cmdsn(bhs);
         self.complete_now(bhs);
+        // Writes still waiting for data will not get it after a logout.
+        self.abandon_gathers();
         // Wait for running commands so their responses precede ours.
         let running: Vec<_> = self.shared.tasks.lock().values().cloned().collect();
         for t in running {

@@ -315,3 +315,44 @@ async fn data_out_out_of_order_fails_the_command() {
     write_ok(&mut w, 64, 2, 0x64).await;
     assert_eq!(read_back(&mut w, 64, 2).await, vec![0x64; 1024]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initiator_gone_while_a_write_waits_for_data_loses_its_reservation() {
+    // The session's end waits for its running commands; a write that was
+    // still waiting for its Data-Out must not make that wait endless, or
+    // the I_T nexus is never lost and its RESERVE(6) holds the LU forever.
+    let h = Harness::new(128 * MIB).await;
+    h.pool.create_volume("v", 8 * MIB).await.unwrap();
+    let mut a = logged_in(&h, "v", &[("InitialR2T", "Yes"), ("ImmediateData", "Yes")]).await;
+    let mut b = logged_in(&h, "v", &[]).await;
+    let reserve = a.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0);
+    a.send(&reserve, &[]).await;
+    let (r, _) = a.expect(op::SCSI_RESP).await.unwrap();
+    assert_eq!(r.0[3], 0, "RESERVE(6) failed");
+    let w = b.command(&write10(0, 1), false, true, 512);
+    b.send(&w, &[0x77; 512]).await;
+    let (r, _) = b.expect(op::SCSI_RESP).await.unwrap();
+    assert_eq!(r.0[3], 0x18, "another initiator's write must meet RESERVATION CONFLICT");
+
+    // A starts a write, gets its R2T, and vanishes without sending data.
+    let c = a.command(&write10(8, 8), false, true, 8 * 512);
+    a.send(&c, &[]).await;
+    let (r2t, _) = a.expect(op::R2T).await.unwrap();
+    assert_eq!(r2t.itt(), c.itt());
+    drop(a);
+
+    // A's session ends and releases its reservation: B's writes go through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = b.command(&write10(0, 1), false, true, 512);
+        b.send(&w, &[0x77; 512]).await;
+        let (r, _) = b.expect(op::SCSI_RESP).await.unwrap();
+        if r.0[3] == 0 {
+            break;
+        }
+        assert_eq!(r.0[3], 0x18);
+        assert!(tokio::time::Instant::now() < deadline, "the vanished initiator's reservation is still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(read_back(&mut b, 0, 1).await, vec![0x77; 512]);
+}
