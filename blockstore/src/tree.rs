@@ -85,6 +85,26 @@ fn index(block: u64, level: u8) -> usize {
     ((block >> (FANOUT_BITS * (level as u32 - 1))) & (FANOUT as u64 - 1)) as usize
 }
 
+/// Reference counts and the device's mapped count for a leaf entry that
+/// went from `old` to `new`.
+fn account(rec: &mut DeviceRecord, cx: &TreeCtx<'_>, old: Entry, new: Entry) {
+    if old == new {
+        return;
+    }
+    if new.is_mapped() {
+        cx.refs.inc(new.phys);
+        if !old.is_mapped() {
+            rec.mapped += 1;
+        }
+    }
+    if old.is_mapped() {
+        cx.refs.dec(old.phys);
+        if !new.is_mapped() {
+            rec.mapped -= 1;
+        }
+    }
+}
+
 /// Blocks covered by one entry of a page at `level`.
 fn span(level: u8) -> u64 {
     1u64 << (FANOUT_BITS * (level as u32 - 1))
@@ -194,7 +214,7 @@ impl DevState {
         }
         let leaf = self.dirty.get_mut(&phys).expect("dirty leaf");
         let old = std::mem::replace(&mut leaf[index(b, 1)], new);
-        self.account(cx, old, new);
+        account(&mut self.rec, cx, old, new);
         Ok(Some(old))
     }
 
@@ -218,11 +238,11 @@ impl DevState {
             i += 1;
             // `set` leaves the path dirty unless it changed nothing.
             let Some(leaf) = self.dirty_leaf(b) else { continue };
+            let page = self.dirty.get_mut(&leaf).expect("dirty leaf");
             while i < n && index(first + i as u64, 1) != 0 {
                 let e = new(i);
-                let slot = &mut self.dirty.get_mut(&leaf).expect("dirty leaf")[index(first + i as u64, 1)];
-                let old = std::mem::replace(slot, e);
-                self.account(cx, old, e);
+                let old = std::mem::replace(&mut page[index(first + i as u64, 1)], e);
+                account(&mut self.rec, cx, old, e);
                 i += 1;
             }
         }
@@ -245,26 +265,6 @@ impl DevState {
             phys = e.phys;
         }
         self.dirty.contains_key(&phys).then_some(phys)
-    }
-
-    /// Reference counts and the mapped count for a leaf entry that went
-    /// from `old` to `new`.
-    fn account(&mut self, cx: &TreeCtx<'_>, old: Entry, new: Entry) {
-        if old == new {
-            return;
-        }
-        if new.is_mapped() {
-            cx.refs.inc(new.phys);
-            if !old.is_mapped() {
-                self.rec.mapped += 1;
-            }
-        }
-        if old.is_mapped() {
-            cx.refs.dec(old.phys);
-            if !new.is_mapped() {
-                self.rec.mapped -= 1;
-            }
-        }
     }
 
     /// Make the page behind `e` dirty (changeable) and return its block:

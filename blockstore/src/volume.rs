@@ -460,7 +460,8 @@ impl<B: Backend> Volume<B> {
         };
         // Staging needs the checksums first; a write too large to be staged
         // computes them while its data is on the way to the disk.
-        let stageable = n <= MAX_STAGED_WRITE && self.pool.staging().is_some();
+        let staging = self.pool.staging().filter(|_| n <= MAX_STAGED_WRITE);
+        let stageable = staging.is_some();
         if stageable {
             checksums(&mut crcs[..]);
         }
@@ -496,8 +497,7 @@ impl<B: Backend> Volume<B> {
         // Data first: staged in the data cache for write-back (which puts
         // the new contents over whatever the cache kept of these blocks'
         // earlier lives), or written now, every extent at once.
-        let staged =
-            stageable && self.pool.staging().is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
+        let staged = staging.is_some_and(|(wb, cache)| wb.stage(cache, extents, src, &crcs[..n]));
         if !staged {
             // Whatever the data cache kept of these blocks' earlier lives
             // must be gone before the new contents can be mapped: the
