@@ -93,7 +93,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn data(&mut self, slot: usize) -> &mut [u8] {
+    fn data(&self, slot: usize) -> &[u8] {
         self.mem.block(slot)
     }
 
@@ -176,12 +176,26 @@ impl SlotMem {
         Some(SlotMem { ptr: std::ptr::NonNull::new(p.cast())?, len })
     }
 
-    fn block(&mut self, slot: usize) -> &mut [u8] {
+    fn at(&self, slot: usize) -> *mut u8 {
         let at = slot * BLOCK_SIZE;
         assert!(at + BLOCK_SIZE <= self.len, "slot {slot} beyond the shard");
-        // SAFETY: in bounds of the mapping (checked above), which lives as
-        // long as `self`; `&mut self` makes the borrow exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), BLOCK_SIZE) }
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.ptr.as_ptr().add(at) }
+    }
+
+    fn block(&self, slot: usize) -> &[u8] {
+        // SAFETY: a slot of the mapping, which lives as long as `self`;
+        // slots are only changed through `block_mut`, which needs `&mut
+        // self`, and never while a flush holds one (`DataCache::dirty_bytes`).
+        unsafe { std::slice::from_raw_parts(self.at(slot), BLOCK_SIZE) }
+    }
+
+    fn block_mut(&mut self, slot: usize) -> &mut [u8] {
+        // SAFETY: a slot of the mapping, which lives as long as `self`;
+        // `&mut self` makes the borrow exclusive (a flush's borrow of a
+        // dirty slot, `DataCache::dirty_bytes`, is of a slot never passed
+        // here while dirty).
+        unsafe { std::slice::from_raw_parts_mut(self.at(slot), BLOCK_SIZE) }
     }
 }
 
@@ -343,21 +357,30 @@ impl DataCache {
         };
         s.crcs[slot] = crc;
         s.dirty[slot] = dirty;
-        s.data(slot).copy_from_slice(src);
+        s.mem.block_mut(slot).copy_from_slice(src);
         true
     }
 
-    /// Copy staged block `block` into `dst` for its flush; false if it is
-    /// not cached dirty.
-    pub fn copy_dirty(&self, block: u64, dst: &mut [u8]) -> bool {
-        let mut s = self.shard(block).lock();
-        match s.index.get(&block) {
-            Some(&slot) if s.dirty[slot as usize] => {
-                dst.copy_from_slice(s.data(slot as usize));
-                true
-            }
-            _ => false,
+    /// The bytes of staged block `block`, for its flush to write without
+    /// copying them; `None` if it is not cached dirty.
+    ///
+    /// # Safety
+    /// The slice stays valid, and unchanged, while the block stays dirty: a
+    /// dirty slot is never evicted nor written over, and only
+    /// [`DataCache::discard`] empties it. The caller holds the write-back's
+    /// flushing lock, which keeps `discard` out (its one caller,
+    /// `WriteBack::abandon`, takes it), and drops the slice before it calls
+    /// [`DataCache::clean`] for the block.
+    pub unsafe fn dirty_bytes(&self, block: u64) -> Option<&[u8]> {
+        let s = self.shard(block).lock();
+        let slot = *s.index.get(&block)? as usize;
+        if !s.dirty[slot] {
+            return None;
         }
+        let p = s.mem.at(slot);
+        // SAFETY: a slot of this cache's mappings, which live as long as
+        // `self`; unchanged while dirty (see above and `put`).
+        Some(unsafe { std::slice::from_raw_parts(p, BLOCK_SIZE) })
     }
 
     /// Whether block `block` is cached dirty (staged, not yet on disk).

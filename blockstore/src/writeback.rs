@@ -7,7 +7,8 @@
 //! never evicted, never overwritten) and map them at once; readers find
 //! them in the cache. The blocks are written later by [`WriteBack::flush`],
 //! which takes every staged block, sorts them, and writes each run of
-//! consecutive blocks with one I/O. Copy-on-write allocation hands out
+//! consecutive blocks with one I/O, gathered straight from the blocks'
+//! cache slots (no copy). Copy-on-write allocation hands out
 //! consecutive blocks to consecutive writes, so random 4 KiB writes reach
 //! the disk as large sequential ones.
 //!
@@ -22,7 +23,7 @@
 //! - A write that stages its blocks and then fails to map some of them
 //!   (a raced compare, an error) abandons them through
 //!   [`WriteBack::abandon`], which waits for any flush in progress (it may
-//!   have copied them) before they return to the allocator.
+//!   be writing them) before they return to the allocator.
 //! - A flush takes the queue once and writes what it took (one pass: a
 //!   commit needs only what its capture saw, which was queued before it,
 //!   and writers must not keep a commit waiting). Whatever it took and did
@@ -49,7 +50,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
-use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
+use crate::backend::{BLOCK_SIZE, Backend};
 use crate::datacache::DataCache;
 use crate::pool::consecutive_runs;
 
@@ -58,11 +59,9 @@ const BS: u64 = BLOCK_SIZE as u64;
 const MAX_RUN: usize = 256;
 /// Runs written at once by a flush.
 const RUNS_IN_FLIGHT: usize = 16;
-/// Run buffers kept between flushes (each `MAX_RUN` blocks).
-const KEEP_BUFS: usize = 4;
 /// Largest write staged, in blocks (64 KiB). Larger ones are already large
-/// I/Os: staging would only add two copies (into the cache, out for the
-/// flush), so they go to the disk themselves.
+/// I/Os: staging would only add a copy (into the cache) and a second pass
+/// over the run, so they go to the disk themselves.
 pub(crate) const MAX_STAGED_WRITE: usize = 16;
 
 pub(crate) struct WriteBack {
@@ -74,9 +73,8 @@ pub(crate) struct WriteBack {
     queue: Mutex<Vec<u64>>,
     /// Blocks staged and not yet on disk (queued or being written).
     staged: AtomicUsize,
-    /// One flush at a time (`abandon` takes it to wait for a running one);
-    /// it keeps the flush's run buffers for the next one.
-    flushing: tokio::sync::Mutex<Vec<AlignedBuf>>,
+    /// One flush at a time (`abandon` takes it to wait for a running one).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl WriteBack {
@@ -93,7 +91,7 @@ impl WriteBack {
             batch: (limit / 2).clamp(1, MAX_RUN),
             queue: Mutex::new(Vec::with_capacity(limit)),
             staged: AtomicUsize::new(0),
-            flushing: tokio::sync::Mutex::new(Vec::new()),
+            flushing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -161,12 +159,12 @@ impl WriteBack {
     /// [`WriteBack::flush`], with `flushing` held.
     async fn flush_locked<B: Backend>(
         &self,
-        lock: tokio::sync::MutexGuard<'_, Vec<AlignedBuf>>,
+        lock: tokio::sync::MutexGuard<'_, ()>,
         backend: &B,
         cache: &DataCache,
     ) -> io::Result<()> {
-        let mut flight = Flight { wb: self, cache, blocks: std::mem::take(&mut *self.queue.lock()), lock };
-        let Flight { blocks, lock: bufs, .. } = &mut flight;
+        let mut flight = Flight { wb: self, cache, blocks: std::mem::take(&mut *self.queue.lock()), _lock: lock };
+        let blocks = &mut flight.blocks;
         blocks.sort_unstable();
         blocks.dedup();
         let mut runs: VecDeque<_> = consecutive_runs(blocks.len(), |k| blocks[k], MAX_RUN).collect();
@@ -175,33 +173,32 @@ impl WriteBack {
         loop {
             while writes.len() < RUNS_IN_FLIGHT {
                 let Some((i, j)) = runs.pop_front() else { break };
-                let mut buf = bufs.pop().unwrap_or_else(|| AlignedBuf::new(MAX_RUN * BLOCK_SIZE));
-                // Each block is copied out under its shard's lock. Every
-                // queued block is staged (only `abandon` discards staged
-                // blocks, and it holds `flushing`); were one not, the run
-                // would end before it and go on after it.
-                let mut len = 0;
-                while i + len < j {
-                    let at = len * BLOCK_SIZE;
-                    if !cache.copy_dirty(blocks[i + len], &mut buf[at..at + BLOCK_SIZE]) {
-                        debug_assert!(false, "queued block {} is not staged", blocks[i + len]);
-                        if i + len + 1 < j {
-                            runs.push_front((i + len + 1, j));
+                // The run is written straight from the blocks' cache slots.
+                // Every queued block is staged (only `abandon` discards
+                // staged blocks, and it holds `flushing`); were one not,
+                // the run would end before it and go on after it.
+                let mut slots = Vec::with_capacity(j - i);
+                while i + slots.len() < j {
+                    let b = blocks[i + slots.len()];
+                    // SAFETY: `flushing` is held until this flush ends, and
+                    // a block is cleaned below only once its run's write,
+                    // which owns `slots`, has completed.
+                    match unsafe { cache.dirty_bytes(b) } {
+                        Some(bytes) => slots.push(bytes),
+                        None => {
+                            debug_assert!(false, "queued block {b} is not staged");
+                            if i + slots.len() + 1 < j {
+                                runs.push_front((i + slots.len() + 1, j));
+                            }
+                            break;
                         }
-                        break;
                     }
-                    len += 1;
                 }
-                if len == 0 {
-                    bufs.push(buf);
-                    continue;
+                if !slots.is_empty() {
+                    writes.push(write_run(backend, blocks[i], slots));
                 }
-                writes.push(write_run(backend, blocks[i], len, buf));
             }
-            let Some((start, len, buf, r)) = writes.next().await else { break };
-            if bufs.len() < KEEP_BUFS {
-                bufs.push(buf);
-            }
+            let Some((start, len, r)) = writes.next().await else { break };
             match r {
                 Ok(()) => {
                     for b in start..start + len as u64 {
@@ -243,7 +240,7 @@ struct Flight<'a> {
     wb: &'a WriteBack,
     cache: &'a DataCache,
     blocks: Vec<u64>,
-    lock: tokio::sync::MutexGuard<'a, Vec<AlignedBuf>>,
+    _lock: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl Drop for Flight<'_> {
@@ -255,12 +252,9 @@ impl Drop for Flight<'_> {
     }
 }
 
-async fn write_run<B: Backend>(
-    backend: &B,
-    start: u64,
-    len: usize,
-    buf: AlignedBuf,
-) -> (u64, usize, AlignedBuf, io::Result<()>) {
-    let r = backend.write_at(&buf[..len * BLOCK_SIZE], start * BS).await;
-    (start, len, buf, r)
+/// Write a run of staged blocks, from `start`, gathered from their cache
+/// slots. The slots are borrowed until it returns.
+async fn write_run<B: Backend>(backend: &B, start: u64, slots: Vec<&[u8]>) -> (u64, usize, io::Result<()>) {
+    let r = backend.write_vectored_at(&slots, start * BS).await;
+    (start, slots.len(), r)
 }

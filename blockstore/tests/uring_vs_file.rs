@@ -59,8 +59,22 @@ const MAX_OP_BLOCKS: usize = 16;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { block: usize, blocks: usize, seed: u64 },
-    Read { block: usize, blocks: usize },
+    Write {
+        block: usize,
+        blocks: usize,
+        seed: u64,
+    },
+    /// A gather write at `block` of pieces of these many blocks, taken from
+    /// separate places in memory.
+    Writev {
+        block: usize,
+        pieces: Vec<usize>,
+        seed: u64,
+    },
+    Read {
+        block: usize,
+        blocks: usize,
+    },
     Sync,
 }
 
@@ -69,6 +83,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (extent.clone(), any::<u64>())
             .prop_map(|((block, blocks), seed)| Op::Write { block, blocks, seed }),
+        3 => (0..DEV_BLOCKS, prop::collection::vec(1..=4usize, 1..=5), any::<u64>()).prop_map(
+            |(block, mut pieces, seed)| {
+                // Keep the pieces within the device.
+                let mut room = DEV_BLOCKS - block;
+                pieces.retain_mut(|p| {
+                    *p = (*p).min(room);
+                    room -= *p;
+                    *p > 0
+                });
+                Op::Writev { block, pieces, seed }
+            }
+        ),
         5 => extent.prop_map(|(block, blocks)| Op::Read { block, blocks }),
         1 => Just(Op::Sync),
     ]
@@ -82,7 +108,9 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert_eq!(uring.is_direct(), file.is_direct());
     let mut model = vec![0u8; DEV_LEN];
 
-    let mut wbuf = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
+    // Room for the largest gather write too: 5 pieces of 4 blocks, with
+    // gaps between them.
+    let mut wbuf = AlignedBuf::new(MAX_OP_BLOCKS.max(5 * 5) * BLOCK_SIZE);
     let mut rbuf_u = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
     let mut rbuf_f = AlignedBuf::new(MAX_OP_BLOCKS * BLOCK_SIZE);
 
@@ -94,6 +122,25 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 timed("uring write", uring.write_at(&wbuf[..len], off as u64)).await.unwrap();
                 timed("file write", file.write_at(&wbuf[..len], off as u64)).await.unwrap();
                 model[off..off + len].copy_from_slice(&wbuf[..len]);
+            }
+            Op::Writev { block, pieces, seed } => {
+                // Piece k sits k blocks further on in `wbuf` than the end
+                // of piece k - 1: a gap of one block between pieces.
+                fill(&mut wbuf, seed);
+                let mut bufs: Vec<&[u8]> = Vec::new();
+                let mut at = 0;
+                for p in &pieces {
+                    bufs.push(&wbuf[at * BLOCK_SIZE..(at + p) * BLOCK_SIZE]);
+                    at += p + 1;
+                }
+                let off = (block * BLOCK_SIZE) as u64;
+                timed("uring writev", uring.write_vectored_at(&bufs, off)).await.unwrap();
+                timed("file writev", file.write_vectored_at(&bufs, off)).await.unwrap();
+                let mut m = block * BLOCK_SIZE;
+                for b in &bufs {
+                    model[m..m + b.len()].copy_from_slice(b);
+                    m += b.len();
+                }
             }
             Op::Read { block, blocks } => {
                 let (off, len) = (block * BLOCK_SIZE, blocks * BLOCK_SIZE);
@@ -251,6 +298,28 @@ async fn unaligned_direct_io_is_rejected() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
     let err = backend.write_at(&buf[..100], 0).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+}
+
+#[tokio::test]
+async fn a_gather_write_of_more_pieces_than_one_sqe_takes_lands_whole() {
+    // 1500 one-block pieces, every other block of the source buffer: the
+    // kernel takes at most 1024 buffers per vectored write.
+    const PIECES: usize = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open_uring(&temp_file(&dir, "gather.img", PIECES * BLOCK_SIZE));
+    let mut src = AlignedBuf::new(2 * PIECES * BLOCK_SIZE);
+    fill(&mut src, 7);
+    let bufs: Vec<&[u8]> = (0..PIECES).map(|k| &src[2 * k * BLOCK_SIZE..(2 * k + 1) * BLOCK_SIZE]).collect();
+    backend.write_vectored_at(&bufs, 0).await.unwrap();
+    let mut back = AlignedBuf::new(PIECES * BLOCK_SIZE);
+    backend.read_at(&mut back, 0).await.unwrap();
+    for (k, b) in bufs.iter().enumerate() {
+        assert!(back[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE] == **b, "piece {k} differs");
+    }
+    if backend.is_direct() {
+        let err = backend.write_vectored_at(&[&src[..BLOCK_SIZE], &src[1..BLOCK_SIZE + 1]], 0).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    }
 }
 
 #[tokio::test]

@@ -35,6 +35,21 @@ pub trait Backend: Send + Sync + 'static {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> impl Future<Output = io::Result<()>> + Send;
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> impl Future<Output = io::Result<()>> + Send;
+    /// Write `bufs` one after another from `offset`, as [`Backend::write_at`]
+    /// of their concatenation would (a gather write: the write-back writes
+    /// a run of staged blocks straight from the data cache's slots). Like
+    /// any write, it may tear on a crash. By default, one `write_at` per
+    /// buffer, in order.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let mut at = offset;
+            for b in bufs {
+                self.write_at(b, at).await?;
+                at += b.len() as u64;
+            }
+            Ok(())
+        }
+    }
     /// Make every completed write durable.
     fn sync(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Size in bytes.
@@ -106,6 +121,13 @@ impl Backend for AnyBackend {
             AnyBackend::Uring(b) => b.write_at(buf, offset).await,
             AnyBackend::File(b) => b.write_at(buf, offset).await,
             AnyBackend::Mem(b) => b.write_at(buf, offset).await,
+        }
+    }
+    async fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        match self {
+            AnyBackend::Uring(b) => b.write_vectored_at(bufs, offset).await,
+            AnyBackend::File(b) => b.write_vectored_at(bufs, offset).await,
+            AnyBackend::Mem(b) => b.write_vectored_at(bufs, offset).await,
         }
     }
     async fn sync(&self) -> io::Result<()> {

@@ -121,6 +121,8 @@ const SHUTDOWN: u64 = u64::MAX;
 /// Largest length put in one SQE (the field is a u32; keep it block aligned
 /// so a remainder after a full-length transfer stays aligned for O_DIRECT).
 const MAX_SQE_LEN: usize = (u32::MAX as usize) & !(BLOCK_SIZE - 1);
+/// Most buffers in one vectored SQE (the kernel's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
 /// How often the fallback thread drains the queue while the reactor covers
 /// every waiter (see the module docs).
 const WATCHDOG: Duration = Duration::from_millis(10);
@@ -750,6 +752,13 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// The buffers of a vectored SQE.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are into buffers the owning future borrows as
+// `&[u8]`, which are `Sync`; the vector itself is plain owned memory.
+unsafe impl Send for IoVecs {}
+
 /// `offset + done`, or an error if that overflows (the kernel would refuse
 /// it anyway; this keeps debug builds from panicking).
 fn position(offset: u64, done: usize) -> io::Result<u64> {
@@ -832,6 +841,68 @@ impl Backend for UringBackend {
                     ));
                 }
                 Outcome::Done(n) => done += n,
+                Outcome::Retry => {}
+                Outcome::Fail(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        for b in bufs {
+            self.check_direct(b, offset)?;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        // Declared before `slot`, so dropped after it: the kernel may read
+        // the array until the CQE is in (submission can be deferred to
+        // another thread's enter).
+        let mut iov = IoVecs(Vec::with_capacity(bufs.len().min(MAX_IOV)));
+        let mut slot = self.shared.slot().await?;
+        let mut done = 0;
+        // Position in `bufs` of byte `done`: buffer `k`, `within` bytes in.
+        let (mut k, mut within) = (0, 0);
+        while done < total {
+            iov.0.clear();
+            let mut len = 0usize;
+            for (n, b) in bufs[k..].iter().enumerate() {
+                if iov.0.len() == MAX_IOV || len == MAX_SQE_LEN {
+                    break;
+                }
+                let rest = &b[if n == 0 { within } else { 0 }..];
+                let l = rest.len().min(MAX_SQE_LEN - len);
+                iov.0.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: l });
+                len += l;
+            }
+            let sqe = opcode::Writev::new(self.fd(), iov.0.as_ptr(), iov.0.len() as u32)
+                .offset(position(offset, done)?)
+                .build();
+            // SAFETY: `sqe` points at `iov`, whose entries point inside
+            // `bufs`, borrowed by this future for its whole lifetime (the
+            // kernel only reads them); `iov` and `slot` are locals of this
+            // future, and `slot`'s Drop (which waits for the CQE) runs
+            // before `iov` is dropped and before the borrow of `bufs` can
+            // end. See `SlotGuard::submit`.
+            let res = unsafe { slot.submit(sqe) }.await;
+            match classify(res) {
+                Outcome::Done(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("vectored write at {offset}+{done} returned 0 bytes"),
+                    ));
+                }
+                Outcome::Done(n) => {
+                    done += n;
+                    let mut n = n;
+                    while n > 0 {
+                        let step = (bufs[k].len() - within).min(n);
+                        n -= step;
+                        within += step;
+                        if within == bufs[k].len() {
+                            k += 1;
+                            within = 0;
+                        }
+                    }
+                }
                 Outcome::Retry => {}
                 Outcome::Fail(e) => return Err(e),
             }
