@@ -236,6 +236,9 @@ impl DevState {
             let b = first + i as u64;
             self.set(cx, b, new(i), None).map_err(|s| (i, s))?;
             i += 1;
+            if i == n || index(first + i as u64, 1) == 0 {
+                continue; // no more blocks in this leaf
+            }
             // `set` leaves the path dirty unless it changed nothing.
             let Some(leaf) = self.dirty_leaf(b) else { continue };
             let page = self.dirty.get_mut(&leaf).expect("dirty leaf");

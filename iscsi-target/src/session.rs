@@ -189,11 +189,11 @@ impl<D: BlockDevice + 'static> Session<D> {
             tasks: Mutex::new(HashMap::new()),
             kill: self.kill.clone(),
         });
-        let last_rx = Arc::new(Mutex::new(Instant::now()));
+        let heard = Arc::new(AtomicBool::new(false));
         let ping_due = Arc::new(AtomicBool::new(false));
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let writer = writer(wr, rx, shared.clone(), framing(&self.params), self.params.max_send_data, self.statsn);
-        let pinger = tokio::spawn(pinger(shared.clone(), last_rx.clone(), ping_due.clone(), self.keepalive));
+        let pinger = tokio::spawn(pinger(shared.clone(), heard.clone(), ping_due.clone(), self.keepalive));
         let mut conn = Reader {
             s: &self,
             shared: shared.clone(),
@@ -201,7 +201,7 @@ impl<D: BlockDevice + 'static> Session<D> {
             bufs: Arc::new(BufPool::default()),
             next_ttt: 1,
             text_pending: None,
-            last_rx,
+            heard,
             ping_due,
             host,
             cmds,
@@ -344,7 +344,9 @@ struct Reader<'a, D: BlockDevice + 'static, H: SessionHost> {
     bufs: Arc<BufPool>,
     next_ttt: u32,
     text_pending: Option<(u32, Vec<u8>)>,
-    last_rx: Arc<Mutex<Instant>>,
+    /// Set on every PDU received; the pinger takes it (a flag rather than
+    /// a time: no clock read and no lock per PDU).
+    heard: Arc<AtomicBool>,
     ping_due: Arc<AtomicBool>,
     host: Arc<H>,
     /// To the connection's command driver ([`drive`]).
@@ -410,7 +412,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
                 Err(e) => return Err(protocol_error(format!("{e:?}"))),
             };
             if let Some((placed, digest_ok)) = self.read_in_place(rd, &bhs, fr).await? {
-                *self.last_rx.lock() = Instant::now();
+                self.heard.store(true, Ordering::Relaxed);
                 match placed {
                     _ if !digest_ok => self.bad_data_digest(&bhs),
                     InPlace::DataOut => self.data_out(&bhs, None)?,
@@ -420,7 +422,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             }
             rest.resize(n, 0);
             rd.read_exact(&mut rest).await?;
-            *self.last_rx.lock() = Instant::now();
+            self.heard.store(true, Ordering::Relaxed);
             let parsed = match pdu::parse_rest(&bhs, &rest, fr) {
                 Ok(p) => p,
                 Err(FrameError::HeaderDigest) => {
@@ -1091,11 +1093,18 @@ fn shorten(cdb: &[u8], bytes: u32) -> Option<Vec<u8>> {
     Some(c)
 }
 
-async fn pinger(shared: Arc<Shared>, last_rx: Arc<Mutex<Instant>>, due: Arc<AtomicBool>, ka: Keepalive) {
+async fn pinger(shared: Arc<Shared>, heard: Arc<AtomicBool>, due: Arc<AtomicBool>, ka: Keepalive) {
     let mut ttt: u32 = 0x4b45_0000;
+    // When this task first saw `heard` set after the last PDU: no earlier
+    // than that PDU, so idleness is never overstated (a ping or a drop
+    // comes at most one tick later than it would by the PDU's own time).
+    let mut last_rx = Instant::now();
     loop {
         tokio::time::sleep(ka.interval.min(ka.timeout) / 2).await;
-        let idle = last_rx.lock().elapsed();
+        if heard.swap(false, Ordering::Relaxed) {
+            last_rx = Instant::now();
+        }
+        let idle = last_rx.elapsed();
         if due.load(Ordering::Acquire) {
             if idle >= ka.timeout {
                 tracing::info!("initiator did not answer a NOP-In ping for {:?}: dropping it", ka.timeout);
