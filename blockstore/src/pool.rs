@@ -29,8 +29,10 @@
 //! is written, so a later commit cannot mistake them for current.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -387,6 +389,40 @@ impl<B: Backend> Pool<B> {
     /// Make every write acknowledged so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.inner.flush().await
+    }
+
+    /// Whether a commit would make anything durable: changed map pages,
+    /// blocks staged by write-back, or blocks freed since the last commit.
+    pub fn has_uncommitted(&self) -> bool {
+        let inner = &self.inner;
+        inner.dirty_pages.load(Ordering::Relaxed) > 0
+            || inner.writeback.as_ref().is_some_and(|w| w.staged() > 0)
+            || inner.refs.pending() > 0
+    }
+
+    /// Commit every `period` while there is something to commit, so that
+    /// writes no client flushed reach the disk within about `period`, as
+    /// dm-thin commits its metadata every second. Without it they wait for
+    /// the next flush, FUA write or catalog change, and a killed process
+    /// loses every write since. The future holds no handle between
+    /// commits: it ends once the pool's other handles are gone, or after a
+    /// commit fails (the pool then refuses commits). The caller spawns it.
+    pub fn committer(&self, period: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let pool = Arc::downgrade(&self.inner);
+        async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = pool.upgrade() else { return };
+                let pool = Pool { inner };
+                if !pool.has_uncommitted() {
+                    continue;
+                }
+                if let Err(e) = pool.flush().await {
+                    tracing::error!("periodic commit failed, no more will be tried: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Bytes of written data that may wait for the disk (write-back), as

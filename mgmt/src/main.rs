@@ -93,7 +93,7 @@ enum ListCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
-    /// cache, data_cache, write_back, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
+    /// cache, data_cache, write_back, commit_interval, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
     /// accel, vm_stop_timeout, token_ttl, export_auth); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
@@ -126,6 +126,12 @@ struct ServeArgs {
     /// at most a quarter of the data cache; 0 turns it off [default: 64M].
     #[arg(long, value_parser = parse_size)]
     write_back: Option<u64>,
+    /// Seconds between background commits of writes that no client has
+    /// flushed: a killed or crashed appliance loses at most about this
+    /// much of them. 0 turns them off (such writes then wait for a flush)
+    /// [default: 1].
+    #[arg(long, value_parser = parse_seconds)]
+    commit_interval: Option<f64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
     #[arg(long, requires = "nbd_tls_key")]
     nbd_tls_cert: Option<PathBuf>,
@@ -154,6 +160,13 @@ fn parse_export_auth(s: &str) -> Result<bool, String> {
         "key" => Ok(true),
         "none" => Ok(false),
         _ => Err(format!("unknown export auth {s:?}: use key or none")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 86400")),
     }
 }
 
@@ -222,6 +235,16 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         cache: size(a.cache, &f.cache, "cache", 64 << 20)?,
         data_cache: size(a.data_cache, &f.data_cache, "data_cache", keel_mgmt::serve::default_data_cache())?,
         write_back: size(a.write_back, &f.write_back, "write_back", 64 << 20)?,
+        commit_interval: {
+            let secs = match (a.commit_interval, f.commit_interval) {
+                (Some(v), _) => v,
+                (None, Some(v)) => {
+                    parse_seconds(&v.to_string()).map_err(|e| anyhow::anyhow!("config commit_interval: {e}"))?
+                }
+                (None, None) => 1.0,
+            };
+            (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+        },
         nbd_tls,
         nbd_require_tls,
         vms,

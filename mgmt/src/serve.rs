@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub data_cache: Option<String>,
     /// Write-back size (`64M`; `0` for none).
     pub write_back: Option<String>,
+    /// Seconds between background commits (`1`; `0` for none).
+    pub commit_interval: Option<f64>,
     /// NBD TLS certificate (PEM).
     pub nbd_tls_cert: Option<PathBuf>,
     /// NBD TLS key (PEM).
@@ -79,6 +81,8 @@ pub struct Settings {
     pub data_cache: u64,
     /// Write-back bytes (capped by the store at a quarter of the cache).
     pub write_back: u64,
+    /// Period of the background commits of unflushed writes; `None`: none.
+    pub commit_interval: Option<std::time::Duration>,
     /// NBD TLS (cert, key).
     pub nbd_tls: Option<(PathBuf, PathBuf)>,
     /// Refuse NBD clients without TLS.
@@ -320,6 +324,13 @@ pub async fn serve(s: Settings) -> Result<()> {
     for line in &said {
         println!("reconciled: {line}");
         tracing::info!(target: "keel::reconcile", "{line}");
+    }
+    match s.commit_interval {
+        Some(period) => {
+            tokio::spawn(pool.committer(period));
+            println!("unflushed writes committed every {:.3} s", period.as_secs_f64());
+        }
+        None => println!("background commits off: unflushed writes wait for a flush"),
     }
 
     // Scratch space of OVA imports and exports an earlier run left.

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -100,6 +100,10 @@ struct Args {
     /// (write-back; 0: writes reach the disk before they are acknowledged).
     #[arg(long, default_value_t = 0)]
     write_back_mib: usize,
+    /// Milliseconds between background commits of unflushed writes, as
+    /// `keel serve --commit-interval` (its default: 1 s); 0 for none.
+    #[arg(long, default_value_t = 1000)]
+    commit_interval_ms: u64,
     /// RNG seed for the prefill data (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -275,6 +279,9 @@ async fn run(args: Args) -> Result<()> {
     eprintln!("keel-nbd-bench-server: engine={engine} direct={direct} pool={}", args.pool.display());
     if engine != "io_uring" || !direct {
         eprintln!("keel-nbd-bench-server: WARNING: not io_uring + O_DIRECT");
+    }
+    if args.commit_interval_ms > 0 {
+        tokio::spawn(pool.committer(Duration::from_millis(args.commit_interval_ms)));
     }
     let vol = match pool.volume(&args.volume) {
         Ok(v) => {
