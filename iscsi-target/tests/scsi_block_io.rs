@@ -118,6 +118,43 @@ async fn sync_cache_prefetch_and_their_bounds() {
     assert_eq!(sense(&exec(&lu, &n, &[0x34, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[]).await), (5, 0x21, 0));
 }
 
+#[tokio::test]
+async fn pre_fetch_fills_the_data_cache() {
+    use keel_blockstore::backend::MemBackend;
+    use keel_blockstore::{Pool, PoolOptions};
+    use keel_iscsi_target::scsi::LogicalUnit;
+    // 256 KiB written and committed, then the pool reopened: its data
+    // cache starts empty.
+    let opts = PoolOptions { data_cache_bytes: 4 * MIB as usize, ..PoolOptions::default() };
+    let first = Pool::create(MemBackend::new(72 * MIB), opts.clone()).await.unwrap();
+    let data = pattern(7, 256 * 1024);
+    first.create_volume("v", 8 * MIB).await.unwrap().write(0, &data, false).await.unwrap();
+    first.flush().await.unwrap();
+    let pool = Pool::open(MemBackend::from_bytes(first.backend().snapshot()), opts).await.unwrap().0;
+    let lu = LogicalUnit::new(std::sync::Arc::new(pool.volume("v").unwrap()), identity());
+    let n = nexus(1, "iqn.i1");
+    assert_eq!(pool.stats().data_cache.used_bytes, 0);
+
+    // PRE-FETCH(10) of the 512 blocks written: GOOD, and they are cached.
+    assert_good(&exec(&lu, &n, &[0x34, 0, 0, 0, 0, 0, 0, 0x02, 0, 0], &[]).await);
+    assert_eq!(pool.stats().data_cache.used_bytes, data.len() as u64);
+    let misses = pool.stats().data_cache.misses;
+    let r = exec(&lu, &n, &read10(0, 512), &[]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, data);
+    assert_eq!(pool.stats().data_cache.misses, misses, "the read after PRE-FETCH went to the disk");
+
+    // PRE-FETCH(16) with IMMED, length 0 (to the end of the LU): GOOD at
+    // once; out of range is still refused before anything starts.
+    let mut pf16 = [0u8; 16];
+    pf16[0] = 0x90;
+    pf16[1] = 0x02;
+    pf16[9] = 0x80; // LBA 128
+    assert_good(&exec(&lu, &n, &pf16, &[]).await);
+    pf16[2] = 0xFF;
+    assert_eq!(sense(&exec(&lu, &n, &pf16, &[]).await), (5, 0x21, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_compare_and_write_increments_are_never_lost() {
     let (_p, lu) = lu(MIB).await;

@@ -123,8 +123,8 @@ pub enum Cdb {
     WriteVerify { size: Size, range: Range, bytchk: bool },
     /// VERIFY(10/12/16). `bytchk` true: compare with the Data-Out buffer.
     Verify { size: Size, range: Range, bytchk: bool },
-    /// PRE-FETCH(10/16).
-    PreFetch { size: Size, range: Range },
+    /// PRE-FETCH(10/16). `immed`: status as soon as the CDB is checked.
+    PreFetch { size: Size, range: Range, immed: bool },
     /// SYNCHRONIZE CACHE(10/16).
     SyncCache { size: Size, range: Range },
     /// UNMAP.
@@ -300,7 +300,7 @@ pub fn parse_cdb(cdb: &[u8]) -> Result<Cdb, SenseError> {
         }
         PRE_FETCH_10 | PRE_FETCH_16 => {
             let size = sized(0xFF, PRE_FETCH_10, 0xFF, PRE_FETCH_16);
-            Cdb::PreFetch { size, range: range(c, size) }
+            Cdb::PreFetch { size, range: range(c, size), immed: c[1] & 0x02 != 0 }
         }
         SYNC_CACHE_10 | SYNC_CACHE_16 => {
             let size = sized(0xFF, SYNC_CACHE_10, 0xFF, SYNC_CACHE_16);

@@ -328,7 +328,7 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
             Cdb::Write { range, fua, .. } => self.write(*range, *fua, data, false).await,
             Cdb::WriteVerify { range, .. } => self.write(*range, true, data, false).await,
             Cdb::Verify { range, bytchk, .. } => self.verify(*range, *bytchk, data).await,
-            Cdb::PreFetch { range, .. } => self.check_range(*range).map(|_| Vec::new()).map_err(Fail::from),
+            Cdb::PreFetch { range, immed, .. } => self.pre_fetch(*range, *immed).await,
             Cdb::SyncCache { range, .. } => self.sync_cache(*range).await,
             Cdb::Unmap { anchor, param_len } => self.unmap(*anchor, *param_len, data).await,
             Cdb::WriteSame { range, unmap, ndob, size, .. } => {

@@ -121,6 +121,29 @@ impl<D: BlockDevice + 'static> LogicalUnit<D> {
         Ok(Vec::new())
     }
 
+    /// PRE-FETCH: read the range (to the end of the LU when its length is
+    /// 0) into the store's data cache, as much of it as fits, so that
+    /// later reads of it need no disk I/O. Status GOOD, never CONDITION
+    /// MET: the cache makes no promise to keep the blocks. With IMMED the
+    /// status goes back once the CDB is checked and the reads go on in the
+    /// background; without, a block that fails its checksum fails the
+    /// command, as a read would.
+    pub(super) async fn pre_fetch(&self, r: Range, immed: bool) -> Outcome {
+        let (off, len) = self.check_range(r)?;
+        let len = if r.blocks == 0 { self.blocks() * B - off } else { len };
+        if immed {
+            let dev = self.dev.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dev.prefetch(off, len).await {
+                    tracing::debug!("PRE-FETCH of {len} bytes at {off}: {e}");
+                }
+            });
+            return Ok(Vec::new());
+        }
+        self.dev.prefetch(off, len).await.map_err(dev_err)?;
+        Ok(Vec::new())
+    }
+
     pub(super) async fn sync_cache(&self, r: Range) -> Outcome {
         self.check_range(r)?;
         self.dev.flush().await.map_err(dev_err)?;
