@@ -18,7 +18,7 @@
 #         the disk in batches; a flush waits for it) and a data cache of
 #         $DATA_CACHE MiB (the appliance's default, an
 #         eighth of memory, unless set; 0 for none); like the appliance,
-#         it commits unflushed writes every second
+#         it commits unflushed writes every 5 s
 # tgt's raw file is prefilled with random data (dd, 1 MiB blocks) so reads
 # hit written data on both, and the page cache is dropped before the run.
 #

@@ -27,7 +27,7 @@
 #             acknowledged once staged in the data cache and reaches the
 #             disk in batches; flushes and FUA writes wait for it);
 #             WRITE_BACK=0 writes every block before acknowledging it.
-#             Like the appliance, it commits unflushed writes every second.
+#             Like the appliance, it commits unflushed writes every 5 s.
 # The raw files are prefilled with the same fio command (sequential 1 MiB
 # writes, io_uring, O_DIRECT), so reads hit written data on all three and
 # none of it starts in the page cache.

@@ -172,6 +172,9 @@ pub(crate) struct Inner<B> {
     pub captures: AtomicU64,
     pub dirty_pages: AtomicUsize,
     pub failed: AtomicBool,
+    /// Set by `Pool::close` before its last commit: a committer that gets
+    /// the commit lock after that commits no more.
+    closed: AtomicBool,
     pub opts: PoolOptions,
     bounce: Mutex<Vec<AlignedBuf>>,
 }
@@ -374,6 +377,7 @@ impl<B: Backend> Pool<B> {
             captures: AtomicU64::new(0),
             dirty_pages: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             opts,
             bounce: Mutex::new(Vec::new()),
             backend,
@@ -405,7 +409,8 @@ impl<B: Backend> Pool<B> {
     /// dm-thin commits its metadata every second. Without it they wait for
     /// the next flush, FUA write or catalog change, and a killed process
     /// loses every write since. The future holds no handle between
-    /// commits: it ends once the pool's other handles are gone, or after a
+    /// commits: it ends once the pool's other handles are gone, once
+    /// [`Pool::close`] has begun (no commit follows close's), or after a
     /// commit fails (the pool then refuses commits). The caller spawns it.
     pub fn committer(&self, period: Duration) -> impl Future<Output = ()> + Send + 'static {
         let pool = Arc::downgrade(&self.inner);
@@ -414,10 +419,23 @@ impl<B: Backend> Pool<B> {
                 tokio::time::sleep(period).await;
                 let Some(inner) = pool.upgrade() else { return };
                 let pool = Pool { inner };
+                if pool.inner.closed.load(Ordering::SeqCst) {
+                    return;
+                }
                 if !pool.has_uncommitted() {
                     continue;
                 }
-                if let Err(e) = pool.flush().await {
+                let inner = &pool.inner;
+                let mut cs = inner.commit.lock().await;
+                // Checked under the commit lock, which `close` takes after
+                // setting the flag: no commit follows close's own.
+                if inner.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                if !pool.has_uncommitted() {
+                    continue;
+                }
+                if let Err(e) = inner.commit_locked(&mut cs, |_| Ok(())).await {
                     tracing::error!("periodic commit failed, no more will be tried: {e}");
                     return;
                 }
@@ -433,6 +451,7 @@ impl<B: Backend> Pool<B> {
 
     /// Commit and stop using the pool.
     pub async fn close(self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.flush().await
     }
 }

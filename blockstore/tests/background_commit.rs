@@ -24,11 +24,24 @@ async fn read(pool: &keel_blockstore::Pool<keel_blockstore::backend::MemBackend>
     buf
 }
 
-/// Wait (up to `within`) until nothing is left to commit.
-async fn settled(pool: &keel_blockstore::Pool<keel_blockstore::backend::MemBackend>, within: Duration) -> bool {
+/// Restart images (a copy of the backend's bytes, as after a crash) taken
+/// every few milliseconds for up to `within`, until one holds `want` at
+/// each offset. Only a finished commit makes a copy hold them: an image
+/// taken mid-commit still has the old superblock.
+async fn durable_within(
+    pool: &keel_blockstore::Pool<keel_blockstore::backend::MemBackend>,
+    want: &[(u64, &[u8])],
+    within: Duration,
+) -> bool {
     let end = Instant::now() + within;
     while Instant::now() < end {
-        if !pool.has_uncommitted() {
+        let restarted = reopen(pool).await;
+        let mut all = true;
+        for (off, data) in want {
+            all &= read(&restarted, *off, data.len()).await == *data;
+        }
+        if all {
+            assert_consistent(&restarted).await;
             return true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -57,15 +70,24 @@ async fn unflushed_writes_are_durable_after_a_period_without_a_flush() {
     let c = pattern(3, 256 * 1024);
     vol.write(MIB, &b, false).await.unwrap();
     vol.write(2 * MIB, &c, false).await.unwrap();
-    assert!(settled(&pool, Duration::from_secs(10)).await, "the committer left writes uncommitted");
-
-    let restarted = reopen(&pool).await;
-    assert_eq!(read(&restarted, 0, a.len()).await, a);
-    assert_eq!(read(&restarted, MIB, b.len()).await, b);
-    assert_eq!(read(&restarted, 2 * MIB, c.len()).await, c);
-    assert_consistent(&restarted).await;
+    let want: [(u64, &[u8]); 3] = [(0, &a), (MIB, &b), (2 * MIB, &c)];
+    assert!(durable_within(&pool, &want, Duration::from_secs(10)).await, "the committer left writes uncommitted");
     assert!(!committer.is_finished(), "the committer runs while the pool is in use");
     committer.abort();
+}
+
+#[tokio::test]
+async fn no_commit_follows_close() {
+    let pool = pool().await;
+    let vol = pool.create_volume("v", 8 * MIB).await.unwrap();
+    let committer = tokio::spawn(pool.committer(Duration::from_millis(1)));
+    vol.write(0, &pattern(4, BS), false).await.unwrap();
+    let other = pool.clone();
+    pool.close().await.unwrap();
+    // A handle is left (the committer could still upgrade its own), yet it
+    // must stop instead of committing after close.
+    tokio::time::timeout(Duration::from_secs(5), committer).await.expect("the committer went on after close").unwrap();
+    drop(other);
 }
 
 #[tokio::test]

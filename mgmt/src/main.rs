@@ -129,7 +129,7 @@ struct ServeArgs {
     /// Seconds between background commits of writes that no client has
     /// flushed: a killed or crashed appliance loses at most about this
     /// much of them. 0 turns them off (such writes then wait for a flush)
-    /// [default: 1].
+    /// [default: 5].
     #[arg(long, value_parser = parse_seconds)]
     commit_interval: Option<f64>,
     /// PEM certificate chain for NBD over TLS (NBD_OPT_STARTTLS).
@@ -241,7 +241,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
                 (None, Some(v)) => {
                     parse_seconds(&v.to_string()).map_err(|e| anyhow::anyhow!("config commit_interval: {e}"))?
                 }
-                (None, None) => 1.0,
+                (None, None) => 5.0,
             };
             (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
         },

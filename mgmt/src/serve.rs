@@ -36,7 +36,7 @@ pub struct FileConfig {
     pub data_cache: Option<String>,
     /// Write-back size (`64M`; `0` for none).
     pub write_back: Option<String>,
-    /// Seconds between background commits (`1`; `0` for none).
+    /// Seconds between background commits (`5`; `0` for none).
     pub commit_interval: Option<f64>,
     /// NBD TLS certificate (PEM).
     pub nbd_tls_cert: Option<PathBuf>,

@@ -240,32 +240,37 @@ fn jobs_outlive_the_daemon_and_one_cut_short_shows_failed() {
 }
 
 /// Writes that no client flushed survive a `kill -9` once the commit
-/// interval (1 s by default) has passed. With background commits off
-/// (`commit_interval = 0`), the same writes are lost, as the durability
-/// contract allows for unflushed writes: that case shows the test can
-/// tell the two apart.
+/// interval (5 s by default; 0.5 s here, from the config file) has passed.
+/// With background commits off (`commit_interval = 0`), the same writes
+/// are lost, as the durability contract allows for unflushed writes: that
+/// case shows the test can tell the two apart.
 #[test]
 fn unflushed_writes_survive_kill9_after_the_commit_interval() {
     let scratch = data_dir();
     let src = scratch.path().join("pattern.bin");
     std::fs::write(&src, vec![0x5cu8; 1 << 20]).unwrap();
-    let off = scratch.path().join("off.toml");
-    std::fs::write(&off, "commit_interval = 0.0\n").unwrap();
-    for (config, kept) in [(None, true), (Some(&off), false)] {
+    let config = |name: &str, secs: &str| {
+        let p = scratch.path().join(name);
+        std::fs::write(&p, format!("commit_interval = {secs}\n")).unwrap();
+        p
+    };
+    let (fast, off) = (config("fast.toml", "0.5"), config("off.toml", "0"));
+    for (config, kept) in [(&fast, true), (&off, false)] {
         let dir = data_dir();
-        let env: Vec<(&str, &str)> = config.iter().map(|c| ("KEEL_CONFIG", c.to_str().unwrap())).collect();
+        let env = [("KEEL_CONFIG", config.to_str().unwrap())];
         let mut d = Daemon::start_with(dir.path(), &env, (free_port(), free_port(), free_port()));
-        let said = if kept { "unflushed writes committed every 1.000 s" } else { "background commits off" };
+        let said = if kept { "unflushed writes committed every 0.500 s" } else { "background commits off" };
         assert!(d.output().contains(said), "{}", d.output());
         assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "v", "size": "16M"}))).0, 201);
         let url = d.nbd_url("v");
         // nbdcopy sends no flush unless asked to (--flush).
         let out = std::process::Command::new("nbdcopy").arg(&src).arg(&url).output().unwrap();
         assert!(out.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&out.stderr));
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        std::thread::sleep(std::time::Duration::from_secs(2));
         d.kill9();
+        // Restarted without the config file: the default interval.
         let d = Daemon::start_with(dir.path(), &[], (d.api, d.nbd, d.iscsi));
+        assert!(d.output().contains("unflushed writes committed every 5.000 s"), "{}", d.output());
         assert_reads(&url, if kept { 0x5c } else { 0 }, "0", "1M");
-        drop(d);
     }
 }

@@ -101,8 +101,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     write_back_mib: usize,
     /// Milliseconds between background commits of unflushed writes, as
-    /// `keel serve --commit-interval` (its default: 1 s); 0 for none.
-    #[arg(long, default_value_t = 1000)]
+    /// `keel serve --commit-interval` (its default: 5 s); 0 for none.
+    #[arg(long, default_value_t = 5000)]
     commit_interval_ms: u64,
     /// RNG seed for the prefill data (default: from the clock).
     #[arg(long)]
