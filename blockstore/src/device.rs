@@ -41,7 +41,7 @@ pub trait BlockDevice: Send + Sync {
     /// `fua`. The store shares whole blocks instead of copying them.
     fn copy_within(&self, src: u64, dst: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send;
     /// Pull a range into the store's data cache, if it has one (NBD
-    /// `CACHE`); reads of it then need no disk I/O.
+    /// `CACHE`, iSCSI PRE-FETCH); reads of it then need no disk I/O.
     fn prefetch(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
     /// Allocated and unallocated extents of a range.
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send;

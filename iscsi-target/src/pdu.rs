@@ -191,6 +191,12 @@ pub fn digest(parts: &[&[u8]]) -> u32 {
     parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p))
 }
 
+/// Whether `wire`, a digest as received (4 bytes, little-endian), is the
+/// CRC32C of `parts`.
+pub fn digest_matches(parts: &[&[u8]], wire: &[u8]) -> bool {
+    <[u8; 4]>::try_from(wire).is_ok_and(|w| digest(parts) == u32::from_le_bytes(w))
+}
+
 /// Lay out one PDU: header, header digest, data, padding, data digest.
 pub fn encode(out: &mut Vec<u8>, bhs: &Bhs, data: &[u8], framing: Framing) {
     let mut bhs = *bhs;
@@ -280,8 +286,7 @@ pub fn parse_rest<'a>(bhs: &Bhs, rest: &'a [u8], framing: Framing) -> Result<Par
     let ahs = &rest[..ahs_len];
     let mut at = ahs_len;
     if framing.header_digest {
-        let want = u32::from_le_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
-        if digest(&[&bhs.0, ahs]) != want {
+        if !digest_matches(&[&bhs.0, ahs], &rest[at..at + 4]) {
             return Err(FrameError::HeaderDigest);
         }
         at += 4;
@@ -293,8 +298,7 @@ pub fn parse_rest<'a>(bhs: &Bhs, rest: &'a [u8], framing: Framing) -> Result<Par
         let padded = &rest[at..at + n + pad(n)];
         at += n + pad(n);
         if framing.data_digest {
-            let want = u32::from_le_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
-            data_digest_ok = digest(&[padded]) == want;
+            data_digest_ok = digest_matches(&[padded], &rest[at..at + 4]);
         }
     }
     Ok(Parsed { ahs, data, data_digest_ok })

@@ -272,7 +272,7 @@ async fn read_segment<R: AsyncRead + Unpin>(
     if fr.header_digest {
         let mut d = [0u8; 4];
         rd.read_exact(&mut d).await?;
-        if pdu::digest(&[&bhs.0]) != u32::from_le_bytes(d) {
+        if !pdu::digest_matches(&[&bhs.0], &d) {
             return Err(protocol_error("header digest error"));
         }
     }
@@ -281,11 +281,7 @@ async fn read_segment<R: AsyncRead + Unpin>(
     let mut trailer = [0u8; 7];
     let trailer = &mut trailer[..pad + if fr.data_digest { 4 } else { 0 }];
     rd.read_exact(trailer).await?;
-    if !fr.data_digest {
-        return Ok(true);
-    }
-    let want = u32::from_le_bytes(trailer[pad..].try_into().expect("4 bytes"));
-    Ok(pdu::digest(&[dst, &trailer[..pad]]) == want)
+    Ok(!fr.data_digest || pdu::digest_matches(&[dst, &trailer[..pad]], &trailer[pad..]))
 }
 
 /// Commands that move at least this many bytes run in a task of their own
@@ -521,7 +517,7 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             self.complete_now(bhs);
             return Ok(());
         }
-        if imm > 0 && (!write || !self.s.params.immediate_data || imm as u32 > edtl) {
+        if imm > 0 && !self.immediate_allowed(write, imm, edtl) {
             self.reject(reject::PROTOCOL, bhs);
             self.complete_now(bhs);
             return Ok(());
@@ -698,12 +694,8 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             op::SCSI_CMD => {
                 let edtl = bhs.u32_at(20);
                 let write = bhs.flags() & 0x20 != 0;
-                if self.s.lu.is_none()
-                    || !write
-                    || !self.s.params.immediate_data
-                    || len > edtl as usize
-                    || edtl > MAX_WRITE
-                {
+                // What `scsi_command` refuses before it gathers.
+                if self.s.lu.is_none() || !self.immediate_allowed(write, len, edtl) || edtl > MAX_WRITE {
                     return Ok(None);
                 }
                 let mut buf = self.bufs.get(edtl as usize);
@@ -712,6 +704,12 @@ impl<D: BlockDevice + 'static, H: SessionHost> Reader<'_, D, H> {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Whether a command may carry `imm` bytes of immediate data: a write
+    /// of at least that many bytes, with ImmediateData=Yes negotiated.
+    fn immediate_allowed(&self, write: bool, imm: usize, edtl: u32) -> bool {
+        write && self.s.params.immediate_data && imm <= edtl as usize
     }
 
     /// End every write still gathering its data, without an answer (the

@@ -164,9 +164,16 @@ fn parse_export_auth(s: &str) -> Result<bool, String> {
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=86400.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds from 0 to 86400")),
+    let v = s.parse::<f64>().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    seconds(v)
+}
+
+/// `v` if it is a number of seconds from 0 to 86400.
+fn seconds(v: f64) -> Result<f64, String> {
+    if v.is_finite() && (0.0..=86400.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a number of seconds from 0 to 86400"))
     }
 }
 
@@ -238,9 +245,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         commit_interval: {
             let secs = match (a.commit_interval, f.commit_interval) {
                 (Some(v), _) => v,
-                (None, Some(v)) => {
-                    parse_seconds(&v.to_string()).map_err(|e| anyhow::anyhow!("config commit_interval: {e}"))?
-                }
+                (None, Some(v)) => seconds(v).map_err(|e| anyhow::anyhow!("config commit_interval: {e}"))?,
                 (None, None) => 5.0,
             };
             (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs))
