@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::blockhash::BlockHash;
 use crate::format::Page;
 
 const SHARDS: usize = 16;
@@ -24,7 +25,7 @@ struct Slot {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<u64, Slot>,
+    map: HashMap<u64, Slot, BlockHash>,
     clock: VecDeque<u64>,
 }
 
@@ -51,10 +52,19 @@ impl PageCache {
     }
 
     pub fn get(&self, block: u64) -> Option<Arc<Page>> {
+        self.with(block, Arc::clone)
+    }
+
+    /// Apply `f` to a cached page under its shard's lock, without taking a
+    /// reference to it: a map lookup reads one entry of each page on its
+    /// path, and the `Arc` count of a leaf page (one of thousands, read in
+    /// no order) is a cache miss of its own, twice (clone and drop). Keep
+    /// `f` short: the shard is locked while it runs.
+    pub fn with<R>(&self, block: u64, f: impl FnOnce(&Arc<Page>) -> R) -> Option<R> {
         let mut shard = self.shard(block).lock();
         let slot = shard.map.get_mut(&block)?;
         slot.referenced = true;
-        Some(slot.page.clone())
+        Some(f(&slot.page))
     }
 
     /// Insert a clean page; `pinned` keeps it until [`PageCache::unpin`].

@@ -41,41 +41,17 @@
 //! built at all.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 use crate::backend::BLOCK_SIZE;
+use crate::blockhash::BlockHash;
 
 const SHARDS: usize = 64;
 
-/// Hash of a block number for the shard maps: one multiply, folded.
-#[derive(Default)]
-struct BlockHasher(u64);
-
-impl Hasher for BlockHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ b as u64);
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        // Another multiplier than the shard choice's, and its high bits
-        // folded down: hashbrown tags entries with the top 7 bits, which
-        // must not be the shard number again (all equal within a shard).
-        let h = x.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        self.0 = h ^ (h >> 32);
-    }
-}
-
 struct Shard {
-    index: HashMap<u64, u32, BuildHasherDefault<BlockHasher>>,
+    index: HashMap<u64, u32, BlockHash>,
     /// Per slot: its block (when in `index`), checksum and CLOCK bit.
     blocks: Vec<u64>,
     crcs: Vec<u32>,

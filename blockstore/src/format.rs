@@ -113,6 +113,45 @@ pub fn crc(b: &[u8]) -> u32 {
     crc32c::crc32c(b)
 }
 
+/// CRC32C of bytes the disk has just written into memory by DMA, which no
+/// CPU cache holds yet. The CRC instructions take their operands straight
+/// from memory and stall on each line in turn (that stall was most of a
+/// verified 4 KiB read's CPU time, and 7% of random-read IOPS); asking for
+/// every line first lets their misses overlap. Same result as [`crc`].
+pub fn crc_fresh(b: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // 4 KiB at a time, each asked for just ahead of its CRC: one
+        // block's 64 lines fit the core's outstanding-miss slots and its L1
+        // many times over, while a megabyte asked for at once would evict
+        // itself.
+        let mut chunks = b.chunks(4096).peekable();
+        if let Some(first) = chunks.peek() {
+            prefetch(first);
+        }
+        let mut c = 0;
+        while let Some(chunk) = chunks.next() {
+            if let Some(next) = chunks.peek() {
+                prefetch(next);
+            }
+            c = crc32c::crc32c_append(c, chunk);
+        }
+        c
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    crc32c::crc32c(b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch(b: &[u8]) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for line in b.chunks(64) {
+        // SAFETY: a prefetch is only a hint and never faults; the address
+        // is inside `b` anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+}
+
 /// Where everything is, fixed when the pool is created.
 ///
 /// Superblock layout (block 0 and block 1, one per generation parity):
@@ -458,6 +497,20 @@ pub fn depth_for(blocks: u64) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc_fresh_equals_crc() {
+        // Odd lengths and starts off a line, across chunk boundaries; and
+        // the known CRC32C of "123456789".
+        assert_eq!(crc_fresh(b"123456789"), 0xE306_9283);
+        let data: Vec<u8> = (0..(1 << 20) + 4200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for (start, len) in
+            [(0, 0), (0, 1), (3, 63), (0, 4096), (1, 4096), (7, 4097), (0, 8192), (5, 1 << 20), (0, data.len())]
+        {
+            let b = &data[start..start + len.min(data.len() - start)];
+            assert_eq!(crc_fresh(b), crc(b), "start {start} len {len}");
+        }
+    }
 
     #[test]
     fn superblock_round_trips_and_detects_damage() {

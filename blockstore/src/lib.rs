@@ -14,6 +14,7 @@
 //! through [`Pool`].
 
 pub mod backend;
+mod blockhash;
 mod cache;
 mod datacache;
 mod device;

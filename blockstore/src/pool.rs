@@ -43,8 +43,8 @@ use crate::datacache::DataCache;
 use crate::error::{Error, Result};
 use crate::format::{
     CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, MAX_NAME, Page, RECORD_SIZE,
-    RECORDS_PER_PAGE, REFCOUNT_MAGIC, REGION_HEADER, Superblock, crc, decode_page, depth_for, encode_page, le32,
-    open_region_page, seal_region_page, set_slot_bit, slot_bit,
+    RECORDS_PER_PAGE, REFCOUNT_MAGIC, REGION_HEADER, Superblock, crc, crc_fresh, decode_page, depth_for, encode_page,
+    le32, open_region_page, seal_region_page, set_slot_bit, slot_bit,
 };
 use crate::grace::Grace;
 use crate::space::{Allocator, RefTable};
@@ -657,7 +657,7 @@ impl<B: Backend> Inner<B> {
         }
         let mut buf = AlignedBuf::new(BLOCK_SIZE);
         self.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("reading a map page"))?;
-        if crc(&buf) != e.crc {
+        if crc_fresh(&buf) != e.crc {
             return Err(Error::Corrupt { what: "map page", block: e.phys });
         }
         let page: Arc<Page> = Arc::from(decode_page(&buf));

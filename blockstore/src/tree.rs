@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::blockhash::BlockHash;
 use crate::cache::PageCache;
 use crate::error::{Error, Result};
 use crate::format::{DeviceRecord, Entry, FANOUT, FANOUT_BITS, Page};
@@ -49,7 +50,7 @@ impl From<Error> for Stop {
 pub(crate) struct DevState {
     pub rec: DeviceRecord,
     /// Pages created in this transaction, not yet written.
-    pub dirty: HashMap<u64, Box<Page>>,
+    pub dirty: HashMap<u64, Box<Page>, BlockHash>,
     /// Set when the device was deleted while handles were open.
     pub deleted: bool,
 }
@@ -76,6 +77,14 @@ impl TreeCtx<'_> {
         match self.held_at.iter().position(|&b| b == phys) {
             Some(i) => Some(self.held[i].clone()),
             None => self.cache.get(phys),
+        }
+    }
+
+    /// [`TreeCtx::clean`], applied to `f` without taking a reference.
+    fn with_clean<R>(&self, phys: u64, f: impl FnOnce(&Page) -> R) -> Option<R> {
+        match self.held_at.iter().position(|&b| b == phys) {
+            Some(i) => Some(f(&self.held[i])),
+            None => self.cache.with(phys, |p| f(p)),
         }
     }
 }
@@ -118,7 +127,6 @@ impl DevState {
             let b = first + done as u64;
             let mut e = self.rec.root;
             let mut level = self.rec.depth;
-            let mut page_holder;
             loop {
                 if !e.is_mapped() {
                     // Everything under this entry is unmapped.
@@ -128,16 +136,15 @@ impl DevState {
                     done += n;
                     break;
                 }
-                page_holder = self.page(cx, e)?;
-                let page: &Page = &page_holder;
                 if level == 1 {
                     let i = index(b, 1);
                     let n = (FANOUT - i).min(out.len() - done);
-                    out[done..done + n].copy_from_slice(&page[i..i + n]);
+                    let dst = &mut out[done..done + n];
+                    self.with_page(cx, e, |page| dst.copy_from_slice(&page[i..i + n]))?;
                     done += n;
                     break;
                 }
-                e = page[index(b, level)];
+                e = self.with_page(cx, e, |page| page[index(b, level)])?;
                 level -= 1;
             }
         }
@@ -175,13 +182,14 @@ impl DevState {
         Ok(out)
     }
 
-    /// A page for reading: dirty pages from this device, clean ones from the
-    /// cache.
-    fn page<'s>(&'s self, cx: &TreeCtx<'_>, e: Entry) -> Result<PageRef<'s>, Miss> {
+    /// Apply `f` to the page `e` points at, dirty or clean, without taking
+    /// a reference to a cached one (the lookup path; see
+    /// [`PageCache::with`]).
+    fn with_page<R>(&self, cx: &TreeCtx<'_>, e: Entry, f: impl FnOnce(&Page) -> R) -> Result<R, Miss> {
         if let Some(p) = self.dirty.get(&e.phys) {
-            return Ok(PageRef::Dirty(p));
+            return Ok(f(p));
         }
-        cx.clean(e.phys).map(PageRef::Clean).ok_or(Miss(e))
+        cx.with_clean(e.phys, f).ok_or(Miss(e))
     }
 
     /// Point block `b` at `new`, shadowing the path as needed, and return
@@ -332,20 +340,4 @@ fn alloc_meta(cx: &TreeCtx<'_>) -> Result<u64> {
     }
     c.0 += 1;
     Ok(c.0 - 1)
-}
-
-/// A page borrowed for reading.
-pub(crate) enum PageRef<'a> {
-    Dirty(&'a Page),
-    Clean(std::sync::Arc<Page>),
-}
-
-impl std::ops::Deref for PageRef<'_> {
-    type Target = Page;
-    fn deref(&self) -> &Page {
-        match self {
-            PageRef::Dirty(p) => p,
-            PageRef::Clean(p) => p,
-        }
-    }
 }

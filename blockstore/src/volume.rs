@@ -17,7 +17,7 @@ use futures::StreamExt;
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
-use crate::format::{DeviceKind, Entry, crc};
+use crate::format::{DeviceKind, Entry, crc, crc_fresh};
 use crate::pool::{Device, Held, Inner, PIECE_BLOCKS};
 use crate::scratch::{Arrays, Scratch};
 use crate::tree::{DevState, Stop, TreeCtx};
@@ -300,7 +300,7 @@ impl<B: Backend> Volume<B> {
         }
         for (k, e) in entries.iter().enumerate() {
             let block = &mut dst[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
-            if e.is_mapped() && crc(block) != e.crc && !self.restaged(e, block).await? {
+            if e.is_mapped() && crc_fresh(block) != e.crc && !self.restaged(e, block).await? {
                 return Err(Error::Corrupt { what: "data block", block: e.phys });
             }
         }

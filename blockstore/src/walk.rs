@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use crate::backend::{AlignedBuf, BLOCK_SIZE, Backend};
 use crate::error::{Error, Result};
-use crate::format::{Entry, FANOUT, FANOUT_BITS, crc};
+use crate::format::{Entry, FANOUT, FANOUT_BITS, crc_fresh};
 use crate::pool::{Device, Inner, Pool};
 use crate::tree::DevState;
 
@@ -288,7 +288,7 @@ impl<B: Backend> Pool<B> {
                 report.blocks_checked += 1;
                 if level == 0 {
                     inner.backend.read_at(&mut buf, e.phys * BS).await.map_err(Error::io("scrubbing"))?;
-                    if crc(&buf) != e.crc {
+                    if crc_fresh(&buf) != e.crc {
                         report.damage.push(Damage {
                             device: name.clone(),
                             offset: Some(base * BS),

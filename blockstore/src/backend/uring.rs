@@ -12,7 +12,9 @@
 //!   that until the submitter next enters the kernel: it measured no better
 //!   here, and it would leave an idle worker asleep while a busy one (say,
 //!   checksumming a 1 MiB read) sits on completions. `SINGLE_ISSUER` and
-//!   `DEFER_TASKRUN` are out of reach: every tokio worker submits.
+//!   `DEFER_TASKRUN` are out of reach: every tokio worker submits. The
+//!   file is registered with the ring, so an I/O costs the kernel no
+//!   file-table lookup or reference count.
 //! * **Submission** happens on the calling task's thread, combined: a
 //!   submitter pushes its SQE under `Shared::sq_lock` (a `parking_lot::Mutex`
 //!   held only for the push, never across a system call or an `.await`)
@@ -158,7 +160,10 @@ struct Shared {
     /// One of the `REACTOR_*` constants.
     reactor_state: AtomicU8,
     ring: IoUring,
-    file: File,
+    /// Registered with the ring as file 0; SQEs name it by that index.
+    /// Declared after `ring`, so it is closed after the ring has let go of
+    /// it.
+    _file: File,
     /// Serializes every use of the submission queue (`submission_shared`);
     /// true while a thread is submitting on everyone's behalf.
     sq_lock: Mutex<bool>,
@@ -254,7 +259,8 @@ impl UringBackend {
     /// Open an existing file or device. Fails (so [`super::Engine::Auto`] can
     /// fall back) when io_uring is unavailable: no kernel support, disabled
     /// by `kernel.io_uring_disabled`, blocked by seccomp, or too old to have
-    /// the READ/WRITE/FSYNC opcodes and `IORING_ENTER_EXT_ARG` (5.11).
+    /// the READ/WRITE/FSYNC opcodes and `IORING_ENTER_EXT_ARG` (5.11), or
+    /// when the ring refuses to register the file.
     pub fn open(path: &Path) -> io::Result<UringBackend> {
         let (file, direct, len) = super::open_direct(path)?;
 
@@ -280,6 +286,9 @@ impl UringBackend {
             }
         }
         nop_round_trip(&mut ring)?;
+        // The file is registered, so SQEs name it by index and the kernel
+        // skips the file-table lookup and reference count of every I/O.
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
 
         let slots: Box<[Slot]> = (0..RING_ENTRIES).map(|_| Slot { state: Mutex::new(SlotState::default()) }).collect();
         // Pop order does not matter; reverse so slot 0 is handed out first.
@@ -288,7 +297,7 @@ impl UringBackend {
             reactor: Mutex::new(None),
             reactor_state: AtomicU8::new(REACTOR_NONE),
             ring,
-            file,
+            _file: file,
             sq_lock: Mutex::new(false),
             cq_lock: Mutex::new(()),
             slots,
@@ -327,8 +336,9 @@ impl UringBackend {
         Ok(())
     }
 
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.shared.file.as_raw_fd())
+    /// The file, as registered at open (index 0 of the ring's table).
+    fn fd(&self) -> types::Fixed {
+        types::Fixed(0)
     }
 
     /// Completions reaped by each path so far.
