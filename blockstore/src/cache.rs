@@ -1,7 +1,9 @@
 //! The bounded cache of clean map pages.
 //!
 //! Clean pages are immutable (a change always goes to a new block, see
-//! `tree.rs`), so the cache hands out `Arc<Page>` and readers use them
+//! `tree.rs`). A map lookup reads the one entry it needs from each page on
+//! its path under that page's shard lock ([`PageCache::with`]), which costs
+//! less than taking a reference; other readers get an `Arc<Page>` and use it
 //! without holding any cache lock. The cache is split into shards, each with
 //! its own lock and a CLOCK replacement queue, so lookups from many threads
 //! do not meet on one lock. Pages written by a commit that has not finished

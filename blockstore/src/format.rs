@@ -113,8 +113,8 @@ pub fn crc(b: &[u8]) -> u32 {
     crc32c::crc32c(b)
 }
 
-/// CRC32C of bytes the disk has just written into memory by DMA, which no
-/// CPU cache holds yet. The CRC instructions take their operands straight
+/// CRC32C of bytes just read from the disk: with O_DIRECT the device wrote
+/// them into memory by DMA, and no CPU cache holds them yet. The CRC instructions take their operands straight
 /// from memory and stall on each line in turn (in a 4 KiB random read the
 /// CRC was the largest part of the store's own CPU time, and skipping it,
 /// as an experiment, gave 7% more IOPS); asking for every line first lets

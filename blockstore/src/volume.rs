@@ -298,7 +298,8 @@ impl<B: Backend> Volume<B> {
                 }
             }
         }
-        // The blocks came from the disk by DMA, so no CPU cache holds them:
+        // The blocks came from the disk, by DMA with O_DIRECT, so no CPU
+        // cache holds them:
         // each is asked for ahead of its CRC, whose loads would otherwise
         // stall one line at a time (see `crc_fresh`).
         if let Some(first) = entries.iter().position(|e| e.is_mapped()) {

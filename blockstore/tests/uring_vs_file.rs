@@ -530,3 +530,26 @@ async fn futures_dropped_while_other_threads_reap_their_completions() {
         task.await.unwrap();
     }
 }
+
+/// Dropping the backend closes the pool file for good: the ring registers
+/// the file and holds a reference of its own, which the kernel would
+/// otherwise drop only when it tears the ring down in the background. A
+/// write lease is granted only when no one else has the file open.
+#[tokio::test]
+async fn a_dropped_backend_leaves_its_file_closed() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = temp_file(&dir, "closed.img", 4 * BLOCK_SIZE);
+    for round in 0..20 {
+        let backend = open_uring(&path);
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        timed("read", backend.read_at(&mut buf, 0)).await.unwrap();
+        drop(backend);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // SAFETY: plain fcntl calls on an fd we own.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+        assert_eq!(rc, 0, "round {round}: the file is still open elsewhere: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+}

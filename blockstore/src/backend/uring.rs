@@ -160,9 +160,9 @@ struct Shared {
     /// One of the `REACTOR_*` constants.
     reactor_state: AtomicU8,
     ring: IoUring,
-    /// Registered with the ring as file 0; SQEs name it by that index.
-    /// Declared after `ring`, so it is closed after the ring has let go of
-    /// it.
+    /// Registered with the ring as file 0; SQEs name it by that index. The
+    /// ring holds a reference of its own until `UringBackend::drop`
+    /// unregisters it.
     _file: File,
     /// Serializes every use of the submission queue (`submission_shared`);
     /// true while a thread is submitting on everyone's behalf.
@@ -957,6 +957,14 @@ impl Drop for UringBackend {
             && thread.join().is_err()
         {
             tracing::error!("io_uring fallback thread panicked");
+        }
+        // The ring's own reference to the file: the kernel tears a ring down
+        // in the background after its fd closes, so without this the file
+        // would stay open for a while after the pool closed (a file system
+        // could not be unmounted, a deleted pool file's space would come
+        // back late). Nothing is in flight: see the top of this function.
+        if let Err(e) = self.shared.ring.submitter().unregister_files() {
+            tracing::warn!("io_uring: unregistering the pool file: {e}");
         }
         // A reactor wake-up that was already running may still hold a
         // reference for a moment (it finds no registration and returns); wait

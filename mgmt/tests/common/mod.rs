@@ -39,11 +39,32 @@ pub struct Daemon {
 impl Daemon {
     /// Start on fresh ports in `data`.
     pub fn start(data: &Path) -> Daemon {
-        Daemon::start_with(data, &[], (free_port(), free_port(), free_port()))
+        // `free_port` lets its port go before the daemon binds it, so a test
+        // running alongside may take it meanwhile: then try other ports.
+        for _ in 0..5 {
+            let ports = (free_port(), free_port(), free_port());
+            if let Some(d) = Daemon::try_start(data, &[], ports) {
+                return d;
+            }
+        }
+        panic!("keel serve found its ports taken five times over");
     }
 
     /// Start with extra environment and given ports (api, nbd, iscsi).
     pub fn start_with(data: &Path, env: &[(&str, &str)], ports: (u16, u16, u16)) -> Daemon {
+        // A restart on the ports a killed daemon held: another test's
+        // `free_port` probe may hold one for a moment.
+        for _ in 0..20 {
+            if let Some(d) = Daemon::try_start(data, env, ports) {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("keel serve found its ports {ports:?} taken for 2 s");
+    }
+
+    /// Start, or `None` if a port was taken ("Address already in use").
+    fn try_start(data: &Path, env: &[(&str, &str)], ports: (u16, u16, u16)) -> Option<Daemon> {
         let (api, nbd, iscsi) = ports;
         let log = data.join(format!("daemon-{}.log", free_port()));
         let out = std::fs::File::create(&log).unwrap();
@@ -67,19 +88,30 @@ impl Daemon {
         }
         let child = cmd.spawn().unwrap();
         let mut d = Daemon { child: Some(child), data: data.to_path_buf(), api, nbd, iscsi, token: String::new(), log };
-        d.wait_ready();
+        if !d.wait_ready() {
+            // Not dropped: dropping kills the data directory's VMs, which
+            // the next try adopts.
+            std::mem::forget(d);
+            return None;
+        }
         d.token = read_token(data);
-        d
+        Some(d)
     }
 
-    fn wait_ready(&mut self) {
+    /// True once the daemon is up; false if it exited because a port was
+    /// taken. Any other exit, or no start within two minutes, fails.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                if self.output().contains("Address already in use") {
+                    return false;
+                }
                 panic!("keel serve exited with {st} before it was up:\n{}", self.output());
             }
             if self.output().contains("keel is up") {
-                return;
+                return true;
             }
             assert!(Instant::now() < deadline, "keel serve did not come up:\n{}", self.output());
             std::thread::sleep(Duration::from_millis(50));
@@ -101,7 +133,6 @@ impl Daemon {
         self.call_as(&self.token.clone(), method, path, body)
     }
 
-    /// A request with `token` ("" for none).
     /// The `nbd_url` the API gives for volume `volume` (access key included).
     pub fn nbd_url(&self, volume: &str) -> String {
         let (st, v) = self.call("GET", &format!("/api/v1/volumes/{volume}"), None);
@@ -109,6 +140,7 @@ impl Daemon {
         v["nbd_url"].as_str().expect("nbd_url").to_string()
     }
 
+    /// A request with `token` ("" for none).
     pub fn call_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         call(&self.url(), token, method, path, body)
     }
