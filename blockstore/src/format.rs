@@ -114,11 +114,12 @@ pub fn crc(b: &[u8]) -> u32 {
 }
 
 /// CRC32C of bytes just read from the disk: with O_DIRECT the device wrote
-/// them into memory by DMA, and no CPU cache holds them yet. The CRC instructions take their operands straight
-/// from memory and stall on each line in turn (in a 4 KiB random read the
-/// CRC was the largest part of the store's own CPU time, and skipping it,
-/// as an experiment, gave 7% more IOPS); asking for every line first lets
-/// their misses overlap. Same result as [`crc`].
+/// them into memory by DMA, and no CPU cache holds them yet. The CRC
+/// instructions take their operands straight from memory and stall on each
+/// line in turn (in a 4 KiB random read the CRC was the largest part of the
+/// store's own CPU time, and skipping it, as an experiment, gave 7% more
+/// IOPS); asking for every line first lets their misses overlap. Same
+/// result as [`crc`].
 pub fn crc_fresh(b: &[u8]) -> u32 {
     // 4 KiB at a time, each asked for just ahead of its CRC: one block's 64
     // lines fit the core's outstanding-miss slots and its L1 many times

@@ -67,24 +67,21 @@ pub(crate) struct TreeCtx<'a> {
     pub data_blocks: u64,
     /// Pages the caller loaded for this operation and holds, so a retry
     /// after a miss makes progress even if the cache evicted them again.
-    pub held: &'a [std::sync::Arc<Page>],
+    pub held: &'a [Arc<Page>],
     pub held_at: &'a [u64],
 }
 
 impl TreeCtx<'_> {
     /// A clean page from the held set or the cache.
-    fn clean(&self, phys: u64) -> Option<std::sync::Arc<Page>> {
-        match self.held_at.iter().position(|&b| b == phys) {
-            Some(i) => Some(self.held[i].clone()),
-            None => self.cache.get(phys),
-        }
+    fn clean(&self, phys: u64) -> Option<Arc<Page>> {
+        self.with_clean(phys, Arc::clone)
     }
 
     /// [`TreeCtx::clean`], applied to `f` without taking a reference.
-    fn with_clean<R>(&self, phys: u64, f: impl FnOnce(&Page) -> R) -> Option<R> {
+    fn with_clean<R>(&self, phys: u64, f: impl FnOnce(&Arc<Page>) -> R) -> Option<R> {
         match self.held_at.iter().position(|&b| b == phys) {
             Some(i) => Some(f(&self.held[i])),
-            None => self.cache.with(phys, |p| f(p)),
+            None => self.cache.with(phys, f),
         }
     }
 }
@@ -189,7 +186,7 @@ impl DevState {
         if let Some(p) = self.dirty.get(&e.phys) {
             return Ok(f(p));
         }
-        cx.with_clean(e.phys, f).ok_or(Miss(e))
+        cx.with_clean(e.phys, |p| f(p)).ok_or(Miss(e))
     }
 
     /// Point block `b` at `new`, shadowing the path as needed, and return

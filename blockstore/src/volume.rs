@@ -299,9 +299,9 @@ impl<B: Backend> Volume<B> {
             }
         }
         // The blocks came from the disk, by DMA with O_DIRECT, so no CPU
-        // cache holds them:
-        // each is asked for ahead of its CRC, whose loads would otherwise
-        // stall one line at a time (see `crc_fresh`).
+        // cache holds them: each is asked for ahead of its CRC, whose loads
+        // would otherwise stall one line at a time (see `crc_fresh`, which
+        // cannot skip the holes here).
         if let Some(first) = entries.iter().position(|e| e.is_mapped()) {
             prefetch(&dst[first * BLOCK_SIZE..(first + 1) * BLOCK_SIZE]);
         }
