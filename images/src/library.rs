@@ -81,6 +81,10 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// The name cannot name an appliance (it would not be a plain file
+    /// name in the library's directory).
+    #[error("{0:?} is not an appliance name")]
+    BadName(String),
     /// The library's disk is full.
     #[error("the library's disk is full ({0})")]
     NoSpace(PathBuf),
@@ -265,13 +269,25 @@ impl Library {
         &self.dir
     }
 
-    fn descriptor_path(&self, name: &str) -> PathBuf {
-        self.dir.join("appliances").join(format!("{name}.json"))
+    /// `appliances/NAME.json`, for a name that is a plain file name of
+    /// `a-z 0-9 . - _` (not starting with `.`). The caller checks names by
+    /// its own, stricter rule; this one keeps any name that slipped past it
+    /// inside the library's directory.
+    fn descriptor_path(&self, name: &str) -> Result<PathBuf> {
+        let plain = !name.is_empty()
+            && name.len() <= 200
+            && !name.starts_with('.')
+            && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b".-_".contains(&c));
+        if !plain {
+            let shown: String = name.chars().take(64).collect();
+            return Err(Error::BadName(shown));
+        }
+        Ok(self.dir.join("appliances").join(format!("{name}.json")))
     }
 
     /// One appliance.
     pub fn get(&self, name: &str) -> Result<Descriptor> {
-        let p = self.descriptor_path(name);
+        let p = self.descriptor_path(name)?;
         let text = match std::fs::read_to_string(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(name.to_string())),
@@ -282,7 +298,7 @@ impl Library {
 
     /// Whether appliance `name` exists.
     pub fn exists(&self, name: &str) -> bool {
-        self.descriptor_path(name).exists()
+        self.descriptor_path(name).is_ok_and(|p| p.exists())
     }
 
     /// Every appliance, by name.
@@ -308,6 +324,7 @@ impl Library {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(Descriptor, BackupStats)> {
         let _shared = self.lock.read().await;
+        self.descriptor_path(&head.name)?;
         if self.exists(&head.name) {
             return Err(Error::Exists(head.name));
         }
@@ -420,12 +437,12 @@ impl Library {
     }
 
     fn write_descriptor(&self, d: &Descriptor) -> Result<()> {
+        let dst = self.descriptor_path(&d.name)?;
         let tmp = self.dir.join("tmp").join(format!("{}.json", d.name));
         let json = serde_json::to_vec(d).expect("descriptors serialize");
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&json).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
-        let dst = self.descriptor_path(&d.name);
         if dst.exists() {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::Exists(d.name.clone()));
@@ -539,7 +556,7 @@ impl Library {
 
     /// Delete appliance `name`, then collect the chunks nothing names.
     pub async fn delete(&self, name: &str) -> Result<GcReport> {
-        let p = self.descriptor_path(name);
+        let p = self.descriptor_path(name)?;
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(name.to_string())),

@@ -124,6 +124,16 @@ pub enum OvaError {
         /// What is wrong.
         detail: String,
     },
+    /// A disk image of the OVA is not a self-contained sparse VMDK: it
+    /// could make the reader open other files (a descriptor's extents, a
+    /// parent, a backing file), so it is not read.
+    #[error("disk {file:?} of the OVA is refused: {reason}")]
+    UnsafeDisk {
+        /// The image's name in the OVA.
+        file: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// An archive entry was refused as unsafe or not belonging in an OVA.
     #[error("{path}: refusing entry {name:?}: {reason}")]
     UnsafeEntry {
@@ -1270,6 +1280,63 @@ fn extract(ova: &Path, into: &Path, created: &mut Vec<PathBuf>) -> Result<String
         }
     }
     Ok(ovf_text)
+}
+
+/// Check that `path` is a self-contained sparse VMDK (the hosted sparse
+/// extent format of monolithicSparse and streamOptimized images, magic
+/// `KDMV`), the only disk format an OVA's disks are read in.
+///
+/// A VMDK can also be a text descriptor naming extent files anywhere on the
+/// host, a sparse header with capacity 0 whose embedded descriptor does the
+/// same, or a delta disk with a parent (`parentFileNameHint`); qemu-img
+/// would follow each, and an uploaded OVA could then import a host file
+/// into an appliance. Those are refused here; the caller also opens the
+/// image with its format forced and no backing file.
+pub fn check_sparse_vmdk(path: &Path) -> Result<(), OvaError> {
+    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let bad = |reason: &str| Err(OvaError::UnsafeDisk { file: file.clone(), reason: reason.to_string() });
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = [0u8; 512];
+    if f.read_exact(&mut h).is_err() {
+        return bad("it is shorter than a VMDK header");
+    }
+    if &h[..4] != b"KDMV" {
+        return bad("it is not a sparse VMDK (streamOptimized or monolithicSparse); only those are imported");
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    let (capacity, desc_offset, desc_size) = (u64_at(12), u64_at(28), u64_at(36));
+    if capacity == 0 {
+        // qemu then reads the embedded descriptor's extents instead.
+        return bad("its header gives no capacity (its embedded descriptor would name other files)");
+    }
+    if desc_offset == 0 {
+        return Ok(());
+    }
+    if desc_size > 128 {
+        return bad("its embedded descriptor is larger than 64 KiB");
+    }
+    use std::io::Seek;
+    let mut desc = vec![0u8; desc_size as usize * 512];
+    f.seek(io::SeekFrom::Start(desc_offset.saturating_mul(512))).map_err(io_err(path))?;
+    if f.read_exact(&mut desc).is_err() {
+        return bad("its embedded descriptor lies past the end of the file");
+    }
+    let text = String::from_utf8_lossy(&desc);
+    for line in text.lines().map(str::trim) {
+        let (key, value) =
+            line.split_once('=').map(|(k, v)| (k.trim(), v.trim().trim_matches('"'))).unwrap_or((line, ""));
+        match key {
+            "createType" if value != "streamOptimized" && value != "monolithicSparse" => {
+                return bad("its descriptor's createType is neither streamOptimized nor monolithicSparse");
+            }
+            "parentFileNameHint" => return bad("it is a delta disk with a parent file"),
+            "parentCID" if !value.eq_ignore_ascii_case("ffffffff") => {
+                return bad("it is a delta disk with a parent");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -126,3 +126,28 @@ async fn backups_are_incremental_deduplicated_independent_and_verified() {
     assert_eq!(damage[0].appliances, ["a2", "a3"]);
     pool.close().await.unwrap();
 }
+
+/// A name that is not a plain file name never reaches the file system: a
+/// JSON file outside the library is neither read, nor reported, nor deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_leave_the_library_are_refused() {
+    let (dir, pool) = temp_pool("keel-images-", 64 * MIB).await;
+    let lib = Library::open(&dir.path().join("lib")).unwrap();
+    // A descriptor-shaped file beside the library, where `../../evil` from
+    // `lib/appliances/` would land.
+    let evil = dir.path().join("evil.json");
+    std::fs::write(&evil, serde_json::to_vec(&head("evil")).unwrap()).unwrap();
+    let v = pool.create_volume("v", 4 * MIB).await.unwrap();
+    drop(v);
+    pool.snapshot("v", "s").await.unwrap();
+    let s = pool.volume("v@s").unwrap();
+    for bad in ["../../evil", "../evil", "/etc/passwd", "a/b", ".hidden", "a\0b", "a\nb", "", "A"] {
+        assert!(matches!(lib.get(bad), Err(keel_images::library::Error::BadName(_))), "get {bad:?}");
+        assert!(!lib.exists(bad), "exists {bad:?}");
+        assert!(matches!(lib.delete(bad).await, Err(keel_images::library::Error::BadName(_))), "delete {bad:?}");
+        let disks = vec![BackupDisk { id: "disk0".into(), source: &s, base: None }];
+        assert!(lib.backup(head(bad), disks, &|_| {}).await.is_err(), "backup {bad:?}");
+    }
+    assert!(evil.exists(), "the file outside the library is untouched");
+    assert!(lib.list().unwrap().is_empty());
+}

@@ -686,3 +686,59 @@ fn write_ova_refuses_bad_names_and_leaves_nothing() {
     let names: Vec<_> = fs::read_dir(fx.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, ["src"], "no OVA and no temporary file");
 }
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().expect("run qemu-img (qemu-utils)");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Only self-contained sparse VMDKs are read from an OVA: images that would
+/// make qemu-img open another host file (a text descriptor's extent, a
+/// parent disk, a qcow2 backing file, a sparse header whose embedded
+/// descriptor names extents) are refused before qemu-img sees them.
+#[test]
+fn disk_images_that_reach_other_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_str().unwrap().to_string();
+    for sub in ["streamOptimized", "monolithicSparse"] {
+        let f = format!("{sub}.vmdk");
+        qemu_img(&["create", "-q", "-f", "vmdk", "-o", &format!("subformat={sub}"), &s(&f), "8M"]);
+        keel_images::ova::check_sparse_vmdk(&p(&f)).unwrap_or_else(|e| panic!("{sub}: {e}"));
+    }
+    let secret = p("secret");
+    fs::write(&secret, b"host secret\n").unwrap();
+    // A text descriptor whose extent is a host file.
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\
+         RW 1 FLAT \"{}\" 0\n",
+        secret.display()
+    );
+    fs::write(p("flat.vmdk"), format!("{desc}{}", "#\n".repeat(300))).unwrap();
+    // A delta disk whose parent is another file.
+    qemu_img(&["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse", &s("parent.vmdk"), "8M"]);
+    qemu_img(&["create", "-q", "-f", "vmdk", "-b", &s("parent.vmdk"), "-F", "vmdk", &s("delta.vmdk")]);
+    // A qcow2 whose backing file is the host file.
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &s("secret"), "-F", "raw", &s("backed.qcow2")]);
+    // A sparse header with capacity 0: qemu reads its embedded descriptor's extents.
+    let mut zero_cap = fs::read(p("monolithicSparse.vmdk")).unwrap();
+    zero_cap[12..20].copy_from_slice(&0u64.to_le_bytes());
+    fs::write(p("zero-capacity.vmdk"), zero_cap).unwrap();
+    fs::write(p("short.vmdk"), b"KDMV").unwrap();
+    for (f, why) in [
+        ("flat.vmdk", "not a sparse VMDK"),
+        ("delta.vmdk", "parent"),
+        ("backed.qcow2", "not a sparse VMDK"),
+        ("zero-capacity.vmdk", "no capacity"),
+        ("short.vmdk", "shorter"),
+    ] {
+        match keel_images::ova::check_sparse_vmdk(&p(f)) {
+            Err(e @ OvaError::UnsafeDisk { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains(why), "{f}: {e}");
+                assert!(!e.contains(dir.path().to_str().unwrap()), "{f}: the error names a host path: {e}");
+            }
+            other => panic!("{f}: {other:?}"),
+        }
+    }
+}

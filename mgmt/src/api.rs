@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use crate::app::{App, CreateUser, CreateVolume, ExportView, JobView, SnapshotView, UserView, VolumeView};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{Chap, IscsiExport, IsoMeta, KernelBoot, Quota, Role, User, now, parse_size};
+use crate::names::{self, ApplianceName, IsoName, NicId, PoolName, SnapshotName, UserName, VmName, VolumeName};
 use crate::vms::{CreateVm, VmView};
 
 /// The OpenAPI document of this API.
@@ -43,6 +44,39 @@ impl FromRequestParts<Arc<App>> for Actor {
             )
         })?;
         app.authenticate(token.trim()).map(Actor)
+    }
+}
+
+/// A name from the URL's path, checked by its kind's rule (a 400 naming the
+/// rule otherwise) before the handler sees it.
+pub struct N<T>(pub T);
+
+/// Two names from the URL's path (`/volumes/{name}/snapshots/{snap}`).
+pub struct N2<A, B>(pub A, pub B);
+
+fn path_error(e: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad(format!("{}: names are 1 to 63 characters of a-z, 0-9, '.' and '-'", e.body_text()))
+}
+
+impl<T: names::Kind + DeserializeOwned + Send> FromRequestParts<Arc<App>> for N<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<N<T>, ApiError> {
+        let Path(s) = Path::<String>::from_request_parts(parts, app).await.map_err(path_error)?;
+        names::parse(&s).map(N)
+    }
+}
+
+impl<A, B> FromRequestParts<Arc<App>> for N2<A, B>
+where
+    A: names::Kind + DeserializeOwned + Send,
+    B: names::Kind + DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<N2<A, B>, ApiError> {
+        let Path((a, b)) = Path::<(String, String)>::from_request_parts(parts, app).await.map_err(path_error)?;
+        Ok(N2(names::parse(&a)?, names::parse(&b)?))
     }
 }
 
@@ -97,25 +131,50 @@ impl SizeIn {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginIn {
-    user: String,
+    user: UserName,
     password: String,
 }
 
-async fn login(State(app): State<Arc<App>>, b: Bytes) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let r: LoginIn = body(&b)?;
-    let app2 = app.clone();
-    // argon2 is deliberately slow and takes ~19 MiB per check: keep it off
-    // the async workers, and run at most a few at once, so a flood of
-    // logins queues instead of exhausting memory.
-    static LOGINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-    let _permit = LOGINS.acquire().await.map_err(|e| ApiError::internal(format!("login failed: {e}")))?;
-    let (token, user, expires) = tokio::task::spawn_blocking(move || app2.login(&r.user, &r.password))
+/// The TCP peer's address (0.0.0.0 when the router runs without one, as in
+/// unit tests). Never a header's claim.
+fn client_ip(parts: &axum::http::Extensions) -> std::net::IpAddr {
+    parts
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+async fn login(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let addr = client_ip(req.extensions());
+    let b = axum::body::to_bytes(req.into_body(), 64 << 10)
         .await
-        .map_err(|e| ApiError::internal(format!("login failed: {e}")))??;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({"token": token, "user": user.name, "role": user.role, "expires": expires})),
-    ))
+        .map_err(|_| ApiError::bad("the login request's body is over 64 KiB or was cut short"))?;
+    let r: LoginIn = body(&b)?;
+    // Locked keys are refused before any password is checked.
+    app.logins.check(&r.user, addr)?;
+    // argon2 is deliberately slow and takes ~19 MiB per check: it runs on
+    // the hashing threads (low priority, bounded queue), never on the
+    // async workers that serve NBD and iSCSI.
+    let app2 = app.clone();
+    let user = r.user.clone();
+    let result = app.hasher.run(move || app2.login(&r.user, &r.password)).await?;
+    match result {
+        Ok((token, user, expires)) => {
+            app.logins.succeeded(&user.name, addr);
+            Ok((
+                StatusCode::CREATED,
+                Json(serde_json::json!({"token": token, "user": user.name, "role": user.role, "expires": expires})),
+            ))
+        }
+        Err(e) => {
+            if e.status == StatusCode::UNAUTHORIZED {
+                app.logins.failed(&user, addr);
+            }
+            Err(e)
+        }
+    }
 }
 
 async fn logout(State(app): State<Arc<App>>, Actor(a): Actor, headers: HeaderMap) -> ApiResult<StatusCode> {
@@ -136,10 +195,10 @@ async fn pools(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<V
 async fn pool(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<PoolName>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let v = app.pool_view(&a)?;
-    if name != "default" {
+    if name.as_str() != "default" {
         return Err(ApiError::not_found(format!("pool {name} not found: this appliance has one pool, `default`")));
     }
     Ok(Json(v))
@@ -148,9 +207,9 @@ async fn pool(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateVolumeIn {
-    name: String,
+    name: VolumeName,
     size: SizeIn,
-    owner: Option<String>,
+    owner: Option<UserName>,
 }
 
 async fn list_volumes(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<VolumeView>>> {
@@ -163,14 +222,14 @@ async fn create_volume(
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let r: CreateVolumeIn = body(&b)?;
-    let req = CreateVolume { name: r.name, size: r.size.bytes()?, owner: r.owner };
+    let req = CreateVolume { name: r.name.into(), size: r.size.bytes()?, owner: r.owner.map(Into::into) };
     Ok((StatusCode::CREATED, Json(app.create_volume(&a, req).await?)))
 }
 
 async fn show_volume(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
 ) -> ApiResult<Json<VolumeView>> {
     Ok(Json(app.show_volume(&a, &name)?))
 }
@@ -184,7 +243,7 @@ struct ResizeIn {
 async fn resize_volume(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
     b: Bytes,
 ) -> ApiResult<Json<VolumeView>> {
     let r: ResizeIn = body(&b)?;
@@ -200,7 +259,7 @@ struct DeleteQ {
 async fn delete_volume(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<StatusCode> {
     let q: DeleteQ = query(q)?;
@@ -210,16 +269,25 @@ async fn delete_volume(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameIn {
-    name: String,
+struct SnapshotIn {
+    name: SnapshotName,
+    /// Refused with a reason (a snapshot has its volume's owner).
     #[serde(default)]
-    owner: Option<String>,
+    owner: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneIn {
+    name: VolumeName,
+    #[serde(default)]
+    owner: Option<UserName>,
 }
 
 async fn list_snapshots(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
 ) -> ApiResult<Json<Vec<SnapshotView>>> {
     Ok(Json(app.list_snapshots(&a, &name)?))
 }
@@ -227,10 +295,10 @@ async fn list_snapshots(
 async fn create_snapshot(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<SnapshotView>)> {
-    let r: NameIn = body(&b)?;
+    let r: SnapshotIn = body(&b)?;
     if r.owner.is_some() {
         return Err(ApiError::bad("a snapshot belongs to its volume's owner: drop the owner field"));
     }
@@ -240,7 +308,7 @@ async fn create_snapshot(
 async fn delete_snapshot(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path((name, snap)): Path<(String, String)>,
+    N2(name, snap): N2<VolumeName, SnapshotName>,
 ) -> ApiResult<StatusCode> {
     app.delete_snapshot(&a, &name, &snap).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -249,17 +317,17 @@ async fn delete_snapshot(
 async fn clone_snapshot(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path((name, snap)): Path<(String, String)>,
+    N2(name, snap): N2<VolumeName, SnapshotName>,
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
-    let r: NameIn = body(&b)?;
+    let r: CloneIn = body(&b)?;
     Ok((StatusCode::CREATED, Json(app.clone_snapshot(&a, &name, &snap, &r.name, r.owner.as_deref()).await?)))
 }
 
 async fn show_export(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
 ) -> ApiResult<Json<ExportView>> {
     Ok(Json(app.export(&a, &name)?))
 }
@@ -267,7 +335,7 @@ async fn show_export(
 async fn rotate_key(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
 ) -> ApiResult<Json<ExportView>> {
     Ok(Json(app.rotate_access_key(&a, &name).await?))
 }
@@ -286,7 +354,7 @@ struct ExportIn {
 async fn set_export(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VolumeName>,
     b: Bytes,
 ) -> ApiResult<Json<ExportView>> {
     let r: ExportIn = body(&b)?;
@@ -303,11 +371,11 @@ async fn set_export(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateUserIn {
-    name: String,
+    name: UserName,
     role: String,
     password: String,
     #[serde(default)]
-    parent: Option<String>,
+    parent: Option<UserName>,
     #[serde(default)]
     quota: Option<QuotaIn>,
 }
@@ -342,19 +410,15 @@ async fn create_user(
             storage_bytes: q.storage.bytes()?,
         }),
     };
-    let req = CreateUser { name: r.name, role, password: r.password, parent: r.parent, quota };
+    let req = CreateUser { name: r.name.into(), role, password: r.password, parent: r.parent.map(Into::into), quota };
     Ok((StatusCode::CREATED, Json(app.create_user(&a, req).await?)))
 }
 
-async fn show_user(
-    State(app): State<Arc<App>>,
-    Actor(a): Actor,
-    Path(name): Path<String>,
-) -> ApiResult<Json<UserView>> {
+async fn show_user(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<UserName>) -> ApiResult<Json<UserView>> {
     Ok(Json(app.show_user(&a, &name)?))
 }
 
-async fn delete_user(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_user(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<UserName>) -> ApiResult<StatusCode> {
     app.delete_user(&a, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -388,7 +452,7 @@ async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job, lim
         if e.raw_os_error() == Some(libc::ENOSPC) {
             ApiError::no_space(format!("the data directory's disk is full while {what}: free space and retry"))
         } else {
-            ApiError::internal(format!("{what}: {e}"))
+            ApiError::internal(format!("storing the ISO ({what})"), e)
         }
     };
     tokio::fs::create_dir_all(&dir).await.map_err(|e| io("creating the ISO directory", e))?;
@@ -441,7 +505,7 @@ async fn store_iso(app: &App, name: &str, body: Body, job: &crate::app::Job, lim
 async fn upload_iso(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<IsoName>,
     headers: HeaderMap,
     b: Body,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
@@ -459,11 +523,13 @@ async fn upload_iso(
     let r = store_iso(&app, &name, b, &job, limit).await;
     let r = match r {
         Ok(size) => {
-            let iso = IsoMeta { name: name.clone(), size_bytes: size, owner: a.name.clone(), created: now() };
+            let iso = IsoMeta { name: name.to_string(), size_bytes: size, owner: a.name.clone(), created: now() };
             match app.record_iso(&a, &iso) {
                 Ok(()) => Ok(iso),
                 Err(e) => {
-                    let _ = std::fs::remove_file(app.iso_dir().join(format!("{name}.iso")));
+                    if let Ok(p) = app.iso_path(&name) {
+                        let _ = std::fs::remove_file(p);
+                    }
                     Err(e)
                 }
             }
@@ -478,7 +544,7 @@ async fn upload_iso(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn delete_iso(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_iso(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<IsoName>) -> ApiResult<StatusCode> {
     app.delete_iso(&a, &name)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -520,17 +586,17 @@ type NetworkIn = crate::model::Network;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateVmIn {
-    name: String,
+    name: VmName,
     #[serde(default)]
     cpus: Option<u32>,
     #[serde(default)]
     memory: Option<SizeIn>,
     #[serde(default)]
-    disks: Vec<String>,
+    disks: Vec<VolumeName>,
     #[serde(default)]
     blank_disk: Option<SizeIn>,
     #[serde(default)]
-    iso: Option<String>,
+    iso: Option<IsoName>,
     #[serde(default)]
     nics: Option<Vec<NetworkIn>>,
     #[serde(default)]
@@ -538,11 +604,11 @@ struct CreateVmIn {
     #[serde(default)]
     kernel: Option<KernelIn>,
     #[serde(default)]
-    owner: Option<String>,
+    owner: Option<UserName>,
     #[serde(default)]
     start: bool,
     #[serde(default)]
-    from_appliance: Option<String>,
+    from_appliance: Option<ApplianceName>,
 }
 
 #[derive(Deserialize)]
@@ -565,20 +631,20 @@ async fn create_vm(State(app): State<Arc<App>>, Actor(a): Actor, b: Bytes) -> Ap
     let shape =
         r.from_appliance.as_ref().and_then(|n| app.library.get(n).ok()).map(|d| (d.cpus, d.memory_bytes, d.boot));
     let req = CreateVm {
-        name: r.name.clone(),
+        name: r.name.to_string(),
         cpus: r.cpus.or(shape.as_ref().map(|s| s.0)).unwrap_or(1),
         memory_bytes: match r.memory {
             Some(m) => m.bytes()?,
             None => shape.as_ref().map_or(512 << 20, |s| s.1),
         },
-        disks: r.disks,
+        disks: r.disks.into_iter().map(Into::into).collect(),
         blank_disk: r.blank_disk.map(|s| s.bytes()).transpose()?,
-        iso: r.iso,
+        iso: r.iso.map(Into::into),
         nics: r.nics,
         boot: r.boot,
         kernel: r.kernel.map(|k| KernelBoot { kernel: k.kernel, initrd: k.initrd, append: k.append }),
-        owner: r.owner,
-        from_appliance: r.from_appliance,
+        owner: r.owner.map(Into::into),
+        from_appliance: r.from_appliance.map(Into::into),
     };
     let req = CreateVm { boot: req.boot.clone().or(shape.map(|s| s.2)), ..req };
     let v = app.create_vm(&a, req).await?;
@@ -588,7 +654,7 @@ async fn create_vm(State(app): State<Arc<App>>, Actor(a): Actor, b: Bytes) -> Ap
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn show_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+async fn show_vm(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<VmName>) -> ApiResult<Json<VmView>> {
     Ok(Json(app.show_vm(&a, &name)?))
 }
 
@@ -603,7 +669,7 @@ struct DeleteVmQ {
 async fn delete_vm(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<StatusCode> {
     let q: DeleteVmQ = query(q)?;
@@ -620,7 +686,7 @@ async fn delete_vm(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+async fn start_vm(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<VmName>) -> ApiResult<Json<VmView>> {
     Ok(Json(app.start_vm(&a, &name).await?))
 }
 
@@ -634,14 +700,14 @@ struct StopQ {
 async fn stop_vm(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<VmView>> {
     let q: StopQ = query(q)?;
     Ok(Json(app.stop_vm(&a, &name, q.force).await?))
 }
 
-async fn reset_vm(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Json<VmView>> {
+async fn reset_vm(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<VmName>) -> ApiResult<Json<VmView>> {
     Ok(Json(app.reset_vm(&a, &name).await?))
 }
 
@@ -655,28 +721,28 @@ struct CdromIn {
 async fn set_cdrom(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<Json<VmView>> {
     let r: CdromIn = body(&b)?;
     let iso = match &r.iso {
         serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s.as_str()),
+        serde_json::Value::String(s) => Some(IsoName::parse(s)?),
         _ => return Err(ApiError::bad("iso must be an ISO name, or null to eject")),
     };
-    Ok(Json(app.set_cdrom(&a, &name, iso).await?))
+    Ok(Json(app.set_cdrom(&a, &name, iso.as_deref()).await?))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DiskIn {
-    volume: String,
+    volume: VolumeName,
 }
 
 async fn attach_disk(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<Json<VmView>> {
     let r: DiskIn = body(&b)?;
@@ -686,7 +752,7 @@ async fn attach_disk(
 async fn detach_disk(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path((name, volume)): Path<(String, String)>,
+    N2(name, volume): N2<VmName, VolumeName>,
 ) -> ApiResult<Json<VmView>> {
     Ok(Json(app.detach_disk(&a, &name, &volume).await?))
 }
@@ -701,7 +767,7 @@ struct NicIn {
 async fn add_nic(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<Json<VmView>> {
     let r: NicIn = if b.is_empty() { NicIn { network: None } } else { body(&b)? };
@@ -711,7 +777,7 @@ async fn add_nic(
 async fn remove_nic(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path((name, id)): Path<(String, String)>,
+    N2(name, id): N2<VmName, NicId>,
 ) -> ApiResult<Json<VmView>> {
     Ok(Json(app.remove_nic(&a, &name, &id).await?))
 }
@@ -719,15 +785,15 @@ async fn remove_nic(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloneVmIn {
-    name: String,
+    name: VmName,
     #[serde(default)]
-    owner: Option<String>,
+    owner: Option<UserName>,
 }
 
 async fn clone_vm(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let r: CloneVmIn = body(&b)?;
@@ -745,7 +811,7 @@ struct ConsoleQ {
 async fn console(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
     let q: ConsoleQ = query(q)?;
@@ -757,7 +823,7 @@ async fn console(
 #[serde(deny_unknown_fields)]
 struct UsageQ {
     #[serde(default)]
-    user: Option<String>,
+    user: Option<UserName>,
 }
 
 async fn usage(
@@ -781,7 +847,7 @@ async fn list_appliances(
 async fn show_appliance(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<ApplianceName>,
 ) -> ApiResult<Json<crate::appliances::ApplianceView>> {
     Ok(Json(app.show_appliance(&a, &name)?))
 }
@@ -789,7 +855,7 @@ async fn show_appliance(
 async fn delete_appliance(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<ApplianceName>,
 ) -> ApiResult<Json<keel_images::GcReport>> {
     Ok(Json(app.delete_appliance(&a, &name).await?))
 }
@@ -797,7 +863,7 @@ async fn delete_appliance(
 async fn verify_appliance(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<ApplianceName>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let damage = app.verify_appliance(&a, &name).await?;
     Ok(Json(serde_json::json!({ "appliance": name, "ok": damage.is_empty(), "damage": damage })))
@@ -806,8 +872,8 @@ async fn verify_appliance(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CopyBackIn {
-    name: String,
-    vm: String,
+    name: ApplianceName,
+    vm: VmName,
 }
 
 /// Copy-back: an appliance from a VM (a backup under another name).
@@ -823,13 +889,13 @@ async fn create_appliance(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackupIn {
-    appliance: String,
+    appliance: ApplianceName,
 }
 
 async fn backup_vm(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let r: BackupIn = body(&b)?;
@@ -839,7 +905,7 @@ async fn backup_vm(
 async fn restore_vm(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<VmName>,
     b: Bytes,
 ) -> ApiResult<Json<VmView>> {
     let r: BackupIn = body(&b)?;
@@ -847,10 +913,11 @@ async fn restore_vm(
 }
 
 /// Download an appliance as an OVA.
-async fn export_ova(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Path<String>) -> ApiResult<Response> {
+async fn export_ova(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<ApplianceName>) -> ApiResult<Response> {
     let path = app.export_ova(&a, &name).await?;
-    let file =
-        tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("opening the OVA", format!("{}: {e}", path.display())))?;
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     // The open file stays readable; the scratch directory can go now.
     if let Some(dir) = path.parent() {
@@ -883,7 +950,7 @@ async fn export_ova(State(app): State<Arc<App>>, Actor(a): Actor, Path(name): Pa
 async fn import_ova(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
-    Path(name): Path<String>,
+    N(name): N<ApplianceName>,
     b: Body,
 ) -> ApiResult<(StatusCode, Json<crate::appliances::ApplianceView>)> {
     let refused = if a.role == Role::Regular {
@@ -899,9 +966,11 @@ async fn import_ova(
     }
     let dir = app.data.join("tmp").join(format!("import-{:016x}", rand::random::<u64>()));
     let r = async {
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| ApiError::internal("receiving the OVA", format!("{}: {e}", dir.display())))?;
         let ova = dir.join("upload.ova");
-        let mut f = tokio::fs::File::create(&ova).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut f = tokio::fs::File::create(&ova).await.map_err(|e| ApiError::internal("receiving the OVA", e))?;
         let mut stream = b.into_data_stream();
         let mut n = 0u64;
         while let Some(chunk) = stream.next().await {
@@ -910,7 +979,7 @@ async fn import_ova(
                 if e.raw_os_error() == Some(libc::ENOSPC) {
                     ApiError::no_space("the data directory's disk is full while receiving the OVA")
                 } else {
-                    ApiError::internal(e.to_string())
+                    ApiError::internal("receiving the OVA", e)
                 }
             })?;
             n += chunk.len() as u64;
@@ -918,7 +987,7 @@ async fn import_ova(
         if n == 0 {
             return Err(ApiError::bad("the upload is empty: send the OVA as the request body"));
         }
-        f.sync_all().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        f.sync_all().await.map_err(|e| ApiError::internal("receiving the OVA", e))?;
         drop(f);
         app.import_ova(&a, Some(&name), &ova).await
     }
@@ -1061,31 +1130,61 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        Json(serde_json::json!({"error": "method not allowed on this endpoint: see /api/v1/openapi.json"})),
-    )
-        .into_response()
+    let body = serde_json::json!({
+        "error": "method not allowed on this endpoint: see /api/v1/openapi.json",
+        "request_id": crate::error::request_id(),
+    });
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
-/// Log every request: errors at info, the rest at debug.
+/// Every request gets an id (the `x-request-id` header of its answer, the
+/// `request_id` of an error, and every log line about it), runs with it in
+/// [`crate::error::REQUEST_ID`], and is logged: errors at info, the rest at
+/// debug. A handler that panics answers a 500 with the id instead of a
+/// dropped connection.
 async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures::FutureExt;
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let id = crate::error::new_request_id();
     let started = std::time::Instant::now();
-    let resp = json_error(next.run(req).await).await;
+    let run = std::panic::AssertUnwindSafe(next.run(req)).catch_unwind();
+    let resp = crate::error::REQUEST_ID
+        .scope(id.clone(), async {
+            let resp = match run.await {
+                Ok(r) => r,
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    ApiError::internal(format!("{method} {path}"), format!("the handler panicked: {what}"))
+                        .into_response()
+                }
+            };
+            json_error(resp).await
+        })
+        .await;
+    let mut resp = resp;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let status = resp.status().as_u16();
     let ms = started.elapsed().as_millis() as u64;
+    // The path is the client's: log it escaped and cut short.
+    let path: String = path.chars().take(200).collect();
     if status >= 400 {
-        tracing::info!(target: "keel::http", %method, path, status, ms, "request");
+        tracing::info!(target: "keel::http", request_id = %id, %method, ?path, status, ms, "request");
     } else {
-        tracing::debug!(target: "keel::http", %method, path, status, ms, "request");
+        tracing::debug!(target: "keel::http", request_id = %id, %method, ?path, status, ms, "request");
     }
     resp
 }
 
 /// Errors that axum's extractors answer themselves (a body over the size
 /// limit, a path that is not UTF-8, ...) come as plain text; give them the
-/// API's JSON shape, so every error a client sees is `{"error": "..."}`.
+/// API's JSON shape, so every error a client sees is `{"error": "...",
+/// "request_id": "..."}`.
 async fn json_error(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
@@ -1110,7 +1209,8 @@ async fn json_error(resp: Response) -> Response {
         _ if text.is_empty() => reason,
         _ => text,
     };
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
+    let body = serde_json::json!({ "error": message, "request_id": crate::error::request_id() });
+    (status, Json(body)).into_response()
 }
 
 /// The API's router.

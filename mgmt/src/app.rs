@@ -21,10 +21,8 @@ use serde::Serialize;
 use crate::auth;
 use crate::db::{self, INTENTS, ISOS, JOBS, JOBS_KEPT, Meta, TOKENS, USERS, VOLUMES};
 use crate::error::{ApiError, ApiResult};
-use crate::model::{
-    Chap, Event, IQN_PREFIX, Intent, IscsiExport, IsoMeta, Quota, Role, Token, User, VolumeMeta, check_user_name,
-    check_volume_name, now,
-};
+use crate::model::{Chap, Event, IQN_PREFIX, Intent, IscsiExport, IsoMeta, Quota, Role, Token, User, VolumeMeta, now};
+use crate::names;
 
 /// The NBD exports of the appliance, with per-export session and I/O
 /// counters.
@@ -120,6 +118,10 @@ pub struct App {
     pub access: crate::access::AccessKeys,
     /// The private NBD socket the daemon's own clients (QEMU, qemu-img) use.
     pub nbd_socket: PathBuf,
+    /// Failed-login counters (see [`crate::throttle`]).
+    pub logins: crate::throttle::LoginThrottle,
+    /// The password-checking threads.
+    pub hasher: crate::throttle::Hasher,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -499,6 +501,8 @@ impl App {
             token_ttl: DEFAULT_TOKEN_TTL,
             access,
             nbd_socket,
+            logins: crate::throttle::LoginThrottle::new(),
+            hasher: crate::throttle::Hasher::start(0),
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
         })
     }
@@ -787,7 +791,7 @@ impl App {
     /// Create a thin volume.
     pub async fn create_volume(&self, actor: &User, req: CreateVolume) -> ApiResult<VolumeView> {
         forbid_regular(actor, "create volumes")?;
-        check_volume_name(&req.name).map_err(ApiError::bad)?;
+        names::check_volume(&req.name).map_err(ApiError::bad)?;
         if req.size == 0 || !req.size.is_multiple_of(512) {
             return Err(ApiError::bad(format!("size {} must be a positive multiple of 512 bytes", req.size)));
         }
@@ -961,7 +965,7 @@ impl App {
     /// Take a snapshot.
     pub async fn create_snapshot(&self, actor: &User, volume: &str, snap: &str) -> ApiResult<SnapshotView> {
         let m = self.visible_volume(actor, volume)?;
-        check_volume_name(snap).map_err(|e| ApiError::bad(format!("snapshot {e}")))?;
+        names::check_snapshot(snap).map_err(ApiError::bad)?;
         let _g = self.ops.lock().await;
         // The snapshot will hold what the volume maps now.
         if let Some(owner) = self.user(&m.owner)? {
@@ -973,7 +977,7 @@ impl App {
         self.list_snapshots(actor, volume)?
             .into_iter()
             .find(|s| s.name == snap)
-            .ok_or_else(|| ApiError::internal("the snapshot vanished as it was made"))
+            .ok_or_else(|| ApiError::internal("making the snapshot", "the snapshot vanished as it was made"))
     }
 
     /// Delete a snapshot.
@@ -1001,7 +1005,7 @@ impl App {
         owner: Option<&str>,
     ) -> ApiResult<VolumeView> {
         self.visible_volume(actor, volume)?;
-        check_volume_name(name).map_err(ApiError::bad)?;
+        names::check_volume(name).map_err(ApiError::bad)?;
         let full = format!("{volume}@{snap}");
         let size = self
             .pool
@@ -1146,7 +1150,7 @@ impl App {
             }
             Role::Manager => req.parent.clone(),
         };
-        check_user_name(&req.name).map_err(ApiError::bad)?;
+        names::check_user(&req.name).map_err(ApiError::bad)?;
         if req.password.chars().count() < 8 {
             return Err(ApiError::bad("password must be at least 8 characters"));
         }
@@ -1252,6 +1256,11 @@ impl App {
         self.data.join("isos")
     }
 
+    /// `DATA/isos/NAME.iso`, for a name that passes [`names::path_safe`].
+    pub fn iso_path(&self, name: &str) -> ApiResult<PathBuf> {
+        Ok(self.iso_dir().join(format!("{}.iso", names::path_safe(name)?)))
+    }
+
     /// Every ISO (every role may list them: any VM may use any ISO); who
     /// uploaded one is shown only to those who may see that user.
     pub fn list_isos(&self, actor: &User) -> ApiResult<Vec<IsoView>> {
@@ -1274,7 +1283,7 @@ impl App {
     /// checked against the tenant's storage quota, which ISOs count in.)
     pub fn check_iso_upload(&self, actor: &User, name: &str, declared: u64) -> ApiResult<()> {
         forbid_regular(actor, "upload ISOs")?;
-        check_volume_name(name).map_err(|e| ApiError::bad(format!("ISO {e}")))?;
+        names::check_iso(name).map_err(ApiError::bad)?;
         if self.meta.get::<IsoMeta>(ISOS, name)?.is_some() {
             return Err(ApiError::conflict(format!("ISO {name} already exists: ISOs are kept once; delete it first")));
         }
@@ -1317,11 +1326,11 @@ impl App {
         }
         // File first: a crash in between leaves a record without a file,
         // which the next start drops (never a deleted ISO coming back).
-        let path = self.iso_dir().join(format!("{name}.iso"));
+        let path = self.iso_path(name)?;
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ApiError::internal(format!("removing {}: {e}", path.display()))),
+            Err(e) => return Err(ApiError::internal("removing the ISO file", format!("{}: {e}", path.display()))),
         }
         self.meta.write(|w| {
             w.remove(ISOS, name)?;

@@ -26,11 +26,12 @@ use serde::Serialize;
 use crate::app::{App, JobView, event, forbid_regular};
 use crate::auth;
 use crate::db::{USERS, VMS};
-use crate::error::{ApiError, ApiResult};
-use crate::model::{BackupBase, User, VmMeta, VmState, check_volume_name, now};
+use crate::error::{ApiError, ApiResult, redact_paths};
+use crate::model::{BackupBase, User, VmMeta, VmState, now};
+use crate::names;
 
 /// Longest appliance name (its base volumes are `_a:NAME:N`).
-pub const MAX_APPLIANCE_NAME: usize = 56;
+pub use crate::names::MAX_APPLIANCE_NAME;
 
 impl From<LibError> for ApiError {
     fn from(e: LibError) -> ApiError {
@@ -39,15 +40,16 @@ impl From<LibError> for ApiError {
                 "appliance {n} not found: `keel appliance list` shows the appliances you can use"
             )),
             LibError::Exists(n) => ApiError::conflict(format!("appliance {n} already exists: pick another name")),
-            LibError::NoSpace(p) => ApiError::no_space(format!(
-                "the appliance library's disk is full ({}): delete appliances you no longer need",
-                p.display()
-            )),
+            LibError::NoSpace(p) => {
+                ApiError::no_space("the appliance library's disk is full: delete appliances you no longer need")
+                    .with_detail(p.display())
+            }
+            LibError::BadName(n) => ApiError::bad(format!("{n:?} is not an appliance name")),
             LibError::Store(e) => e.into(),
             e @ LibError::Corrupt { .. } => {
-                ApiError::internal(format!("{e}: the library is damaged; `keel appliance verify` lists what"))
+                ApiError::internal(format!("{e}: the library is damaged; `keel appliance verify` lists what"), "")
             }
-            e => ApiError::internal(e.to_string()),
+            e => ApiError::internal("the appliance library failed", e),
         }
     }
 }
@@ -93,11 +95,7 @@ fn base_volume(app: &str, i: usize) -> String {
 }
 
 fn check_appliance_name(name: &str) -> ApiResult<()> {
-    check_volume_name(name).map_err(|e| ApiError::bad(format!("appliance {e}")))?;
-    if name.len() > MAX_APPLIANCE_NAME {
-        return Err(ApiError::bad(format!("an appliance name is at most {MAX_APPLIANCE_NAME} characters")));
-    }
-    Ok(())
+    names::check_appliance(name).map_err(ApiError::bad)
 }
 
 impl App {
@@ -388,7 +386,8 @@ impl App {
     fn scratch(&self, what: &str) -> ApiResult<PathBuf> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let p = self.data.join("tmp").join(format!("{what}-{nanos}"));
-        std::fs::create_dir_all(&p).map_err(|e| ApiError::internal(format!("creating {}: {e}", p.display())))?;
+        std::fs::create_dir_all(&p)
+            .map_err(|e| ApiError::internal("making a scratch directory", format!("{}: {e}", p.display())))?;
         Ok(p)
     }
 
@@ -422,7 +421,7 @@ impl App {
             };
             let ova = dir.join(format!("{app}.ova"));
             keel_images::ova::write_ova(&ova, &format!("{app}.ovf"), &keel_images::ova::ovf_xml(&sys), &files)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+                .map_err(|e| ApiError::internal("writing the OVA", e))?;
             for (_, p) in &files {
                 let _ = std::fs::remove_file(p);
             }
@@ -448,9 +447,10 @@ impl App {
     ) -> ApiResult<ApplianceView> {
         forbid_regular(actor, "import appliances")?;
         let dir = ova.parent().map(|p| p.join("extracted")).unwrap_or_else(|| PathBuf::from("extracted"));
-        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal("unpacking the OVA", format!("{}: {e}", dir.display())))?;
         let (xml, _files) = keel_images::ova::read_ova(ova, &dir)
-            .map_err(|e| ApiError::bad(format!("not an OVA Keel can import: {e}")))?;
+            .map_err(|e| ApiError::bad(format!("not an OVA Keel can import: {}", redact_paths(&e.to_string()))))?;
         let sys = keel_images::ova::parse_ovf(&xml).map_err(|e| ApiError::bad(format!("the OVF descriptor: {e}")))?;
         let name = match name {
             Some(n) => n.to_string(),
@@ -478,6 +478,9 @@ impl App {
                 self.pool.create_volume(&base, size).await?;
                 made.push(base.clone());
                 let src = dir.join(&disk.file);
+                keel_images::ova::check_sparse_vmdk(&src).map_err(|e| {
+                    ApiError::bad(format!("not an OVA Keel can import: {}", redact_paths(&e.to_string())))
+                })?;
                 qemu_img_to(&src, &self.nbd_json(&base)).await?;
                 self.nbd.forget(&base);
                 self.pool.snapshot(&base, "base").await?;
@@ -609,28 +612,35 @@ async fn qemu_img(args: &[&str], out: &std::path::Path) -> ApiResult<()> {
         .arg(out)
         .output()
         .await
-        .map_err(|e| ApiError::internal(format!("running qemu-img (qemu-utils): {e}")))?;
+        .map_err(|e| ApiError::internal("running qemu-img (is qemu-utils installed?)", e))?;
     if !o.status.success() {
-        return Err(ApiError::internal(format!("qemu-img {}: {}", args[0], String::from_utf8_lossy(&o.stderr).trim())));
+        return Err(ApiError::internal(format!("qemu-img {}", args[0]), String::from_utf8_lossy(&o.stderr).trim()));
     }
     Ok(())
 }
 
-/// Convert image `src` (any format qemu-img reads) into the existing raw
-/// target `dst` (a `json:` file name).
+/// Convert the sparse VMDK `src` (checked by `check_sparse_vmdk`) into the
+/// existing raw target `dst` (a `json:` file name). The format is forced and
+/// the backing file off, so qemu-img opens `src` and nothing else: an
+/// uploaded image never makes it read another file of the host.
 async fn qemu_img_to(src: &std::path::Path, dst: &str) -> ApiResult<()> {
+    let source = serde_json::json!({
+        "driver": "vmdk",
+        "backing": null,
+        "file": { "driver": "file", "filename": src },
+    });
     let o = tokio::process::Command::new("qemu-img")
         .args(["convert", "-n", "-O", "raw"])
-        .arg(src)
+        .arg(format!("json:{source}"))
         .arg(dst)
         .output()
         .await
-        .map_err(|e| ApiError::internal(format!("running qemu-img (qemu-utils): {e}")))?;
+        .map_err(|e| ApiError::internal("running qemu-img (is qemu-utils installed?)", e))?;
     if !o.status.success() {
         return Err(ApiError::bad(format!(
             "disk {} of the OVA could not be read: {}",
             src.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-            String::from_utf8_lossy(&o.stderr).trim()
+            redact_paths(String::from_utf8_lossy(&o.stderr).trim())
         )));
     }
     Ok(())

@@ -23,6 +23,29 @@ pub struct Client {
     pub json: bool,
 }
 
+/// A TLS client configuration that trusts the certificates in the PEM file
+/// `ca` (`KEEL_API_CA`: the appliance's own certificate, or the CA that
+/// signed it), for an `https://` API.
+fn tls_trusting(ca: &Path) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
+        roots.add(c.with_context(|| format!("parsing {}", ca.display()))?).context("a certificate it holds")?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no PEM certificate", ca.display());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Read `token = "..."` from a credentials file.
 pub fn token_from_credentials(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -35,7 +58,17 @@ impl Client {
     /// `data`.
     pub fn new(api: &str, token: Option<String>, data: &Path, json: bool) -> Client {
         let token = token.filter(|t| !t.is_empty()).or_else(|| token_from_credentials(&data.join("credentials")));
-        Client { api: api.trim_end_matches('/').to_string(), token, agent: ureq::AgentBuilder::new().build(), json }
+        let mut agent = ureq::AgentBuilder::new();
+        if let Some(ca) = std::env::var_os("KEEL_API_CA").filter(|v| !v.is_empty()) {
+            match tls_trusting(Path::new(&ca)) {
+                Ok(c) => agent = agent.tls_config(c),
+                Err(e) => {
+                    eprintln!("keel: KEEL_API_CA: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        Client { api: api.trim_end_matches('/').to_string(), token, agent: agent.build(), json }
     }
 
     fn req(&self, method: &str, path: &str) -> ureq::Request {
@@ -286,6 +319,9 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
             c.print(&json!({"deleted": name}), |_| println!("deleted volume {name}"));
         }
         VolumeCmd::Import { file, name, owner } => {
+            // An absolute path: qemu-img takes `-x` as an option and
+            // `proto:...` (json:, nbd:, ...) as a protocol, not as a file.
+            let file = std::fs::canonicalize(&file).with_context(|| format!("{}: no such file", file.display()))?;
             let info = std::process::Command::new("qemu-img")
                 .args(["info", "--output=json"])
                 .arg(&file)

@@ -93,8 +93,8 @@ enum ListCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (keys: data, api, nbd, iscsi, pool_size, engine,
-    /// cache, data_cache, write_back, commit_interval, nbd_tls_cert, nbd_tls_key, nbd_require_tls, qemu,
-    /// accel, vm_stop_timeout, token_ttl, export_auth); flags win.
+    /// cache, data_cache, write_back, commit_interval, nbd_tls_cert, nbd_tls_key, nbd_require_tls, api_tls_cert,
+    /// api_tls_key, qemu, accel, vm_stop_timeout, token_ttl, export_auth); flags win.
     #[arg(long, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (pool, metadata, ISOs, credentials) [default: keel-data].
@@ -141,6 +141,13 @@ struct ServeArgs {
     /// Refuse NBD clients that do not negotiate TLS.
     #[arg(long)]
     nbd_require_tls: bool,
+    /// PEM certificate chain: serve the HTTP API over HTTPS (TLS 1.2/1.3,
+    /// rustls). Without it the API speaks plain HTTP, meant for loopback.
+    #[arg(long, requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// PEM private key for the HTTPS API.
+    #[arg(long, requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
     /// QEMU binary for VMs [default: qemu-system-x86_64].
     #[arg(long, env = "KEEL_QEMU")]
     qemu: Option<String>,
@@ -213,6 +220,11 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         (None, None) => None,
         _ => bail!("NBD TLS needs both a certificate and a key"),
     };
+    let api_tls = match (a.api_tls_cert.or(f.api_tls_cert), a.api_tls_key.or(f.api_tls_key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("API TLS needs both a certificate and a key"),
+    };
     let nbd_require_tls = a.nbd_require_tls || f.nbd_require_tls.unwrap_or(false);
     if nbd_require_tls && nbd_tls.is_none() {
         bail!("--nbd-require-tls needs --nbd-tls-cert and --nbd-tls-key");
@@ -252,6 +264,7 @@ fn settings(a: ServeArgs, api: Option<&str>) -> Result<Settings> {
         },
         nbd_tls,
         nbd_require_tls,
+        api_tls,
         vms,
         export_keys: match (a.export_auth, &f.export_auth) {
             (Some(k), _) => k,

@@ -44,6 +44,10 @@ pub struct FileConfig {
     pub nbd_tls_key: Option<PathBuf>,
     /// Refuse NBD clients without TLS.
     pub nbd_require_tls: Option<bool>,
+    /// HTTPS API certificate (PEM).
+    pub api_tls_cert: Option<PathBuf>,
+    /// HTTPS API key (PEM).
+    pub api_tls_key: Option<PathBuf>,
     /// The QEMU binary for VMs.
     pub qemu: Option<String>,
     /// VM accelerator: kvm, tcg or auto.
@@ -87,6 +91,8 @@ pub struct Settings {
     pub nbd_tls: Option<(PathBuf, PathBuf)>,
     /// Refuse NBD clients without TLS.
     pub nbd_require_tls: bool,
+    /// HTTPS for the API (cert, key); plain HTTP when `None`.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
     /// How VMs run.
     pub vms: crate::vms::VmSettings,
     /// Seconds an API token stays valid.
@@ -167,7 +173,7 @@ pub async fn open_pool(data: &Path, size: u64, engine: Engine, opts: PoolOptions
 /// password and a token, written to `DATA/credentials` (mode 0600) before
 /// the database, so a crash in between leaves a file, never a manager
 /// nobody knows the password of.
-fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<PathBuf>> {
+fn first_manager(meta: &Meta, data: &Path, api: &str) -> Result<Option<PathBuf>> {
     let users: Vec<(String, User)> = meta.list(USERS)?;
     if users.iter().any(|(_, u)| u.role == Role::Manager) {
         return Ok(None);
@@ -175,7 +181,7 @@ fn first_manager(meta: &Meta, data: &Path, api: SocketAddr) -> Result<Option<Pat
     let (password, token) = (auth::new_password(), auth::new_token());
     let path = credentials_path(data);
     let text = format!(
-        "# The first Keel manager, made at the first start (unix time {}).\n# The CLI reads `token` from this file when KEEL_TOKEN is not set.\nuser = \"admin\"\npassword = \"{password}\"\ntoken = \"{token}\"\napi = \"http://{api}\"\n",
+        "# The first Keel manager, made at the first start (unix time {}).\n# The CLI reads `token` from this file when KEEL_TOKEN is not set.\nuser = \"admin\"\npassword = \"{password}\"\ntoken = \"{token}\"\napi = \"{api}\"\n",
         now()
     );
     write_owner_only(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
@@ -315,7 +321,8 @@ pub async fn serve(s: Settings) -> Result<()> {
     if found < crate::db::SCHEMA_VERSION {
         println!("metadata: schema migrated from version {found} to {}", crate::db::SCHEMA_VERSION);
     }
-    let made = first_manager(&meta, &s.data, s.addrs.api)?;
+    let scheme = if s.api_tls.is_some() { "https" } else { "http" };
+    let made = first_manager(&meta, &s.data, &format!("{scheme}://{}", s.addrs.api))?;
     let mut said = reconcile::reconcile(&pool, &meta).await.context("reconciling metadata with the block store")?;
     said.extend(reconcile_isos(&meta, &s.data)?);
     if said.is_empty() {
@@ -357,6 +364,17 @@ pub async fn serve(s: Settings) -> Result<()> {
         app.log_event("keel", "reconcile", "", line);
     }
 
+    let api_tls = match &s.api_tls {
+        Some((c, k)) => Some(keel_nbd_server::tls::acceptor_from_pem(c, k).context("the API's TLS certificate")?),
+        None => None,
+    };
+    if api_tls.is_none() && !s.addrs.api.ip().is_loopback() {
+        tracing::warn!(
+            "the HTTP API listens on {} without TLS: passwords and tokens cross the network in the clear; give it \
+             --api-tls-cert and --api-tls-key",
+            s.addrs.api
+        );
+    }
     let tls = match &s.nbd_tls {
         Some((c, k)) => Some(keel_nbd_server::tls::acceptor_from_pem(c, k)?),
         None => None,
@@ -398,7 +416,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         tokio::spawn(async move { app.accel().await });
     }
     let router = crate::api::router(app.clone());
-    let api = tokio::spawn(async move { axum::serve(api_listener, router).await });
+    let api = tokio::spawn(crate::http::serve(api_listener, router, api_tls));
 
     let st = pool.stats();
     println!(
@@ -409,7 +427,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         human(st.provisioned_bytes),
         st.devices
     );
-    println!("HTTP API on http://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
+    println!("HTTP API on {scheme}://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
     let keyed = if s.export_keys { " (export names carry the volume's access key: see its nbd_url)" } else { "" };
     let tls = if s.nbd_require_tls { " (TLS required)" } else { "" };
     println!("NBD on nbd://{}/VOLUME{tls}{keyed}", s.addrs.nbd);

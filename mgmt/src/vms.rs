@@ -36,8 +36,9 @@ use crate::db::{self, ISOS, USAGE, USERS, VMS, VOLUMES};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{
     IsoMeta, KernelBoot, Network, Role, UsageRow, User, VmDiskMeta, VmEvent, VmMeta, VmNicMeta, VmState, VolumeMeta,
-    check_volume_name, now, split_hours,
+    now, split_hours,
 };
+use crate::names;
 
 /// How VMs are run on this host.
 #[derive(Clone, Debug)]
@@ -177,7 +178,7 @@ fn vm_not_found(name: &str) -> ApiError {
 }
 
 fn qmp_err(name: &str, e: keel_vmm_glue::QmpError) -> ApiError {
-    ApiError::internal(format!("VM {name}: {e}"))
+    ApiError::internal(format!("talking to VM {name}'s QEMU"), e)
 }
 
 /// A random locally administered MAC in QEMU's 52:54:00 range.
@@ -215,8 +216,9 @@ fn next_id<'a>(prefix: &str, used: impl Iterator<Item = &'a str>) -> String {
 impl App {
     // ----- records and rights -----
 
-    fn vm_dir(&self, name: &str) -> PathBuf {
-        self.data.join("vms").join(name)
+    /// `DATA/vms/NAME`, for a name that passes [`names::path_safe`].
+    fn vm_dir(&self, name: &str) -> ApiResult<PathBuf> {
+        Ok(self.data.join("vms").join(names::path_safe(name)?))
     }
 
     /// The VM `name` if `actor` may see it (a regular user: its own).
@@ -418,7 +420,7 @@ impl App {
     /// Create a VM (stopped).
     pub async fn create_vm(&self, actor: &User, req: CreateVm) -> ApiResult<VmView> {
         forbid_regular(actor, "create VMs")?;
-        check_volume_name(&req.name).map_err(|e| ApiError::bad(format!("VM {e}")))?;
+        names::check_vm(&req.name).map_err(ApiError::bad)?;
         if req.name.len() > 57 {
             return Err(ApiError::bad("a VM name is at most 57 characters (its disks are named NAME-diskN)"));
         }
@@ -440,7 +442,15 @@ impl App {
                     "only a manager may boot a VM from a kernel file on the host (its files become readable to the guest)",
                 ));
             }
+            if k.append.len() > 4096 || k.append.contains('\0') {
+                return Err(ApiError::bad("the kernel command line takes at most 4096 bytes and no NUL"));
+            }
             for f in std::iter::once(&k.kernel).chain(k.initrd.as_ref()) {
+                if !f.starts_with('/') || f.len() > 4096 || f.chars().any(char::is_control) {
+                    return Err(ApiError::bad(
+                        "kernel and initrd are absolute paths of files on the host, without control characters",
+                    ));
+                }
                 if !std::path::Path::new(f).is_file() {
                     return Err(ApiError::bad(format!("{f} is not a file on the host")));
                 }
@@ -578,7 +588,9 @@ impl App {
             ))?;
             Ok::<_, db::Error>(())
         })?;
-        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        if let Ok(dir) = self.vm_dir(name) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let mut failed = Vec::new();
         if delete_disks {
             for d in &m.disks {
@@ -639,8 +651,8 @@ impl App {
     }
 
     /// The QEMU configuration of `m`.
-    fn vm_config(&self, m: &VmMeta, accel: Accel) -> VmConfig {
-        VmConfig {
+    fn vm_config(&self, m: &VmMeta, accel: Accel) -> ApiResult<VmConfig> {
+        Ok(VmConfig {
             name: m.name.clone(),
             cpus: m.cpus,
             memory_mib: m.memory_bytes >> 20,
@@ -654,7 +666,7 @@ impl App {
                     read_only: false,
                 })
                 .collect(),
-            cdrom: m.cdrom.as_ref().map(|i| self.iso_dir().join(format!("{i}.iso"))),
+            cdrom: m.cdrom.as_deref().map(|i| self.iso_path(i)).transpose()?,
             nics: m.nics.iter().map(nic_config).collect(),
             boot: m.boot.iter().filter_map(|b| boot_device(b).ok()).collect(),
             direct: m.kernel.as_ref().map(|k| DirectBoot {
@@ -662,8 +674,8 @@ impl App {
                 initrd: k.initrd.clone().map(Into::into),
                 append: k.append.clone(),
             }),
-            run_dir: self.vm_dir(&m.name),
-        }
+            run_dir: self.vm_dir(&m.name)?,
+        })
     }
 
     /// Start a VM.
@@ -677,7 +689,11 @@ impl App {
     async fn start_locked(self: &Arc<Self>, actor: &User, name: &str) -> ApiResult<VmView> {
         let m = self.visible_vm(actor, name)?;
         m.state.next(VmEvent::Start).map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
-        let qemu = process::find_qemu(&self.vms.settings.qemu).map_err(|e| ApiError::internal(e.to_string()))?;
+        // The message is the operator's to act on, and names only the QEMU
+        // binary the operator configured.
+        let qemu = process::find_qemu(&self.vms.settings.qemu).map_err(|e| {
+            ApiError::internal(format!("starting VM {name}: {}", crate::error::redact_paths(&e.to_string())), e)
+        })?;
         App::check_memory(m.memory_bytes)?;
         if let Some(iso) = &m.cdrom {
             self.check_iso(iso)?;
@@ -688,13 +704,14 @@ impl App {
             }
         }
         let choice = self.accel().await;
-        let cfg = self.vm_config(&m, choice.accel);
+        let cfg = self.vm_config(&m, choice.accel)?;
         self.update_vm(name, None, |m| {
             m.state = VmState::Starting;
             m.error = None;
         })?;
-        std::fs::create_dir_all(&cfg.run_dir)
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", cfg.run_dir.display())))?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|e| {
+            ApiError::internal("making the VM's run directory", format!("{}: {e}", cfg.run_dir.display()))
+        })?;
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(cfg.console_log()) {
             use std::io::Write;
             let _ = writeln!(f, "\r\n--- keel: {name} starting at {} ({}) ---\r", now(), choice.accel);
@@ -713,12 +730,14 @@ impl App {
         let (pid, qmp) = match started {
             Ok(x) => x,
             Err(e) => {
-                self.update_vm(name, Some((&actor.name, "vm.start-failed", &e)), |m| {
+                // QEMU's own words say what to fix, without the host's paths.
+                let said = crate::error::redact_paths(&e);
+                self.update_vm(name, Some((&actor.name, "vm.start-failed", &said)), |m| {
                     m.state = VmState::Stopped;
-                    m.error = Some(e.clone());
+                    m.error = Some(said.clone());
                     m.pid = None;
                 })?;
-                return Err(ApiError::internal(format!("VM {name} did not start: {e}")));
+                return Err(ApiError::internal(format!("VM {name} did not start: {said}"), e));
             }
         };
         let t = now();
@@ -862,7 +881,7 @@ impl App {
             let run = self.running_vm(&m)?;
             let r = match iso {
                 Some(i) => {
-                    let file = self.iso_dir().join(format!("{i}.iso"));
+                    let file = self.iso_path(i)?;
                     let args =
                         json!({"id": CDROM_DEVICE, "filename": file, "format": "raw", "read-only-mode": "read-only"});
                     run.qmp.execute_within("blockdev-change-medium", args, Duration::from_secs(10)).await
@@ -1011,7 +1030,7 @@ impl App {
     ) -> ApiResult<(VmView, CloneStats)> {
         let t0 = Instant::now();
         forbid_regular(actor, "clone VMs")?;
-        check_volume_name(new).map_err(|e| ApiError::bad(format!("VM {e}")))?;
+        names::check_vm(new).map_err(ApiError::bad)?;
         if new.len() > 57 {
             return Err(ApiError::bad("a VM name is at most 57 characters (its disks are named NAME-diskN)"));
         }
@@ -1207,7 +1226,15 @@ impl App {
             if !m.state.has_qemu() {
                 continue;
             }
-            let cfg = self.vm_config(&m, Accel::Tcg);
+            // A record whose name or ISO breaks today's rules cannot be
+            // adopted (its paths would not be checked): say so and go on.
+            let cfg = match self.vm_config(&m, Accel::Tcg) {
+                Ok(c) => c,
+                Err(e) => {
+                    said.push(format!("VM {name} not adopted: {}", e.message));
+                    continue;
+                }
+            };
             let pid = m.pid.or_else(|| process::read_pid(&cfg.pid_file()));
             match Qmp::connect(&cfg.qmp_socket(), Duration::from_secs(3)).await {
                 Ok(qmp) => {
@@ -1315,18 +1342,18 @@ impl App {
     /// The serial console from byte `offset`: (bytes, the next offset).
     pub fn console(&self, actor: &User, name: &str, offset: u64, max: usize) -> ApiResult<(Vec<u8>, u64)> {
         let m = self.visible_vm(actor, name)?;
-        let path = self.vm_dir(&m.name).join("console.log");
+        let path = self.vm_dir(&m.name)?.join("console.log");
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(ApiError::internal(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(ApiError::internal("reading the console log", format!("{}: {e}", path.display()))),
         };
         use std::io::{Read, Seek};
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let from = offset.min(len);
-        f.seek(std::io::SeekFrom::Start(from)).map_err(|e| ApiError::internal(e.to_string()))?;
+        f.seek(std::io::SeekFrom::Start(from)).map_err(|e| ApiError::internal("reading the console log", e))?;
         let mut buf = Vec::new();
-        f.take(max as u64).read_to_end(&mut buf).map_err(|e| ApiError::internal(e.to_string()))?;
+        f.take(max as u64).read_to_end(&mut buf).map_err(|e| ApiError::internal("reading the console log", e))?;
         let next = from + buf.len() as u64;
         Ok((buf, next))
     }

@@ -255,6 +255,12 @@ fn every_documented_operation_answers_with_a_documented_status() {
     let errors: BTreeSet<u16> = all.difference(&success).copied().collect();
     // Unknown endpoints and methods answer JSON too.
     see(d.call("GET", "/api/v1/nothing", None), 404);
+    see(post_oversized(&d), 413);
+    // Failed logins: three free, the fourth answered, then locked.
+    for _ in 0..4 {
+        assert_error(d.call_as("", "POST", "/api/v1/tokens", Some(json!({"user": "u1", "password": "wrong"}))), 401);
+    }
+    see(d.call_as("", "POST", "/api/v1/tokens", Some(json!({"user": "u1", "password": "wrong"}))), 429);
     assert_eq!(errors, seen, "documented error statuses vs. those produced");
     let (st, v) = d.call("PUT", "/api/v1/volumes", None);
     assert_eq!(st, 405);

@@ -207,28 +207,8 @@ fn a_reused_user_name_does_not_inherit_events_or_jobs() {
 fn errors_axum_answers_itself_are_json_too() {
     let dir = data_dir();
     let d = Daemon::start(dir.path());
-    let big = format!("{{\"name\": \"v\", \"size\": \"1M\", \"pad\": \"{}\"}}", "x".repeat(3 << 20));
-    // The server answers 413 and closes the connection while the client
-    // may still be sending the rest of the body; the reset that follows
-    // can reach the client before it reads the answer (a broken pipe).
-    // That is the transport, not the answer under test: try again, a few
-    // times at most.
-    let mut attempts = 0;
-    let (st, body) = loop {
-        attempts += 1;
-        let r = ureq::post(&format!("{}/api/v1/volumes", d.url()))
-            .set("Authorization", &format!("Bearer {}", d.token))
-            .set("Content-Type", "application/json")
-            .send_string(&big);
-        match r {
-            Ok(r) => break (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(s, r)) => break (s, r.into_string().unwrap()),
-            Err(e @ ureq::Error::Transport(_)) if attempts < 5 => eprintln!("attempt {attempts}: {e}"),
-            Err(e) => panic!("{e}"),
-        }
-    };
-    assert_eq!(st, 413, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let (st, v) = post_oversized(&d);
+    assert_eq!(st, 413, "{v}");
     assert!(v["error"].as_str().unwrap().contains("too large"), "{v}");
 }
 

@@ -50,6 +50,17 @@ impl Daemon {
         panic!("keel serve found its ports taken five times over");
     }
 
+    /// Start on fresh ports with extra environment (`KEEL_CONFIG`, ...).
+    pub fn start_env(data: &Path, env: &[(&str, &str)]) -> Daemon {
+        for _ in 0..5 {
+            let ports = (free_port(), free_port(), free_port());
+            if let Some(d) = Daemon::try_start(data, env, ports) {
+                return d;
+            }
+        }
+        panic!("keel serve found its ports taken five times over");
+    }
+
     /// Start with extra environment and given ports (api, nbd, iscsi).
     pub fn start_with(data: &Path, env: &[(&str, &str)], ports: (u16, u16, u16)) -> Daemon {
         // A restart on the ports a killed daemon held: another test's
@@ -339,4 +350,31 @@ pub fn start_stalled_upload(d: &Daemon, name: &str) -> std::net::TcpStream {
     .unwrap();
     s.write_all(&[7u8; 1 << 20]).unwrap();
     s
+}
+
+/// POST a JSON body of 3 MiB (over the API's 2 MiB limit) to create a
+/// volume: (status, JSON body).
+pub fn post_oversized(d: &Daemon) -> (u16, Value) {
+    let big = format!("{{\"name\": \"v\", \"size\": \"1M\", \"pad\": \"{}\"}}", "x".repeat(3 << 20));
+    // The server answers 413 and closes the connection while the client
+    // may still be sending the rest of the body; the reset that follows
+    // can reach the client before it reads the answer (a broken pipe).
+    // That is the transport, not the answer under test: try again, a few
+    // times at most.
+    let mut attempts = 0;
+    let (st, body) = loop {
+        attempts += 1;
+        let r = ureq::post(&format!("{}/api/v1/volumes", d.url()))
+            .set("Authorization", &format!("Bearer {}", d.token))
+            .set("Content-Type", "application/json")
+            .send_string(&big);
+        match r {
+            Ok(r) => break (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(s, r)) => break (s, r.into_string().unwrap()),
+            Err(e @ ureq::Error::Transport(_)) if attempts < 5 => eprintln!("attempt {attempts}: {e}"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let v = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    (st, v)
 }
