@@ -792,9 +792,7 @@ impl App {
     pub async fn create_volume(&self, actor: &User, req: CreateVolume) -> ApiResult<VolumeView> {
         forbid_regular(actor, "create volumes")?;
         names::check_volume(&req.name).map_err(ApiError::bad)?;
-        if req.size == 0 || !req.size.is_multiple_of(512) {
-            return Err(ApiError::bad(format!("size {} must be a positive multiple of 512 bytes", req.size)));
-        }
+        crate::model::check_volume_size("size", req.size).map_err(ApiError::bad)?;
         let _g = self.ops.lock().await;
         let owner = self.owner_for_new(actor, req.owner.as_deref(), req.size)?;
         self.begin_create(&req.name, &owner.name, None)?;
@@ -856,9 +854,7 @@ impl App {
     /// Grow (or, refused today, shrink) a volume.
     pub async fn resize_volume(&self, actor: &User, name: &str, size: u64) -> ApiResult<VolumeView> {
         let m = self.visible_volume(actor, name)?;
-        if size == 0 || !size.is_multiple_of(512) {
-            return Err(ApiError::bad(format!("size {size} must be a positive multiple of 512 bytes")));
-        }
+        crate::model::check_volume_size("size", size).map_err(ApiError::bad)?;
         let _g = self.ops.lock().await;
         let old = self.view(&m)?.size_bytes;
         if size < old {

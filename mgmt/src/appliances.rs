@@ -474,7 +474,9 @@ impl App {
             for (i, disk) in sys.disks.iter().enumerate() {
                 let base = base_volume(&name, i);
                 let _ = self.pool.delete_volume(&base, true).await;
-                let size = disk.capacity_bytes.div_ceil(512) * 512;
+                let size = disk.capacity_bytes.div_ceil(512).saturating_mul(512);
+                crate::model::check_volume_size(&format!("the OVA's disk {i} capacity"), size)
+                    .map_err(ApiError::bad)?;
                 self.pool.create_volume(&base, size).await?;
                 made.push(base.clone());
                 let src = dir.join(&disk.file);

@@ -230,7 +230,7 @@ impl Meta {
         let t = rx.open_table(EVENTS).map_err(dbe)?;
         let mut out = Vec::new();
         if after > 0 {
-            for r in t.range(after + 1..).map_err(dbe)? {
+            for r in t.range(after.saturating_add(1)..).map_err(dbe)? {
                 let (k, v) = r.map_err(dbe)?;
                 out.push((k.value(), parse("events", &k.value().to_string(), v.value())?));
                 if out.len() >= limit {
@@ -239,7 +239,7 @@ impl Meta {
             }
             return Ok(out);
         }
-        for r in t.range(after + 1..).map_err(dbe)?.rev() {
+        for r in t.range(after.saturating_add(1)..).map_err(dbe)?.rev() {
             let (k, v) = r.map_err(dbe)?;
             out.push((k.value(), parse("events", &k.value().to_string(), v.value())?));
             if out.len() >= limit {

@@ -373,6 +373,25 @@ pub struct Event {
     pub detail: String,
 }
 
+/// The largest volume: 16 TiB. Thin volumes cost nothing until written,
+/// but some work is proportional to a volume's size (an appliance's
+/// manifest holds an entry per 1 MiB chunk, 16 M of them at this size), so
+/// the size a request may ask for is bounded.
+pub const MAX_VOLUME_BYTES: u64 = 16 << 40;
+
+/// Check a volume size from a request: a positive multiple of 512 bytes, at
+/// most [`MAX_VOLUME_BYTES`]. `what` names it in the error ("size", "blank
+/// disk size").
+pub fn check_volume_size(what: &str, size: u64) -> Result<(), String> {
+    if size == 0 || !size.is_multiple_of(512) {
+        return Err(format!("{what} {size} must be a positive multiple of 512 bytes"));
+    }
+    if size > MAX_VOLUME_BYTES {
+        return Err(format!("{what} {size} is over the largest volume Keel makes, 16 TiB ({MAX_VOLUME_BYTES} bytes)"));
+    }
+    Ok(())
+}
+
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

@@ -486,9 +486,7 @@ impl App {
         let mut made: Vec<String> = Vec::new();
         if let Some(size) = req.blank_disk {
             let disk = format!("{}-disk0", req.name);
-            if size == 0 || !size.is_multiple_of(512) {
-                return Err(ApiError::bad(format!("blank disk size {size} must be a positive multiple of 512 bytes")));
-            }
+            crate::model::check_volume_size("blank disk size", size).map_err(ApiError::bad)?;
             self.check_quota(&owner, size)?;
             self.begin_create(&disk, &owner.name, None)?;
             let r = self.pool.create_volume(&disk, size).await;
@@ -717,19 +715,24 @@ impl App {
             let _ = writeln!(f, "\r\n--- keel: {name} starting at {} ({}) ---\r", now(), choice.accel);
         }
         let started = async {
-            let pid = process::launch(&qemu, &cfg).await.map_err(|e| e.to_string())?;
+            // QEMU refusing the VM's configuration (a bridge it may not use,
+            // a missing tap or kernel file) is the VM's state, not a fault
+            // of the appliance: a 409 that says what QEMU said.
+            let pid = process::launch(&qemu, &cfg)
+                .await
+                .map_err(|e| (matches!(e, process::LaunchError::Failed(_)), e.to_string()))?;
             match Qmp::connect(&cfg.qmp_socket(), Duration::from_secs(10)).await {
                 Ok(q) => Ok((pid, q)),
                 Err(e) => {
                     process::kill_if_ours(pid, &cfg.qmp_socket());
-                    Err(format!("QEMU started but its QMP socket failed: {e}"))
+                    Err((false, format!("QEMU started but its QMP socket failed: {e}")))
                 }
             }
         }
         .await;
         let (pid, qmp) = match started {
             Ok(x) => x,
-            Err(e) => {
+            Err((refused, e)) => {
                 // QEMU's own words say what to fix, without the host's paths.
                 let said = crate::error::redact_paths(&e);
                 self.update_vm(name, Some((&actor.name, "vm.start-failed", &said)), |m| {
@@ -737,6 +740,12 @@ impl App {
                     m.error = Some(said.clone());
                     m.pid = None;
                 })?;
+                if refused {
+                    return Err(ApiError::conflict(format!(
+                        "VM {name} did not start: {said}; change what QEMU names (a NIC, a disk, the kernel) and \
+                         start it again"
+                    )));
+                }
                 return Err(ApiError::internal(format!("VM {name} did not start: {said}"), e));
             }
         };

@@ -240,7 +240,8 @@ fn every_documented_operation_answers_with_a_documented_status() {
     see(d.call("POST", "/api/v1/volumes", Some(json!({"name": "fx", "size": "1G"}))), 409);
     let p = d.login("u2", "password-2");
     see(d.call_as(&p, "POST", "/api/v1/volumes", Some(json!({"name": "huge", "size": "2G"}))), 507);
-    // QEMU failing: a VM whose kernel file vanished after it was created.
+    // QEMU refusing a VM: a VM whose kernel file vanished after it was
+    // created. The VM's state, not the appliance's fault: 409.
     let kernel = dir.path().join("vanishing-kernel");
     std::fs::write(&kernel, b"not a kernel").unwrap();
     let vm = json!({"name": "broken", "memory": "64M", "kernel": {"kernel": kernel}});
@@ -248,9 +249,22 @@ fn every_documented_operation_answers_with_a_documented_status() {
     std::fs::remove_file(&kernel).unwrap();
     let got = d.call("POST", "/api/v1/vms/broken/start", None);
     let msg = got.1["error"].as_str().unwrap_or_default().to_string();
-    see(got, 500);
-    assert!(msg.contains("kernel"), "{msg}");
+    see(got, 409);
+    assert!(msg.contains("kernel") && !msg.contains(dir.path().to_str().unwrap()), "{msg}");
     assert_eq!(d.call("GET", "/api/v1/vms/broken", None).1["state"], "stopped", "a failed start leaves it stopped");
+    // The appliance failing: the ISO store's directory is a file.
+    let isos = d.data.join("isos");
+    let _ = std::fs::remove_dir_all(&isos);
+    std::fs::write(&isos, b"not a directory").unwrap();
+    let r = ureq::put(&format!("{}/api/v1/isos/boot", d.url()))
+        .set("Authorization", &format!("Bearer {}", d.token))
+        .send_bytes(b"an iso");
+    let got = match r {
+        Err(ureq::Error::Status(s, r)) => (s, r.into_json().unwrap()),
+        other => panic!("{other:?}"),
+    };
+    see(got, 500);
+    std::fs::remove_file(&isos).unwrap();
     let success: BTreeSet<u16> = all.iter().copied().filter(|s| *s < 300).collect();
     let errors: BTreeSet<u16> = all.difference(&success).copied().collect();
     // Unknown endpoints and methods answer JSON too.

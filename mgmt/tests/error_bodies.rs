@@ -57,3 +57,26 @@ fn every_error_carries_a_request_id() {
     assert_eq!(st, 401);
     assert!(v["request_id"].is_string(), "{v}");
 }
+
+/// Inputs a fuzzer found to break the daemon: an event cursor at u64::MAX
+/// (an overflow panic), and volumes of hundreds of terabytes on a 2 GiB pool
+/// (thin, so allowed, until a backup of one built a manifest of a billion
+/// entries: 12 GiB of memory).
+#[test]
+fn extreme_numbers_get_answers_not_panics_or_huge_allocations() {
+    let dir = data_dir();
+    let d = Daemon::start(dir.path());
+    let (st, v) = d.call("GET", &format!("/api/v1/events?after={}", u64::MAX), None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v, json!([]));
+    for size in [json!(818_455_410_376_704u64), json!("17T"), json!(u64::MAX - 511)] {
+        let e = assert_error(d.call("POST", "/api/v1/volumes", Some(json!({"name": "huge", "size": size}))), 400);
+        assert!(e.contains("16 TiB"), "{e}");
+    }
+    assert_eq!(d.call("POST", "/api/v1/volumes", Some(json!({"name": "big", "size": "16T"}))).0, 201);
+    let e = assert_error(d.call("PATCH", "/api/v1/volumes/big", Some(json!({"size": "17T"}))), 400);
+    assert!(e.contains("16 TiB"), "{e}");
+    let vm = json!({"name": "vm", "blank_disk": "100T", "nics": []});
+    let e = assert_error(d.call("POST", "/api/v1/vms", Some(vm)), 400);
+    assert!(e.contains("16 TiB"), "{e}");
+}

@@ -297,7 +297,7 @@ fn a_vm_nic_joins_a_tap_device() {
     // A bridge QEMU may not join: QEMU's own message, the VM stays stopped.
     guest_vm(&d, "nowhere", &[], json!({"nics": [{"bridge": "keelnobr0"}]}));
     let (st, v) = d.call("POST", "/api/v1/vms/nowhere/start", None);
-    assert_eq!(st, 500, "{v}");
+    assert_eq!(st, 409, "the VM's configuration, not a fault of the appliance: {v}");
     assert!(v["error"].as_str().unwrap().contains("bridge"), "{v}");
     assert_eq!(state(&d, "nowhere")["state"], "stopped");
     assert_eq!(kill_vms(dir.path()), 0);
