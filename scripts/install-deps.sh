@@ -7,6 +7,12 @@
 #
 # Knobs:
 #   KEEL_SKIP_DEPS=1   do nothing (for machines where you manage packages yourself)
+#   KEEL_TEST_VENV     where the Python test tools go (default /opt/keel-test-venv)
+#
+# Besides the Debian packages it installs the Python tools the tests run
+# (schemathesis, for mgmt/tests/api_fuzz.rs) into a venv at KEEL_TEST_VENV,
+# pinned by mgmt/tests/fuzz/requirements.txt; pip runs only when the venv is
+# missing or holds other versions than the file pins.
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
@@ -47,9 +53,49 @@ PACKAGES=(
     # test guest (nbd-client, iscsistart)
     nbd-client
     open-iscsi
+    # The venv of the Python test tools (schemathesis: mgmt/tests/api_fuzz.rs)
+    python3-venv
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+# The Python test tools: a venv at $KEEL_TEST_VENV with exactly the versions
+# of mgmt/tests/fuzz/requirements.txt. The venv keeps a copy of the file it
+# was made from; a venv whose copy matches, and whose schemathesis runs, is
+# left alone (quick). Only PyPI is needed.
+install_test_venv() {
+    local venv="${KEEL_TEST_VENV:-/opt/keel-test-venv}"
+    local req
+    req="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mgmt/tests/fuzz/requirements.txt"
+    if [[ -x "$venv/bin/st" ]] && cmp -s "$req" "$venv/keel-requirements.txt" &&
+        "$venv/bin/st" --version >/dev/null 2>&1; then
+        log "test venv $venv up to date ($("$venv/bin/st" --version))"
+        return 0
+    fi
+    local python=/usr/bin/python3
+    [[ -x "$python" ]] || python="$(command -v python3 || true)"
+    if [[ -z "$python" ]]; then
+        log "error: no python3 for the test venv; install python3-venv, or set KEEL_SKIP_DEPS=1"
+        return 1
+    fi
+    local sudo=()
+    if [[ "$(id -u)" != 0 ]] && ! { mkdir -p "$venv" 2>/dev/null && [[ -w "$venv" ]]; }; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo=(sudo)
+        else
+            log "error: cannot write $venv and no sudo; set KEEL_TEST_VENV to a writable place"
+            return 1
+        fi
+    fi
+    log "installing the Python test tools into $venv ($(grep -E '^schemathesis==' "$req"))"
+    if [[ ! -x "$venv/bin/python" ]]; then
+        "${sudo[@]}" "$python" -m venv "$venv"
+    fi
+    "${sudo[@]}" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --no-input -r "$req"
+    "${sudo[@]}" cp "$req" "$venv/keel-requirements.txt"
+    log "test venv ready: $("$venv/bin/st" --version)"
+}
 
 if [[ "${KEEL_SKIP_DEPS:-0}" == 1 ]]; then
     log "KEEL_SKIP_DEPS=1: skipping package installation"
@@ -93,6 +139,7 @@ done
 
 if ((${#missing_plain[@]} == 0 && ${#missing_bpo[@]} == 0)); then
     log "all ${#PACKAGES[@]} packages present"
+    install_test_venv
     exit 0
 fi
 
@@ -162,5 +209,7 @@ if ((${#missing_plain[@]} > 0)); then
     log "installing: ${missing_plain[*]}"
     "${APT[@]}" install "${missing_plain[@]}"
 fi
+
+install_test_venv
 
 log "done"

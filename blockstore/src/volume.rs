@@ -27,6 +27,10 @@ const BS: u64 = BLOCK_SIZE as u64;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR: u64 = 512;
 
+/// Ranges of at least this many bytes find their allocation by a walk of
+/// the map's mapped subtrees rather than a lookup per block.
+const WALK_ABOVE: u64 = 1 << 30;
+
 /// A contiguous range with one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
@@ -862,6 +866,28 @@ impl<B: Backend> Volume<B> {
         }
         let mut out: Vec<Extent> = Vec::new();
         let end = offset + len;
+        // A large range (a whole disk, for a backup or a copy): walk the
+        // map's mapped subtrees instead of looking up every block, which
+        // for a sparse 2 TiB volume meant 512 M lookups and seconds of a
+        // runtime worker.
+        if len >= WALK_ABOVE
+            && let Some(mapped) = self.pool.mapped_ranges(&self.dev).await?
+        {
+            let mut at = offset;
+            let mut push = |s: u64, e: u64, allocated: bool| {
+                if s < e {
+                    out.push(Extent { offset: s, length: e - s, allocated });
+                }
+            };
+            for r in mapped.iter().filter(|r| r.end > offset && r.start < end) {
+                let (s, e) = (r.start.max(offset), r.end.min(end));
+                push(at, s, false);
+                push(s, e, true);
+                at = e;
+            }
+            push(at, end, false);
+            return Ok(out);
+        }
         let mut b = offset / BS;
         let mut scratch = Scratch::take();
         let _g = self.pool.grace.enter();

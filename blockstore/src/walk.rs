@@ -75,6 +75,37 @@ impl<B: Backend> Inner<B> {
         self.diff_from(a, b, ra, rb).await
     }
 
+    /// Byte ranges device `a` maps (holds data blocks for), found by
+    /// walking its tree against an empty one: unmapped subtrees are skipped
+    /// without being read, so the cost is proportional to what is
+    /// allocated, not to the size. `None` for a tree too shallow to walk so.
+    /// Roots are taken as [`Inner::diff`] takes them.
+    pub(crate) async fn mapped_ranges(&self, a: &Device) -> Result<Option<Vec<Range<u64>>>> {
+        let _g = self.grace.enter();
+        let empty = |(r, size): (Node, u64)| (Node { entry: Entry::ZERO, level: r.level }, size);
+        for _ in 0..DIFF_TRIES {
+            let seen = self.captures.load(Ordering::SeqCst);
+            let ra = root_of(a);
+            if !ra.0.entry.is_mapped() {
+                return Ok(Some(Vec::new()));
+            }
+            if ra.0.level == 0 {
+                return Ok(None);
+            }
+            match self.diff_from(a, a, ra, empty(ra)).await {
+                Err(Error::Corrupt { .. }) if self.captures.load(Ordering::SeqCst) != seen => continue,
+                r => return r.map(Some),
+            }
+        }
+        let ra = self
+            .commit_with(|l| l.state(a.id).map(|st| root_in(st)).ok_or_else(|| Error::NotFound(a.name.clone())))
+            .await?;
+        if ra.0.level == 0 {
+            return Ok(None);
+        }
+        self.diff_from(a, a, ra, empty(ra)).await.map(Some)
+    }
+
     /// [`Inner::diff`] from roots taken (with sizes).
     async fn diff_from(
         &self,

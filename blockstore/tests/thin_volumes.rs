@@ -76,6 +76,56 @@ async fn allocation_reports_holes_and_data() {
     assert_eq!(v.allocated_bytes(), 8192);
 }
 
+/// A whole-disk allocation query of a large sparse volume walks the map's
+/// mapped subtrees; it must say exactly what the per-block lookups of the
+/// same range say, for a volume, its snapshot and a clone, with data,
+/// holes, discards and zeroes, at the edges and in the middle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_of_a_whole_large_volume_matches_block_by_block() {
+    const GIB: u64 = 1 << 30;
+    let pool = mem_pool(64 * MIB).await;
+    let size = 8 * GIB + 12288;
+    let v = pool.create_volume("v", size).await.unwrap();
+    for (off, len) in [(0, 4096), (GIB - 4096, 8192), (3 * GIB + 4096 * 300, 1 << 20), (size - 12288, 12288)] {
+        v.write(off, &pattern(off, len as usize), false).await.unwrap();
+    }
+    v.discard(3 * GIB + 4096 * 310, 4096 * 2).await.unwrap();
+    pool.snapshot("v", "s").await.unwrap();
+    v.write(5 * GIB, &pattern(9, 4096), false).await.unwrap();
+    v.write_zeroes(0, 4096, false).await.unwrap();
+    pool.clone_snapshot("v@s", "c").await.unwrap();
+    let c = pool.volume("c").unwrap();
+    c.write(7 * GIB, &pattern(10, 65536), false).await.unwrap();
+    pool.create_volume("e", 4 * GIB).await.unwrap();
+    for name in ["v", "v@s", "c", "e"] {
+        let d = pool.volume(name).unwrap();
+        let size = d.size();
+        let walked = d.allocation(0, size).await.unwrap();
+        // The same range in pieces under the walk's threshold.
+        let mut pieces: Vec<keel_blockstore::Extent> = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let n = (512 * MIB).min(size - at);
+            for e in d.allocation(at, n).await.unwrap() {
+                match pieces.last_mut() {
+                    Some(l) if l.allocated == e.allocated && l.offset + l.length == e.offset => l.length += e.length,
+                    _ => pieces.push(e),
+                }
+            }
+            at += n;
+        }
+        assert_eq!(walked, pieces, "{name}");
+        assert_eq!(walked.iter().map(|e| e.length).sum::<u64>(), size, "{name}");
+        let mapped: u64 = walked.iter().filter(|e| e.allocated).map(|e| e.length).sum();
+        assert_eq!(mapped, d.allocated_bytes(), "{name}");
+    }
+    // A part of the volume, above the threshold, off the block grid.
+    let part = v.allocation(GIB - 6000, 2 * GIB + 5).await.unwrap();
+    assert_eq!(part.first().map(|e| (e.offset, e.allocated)), Some((GIB - 6000, false)));
+    assert_eq!(part.iter().map(|e| e.length).sum::<u64>(), 2 * GIB + 5);
+    assert!(part.iter().any(|e| e.allocated && e.offset == GIB - 4096 && e.length == 8192), "{part:?}");
+}
+
 #[tokio::test]
 async fn out_of_range_and_misaligned_io_is_refused() {
     let pool = mem_pool(64 * MIB).await;

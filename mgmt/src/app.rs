@@ -1454,7 +1454,6 @@ impl App {
         let s = self.pool.stats();
         Ok(serde_json::json!({
             "name": "default",
-            "path": self.data.join("pool.img"),
             "total_bytes": s.total_bytes,
             "allocated_bytes": s.allocated_bytes,
             "free_bytes": s.free_bytes,

@@ -72,6 +72,16 @@ pub fn check_vm(name: &str) -> Result<(), String> {
     check_plain("VM", name, 63)
 }
 
+/// The longest name of a new VM: its disks are `NAME-diskN` (N up to 99)
+/// in a store that takes names of at most 63 bytes.
+pub const MAX_NEW_VM_NAME: usize = 56;
+
+/// Check the name of a VM to be made (created, cloned, restored into): the
+/// rule of VMs, at most [`MAX_NEW_VM_NAME`] bytes.
+pub fn check_new_vm(name: &str) -> Result<(), String> {
+    check_plain("VM", name, MAX_NEW_VM_NAME)
+}
+
 /// Check an appliance name (the rule of volumes, at most
 /// [`MAX_APPLIANCE_NAME`] bytes; it names `DATA/library/appliances/NAME.json`).
 pub fn check_appliance(name: &str) -> Result<(), String> {

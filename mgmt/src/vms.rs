@@ -178,6 +178,11 @@ fn vm_not_found(name: &str) -> ApiError {
 }
 
 fn qmp_err(name: &str, e: keel_vmm_glue::QmpError) -> ApiError {
+    // QEMU refusing a command (a bridge it may not join, a device the guest
+    // will not let go) is the VM's state: a 409 with QEMU's words.
+    if let keel_vmm_glue::QmpError::Command { .. } = &e {
+        return ApiError::conflict(format!("VM {name}: {}", crate::error::redact_paths(&e.to_string())));
+    }
     ApiError::internal(format!("talking to VM {name}'s QEMU"), e)
 }
 
@@ -197,11 +202,20 @@ fn boot_device(s: &str) -> ApiResult<BootDevice> {
     }
 }
 
-fn check_network(n: &Network) -> ApiResult<()> {
+/// Check a NIC's network. A tap or bridge puts the VM on a host network
+/// (QEMU runs as root: it opens any tap, and its bridge helper joins what
+/// `/etc/qemu/bridge.conf` allows): a manager's decision, like a host
+/// kernel file.
+fn check_network(actor: &User, n: &Network) -> ApiResult<()> {
     let name = match n {
         Network::User => return Ok(()),
         Network::Tap(i) | Network::Bridge(i) => i,
     };
+    if actor.role != Role::Manager {
+        return Err(ApiError::forbidden(
+            "only a manager may connect a VM to a host tap or bridge; use the user network (\"user\")",
+        ));
+    }
     let ok =
         !name.is_empty() && name.len() < 16 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok { Ok(()) } else { Err(ApiError::bad(format!("{name:?} is not a network interface name"))) }
@@ -420,7 +434,7 @@ impl App {
     /// Create a VM (stopped).
     pub async fn create_vm(&self, actor: &User, req: CreateVm) -> ApiResult<VmView> {
         forbid_regular(actor, "create VMs")?;
-        names::check_vm(&req.name).map_err(ApiError::bad)?;
+        names::check_new_vm(&req.name).map_err(ApiError::bad)?;
         if req.name.len() > 57 {
             return Err(ApiError::bad("a VM name is at most 57 characters (its disks are named NAME-diskN)"));
         }
@@ -434,7 +448,7 @@ impl App {
         }
         let nets = req.nics.clone().unwrap_or_else(|| vec![Network::User]);
         for n in &nets {
-            check_network(n)?;
+            check_network(actor, n)?;
         }
         if let Some(k) = &req.kernel {
             if actor.role != Role::Manager {
@@ -990,7 +1004,7 @@ impl App {
 
     /// Add a NIC, hot-plugged when running.
     pub async fn add_nic(&self, actor: &User, name: &str, network: Network) -> ApiResult<VmView> {
-        check_network(&network)?;
+        check_network(actor, &network)?;
         let (_vm, m) = self.hardware_change(actor, name).await?;
         let nic = VmNicMeta { id: next_id("nic", m.nics.iter().map(|n| n.id.as_str())), mac: random_mac(), network };
         if m.state.has_qemu() {
@@ -1039,7 +1053,7 @@ impl App {
     ) -> ApiResult<(VmView, CloneStats)> {
         let t0 = Instant::now();
         forbid_regular(actor, "clone VMs")?;
-        names::check_vm(new).map_err(ApiError::bad)?;
+        names::check_new_vm(new).map_err(ApiError::bad)?;
         if new.len() > 57 {
             return Err(ApiError::bad("a VM name is at most 57 characters (its disks are named NAME-diskN)"));
         }
@@ -1064,7 +1078,9 @@ impl App {
                 return Err(ApiError::conflict(format!("volume {v} already exists: pick another VM name")));
             }
         }
-        let snap = format!("keel-clone-{new}");
+        // Not the new name: `keel-clone-` and 56 bytes would pass the
+        // store's 64-byte limit for a snapshot name.
+        let snap = format!("keel-clone-{:016x}", rand::random::<u64>());
         let run = if s.state == VmState::Running { self.vms.running(src) } else { None };
         let mut stats = CloneStats::default();
         let (paused_ms, consistency) = self.snapshot_disks(&s, &snap).await?;
