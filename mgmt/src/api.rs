@@ -55,10 +55,10 @@ pub struct N<T>(pub T);
 pub struct N2<A, B>(pub A, pub B);
 
 fn path_error(e: axum::extract::rejection::PathRejection) -> ApiError {
-    ApiError::bad(format!("{}: names are 1 to 63 characters of a-z, 0-9, '.' and '-'", e.body_text()))
+    ApiError::bad(format!("{}: each kind's name rule is in /api/v1/openapi.json", e.body_text()))
 }
 
-impl<T: names::Kind + DeserializeOwned + Send> FromRequestParts<Arc<App>> for N<T> {
+impl<T: names::Kind + Send> FromRequestParts<Arc<App>> for N<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<N<T>, ApiError> {
@@ -69,8 +69,8 @@ impl<T: names::Kind + DeserializeOwned + Send> FromRequestParts<Arc<App>> for N<
 
 impl<A, B> FromRequestParts<Arc<App>> for N2<A, B>
 where
-    A: names::Kind + DeserializeOwned + Send,
-    B: names::Kind + DeserializeOwned + Send,
+    A: names::Kind + Send,
+    B: names::Kind + Send,
 {
     type Rejection = ApiError;
 

@@ -94,10 +94,6 @@ fn base_volume(app: &str, i: usize) -> String {
     format!("_a:{app}:{i}")
 }
 
-fn check_appliance_name(name: &str) -> ApiResult<()> {
-    names::check_appliance(name).map_err(ApiError::bad)
-}
-
 impl App {
     fn view_appliance(
         &self,
@@ -186,7 +182,7 @@ impl App {
     /// VM's disks are snapshotted at one instant before this returns.
     pub async fn backup_vm(self: &Arc<Self>, actor: &User, vm: &str, name: &str) -> ApiResult<JobView> {
         forbid_regular(actor, "back up VMs")?;
-        check_appliance_name(name)?;
+        names::check_appliance(name).map_err(ApiError::bad)?;
         let m = self.visible_vm(actor, vm)?;
         if self.library.exists(name) {
             return Err(LibError::Exists(name.to_string()).into());
@@ -461,7 +457,7 @@ impl App {
                 .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
                 .collect(),
         };
-        check_appliance_name(&name)?;
+        names::check_appliance(&name).map_err(ApiError::bad)?;
         if self.library.exists(&name) {
             return Err(LibError::Exists(name).into());
         }

@@ -141,9 +141,11 @@ pub fn path_safe(name: &str) -> ApiResult<&str> {
 }
 
 /// A kind of name: its check.
-pub trait Kind {
+pub trait Kind: Sized {
     /// Check `name`; the error says what is wrong and what is allowed.
     fn check(name: &str) -> Result<(), String>;
+    /// Wrap a name that passed [`Kind::check`].
+    fn checked(name: String) -> Self;
 }
 
 macro_rules! name_type {
@@ -157,13 +159,15 @@ macro_rules! name_type {
             fn check(name: &str) -> Result<(), String> {
                 $check(name)
             }
+            fn checked(name: String) -> $ty {
+                $ty(name)
+            }
         }
 
         impl $ty {
             /// Parse a name from outside (400 with the rule when it breaks it).
             pub fn parse(name: &str) -> ApiResult<$ty> {
-                $check(name).map_err(ApiError::bad)?;
-                Ok($ty(name.to_string()))
+                parse(name)
             }
             /// The name.
             pub fn as_str(&self) -> &str {
@@ -256,11 +260,11 @@ name_type!(
     check_node
 );
 
-/// Parse a path segment as a name of kind `T`.
-pub fn parse<T: Kind + for<'de> Deserialize<'de>>(name: &str) -> ApiResult<T> {
+/// Parse a name from outside as a name of kind `T` (400 with the rule when
+/// it breaks it).
+pub fn parse<T: Kind>(name: &str) -> ApiResult<T> {
     T::check(name).map_err(ApiError::bad)?;
-    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
-        .map_err(|e| ApiError::bad(e.to_string()))
+    Ok(T::checked(name.to_string()))
 }
 
 #[cfg(test)]

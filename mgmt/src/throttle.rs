@@ -89,7 +89,7 @@ struct State {
     known: HashMap<(String, IpAddr), Instant>,
 }
 
-fn prune<K: Clone + Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>, now: Instant, stale: impl Fn(&V) -> bool) {
+fn prune<K: Clone + Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>, stale: impl Fn(&V) -> bool) {
     if m.len() < MAX_KEYS {
         return;
     }
@@ -101,7 +101,6 @@ fn prune<K: Clone + Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>, now: Instant
             m.remove(&k);
         }
     }
-    let _ = now;
 }
 
 /// Seconds, rounded up, for a message and `Retry-After`.
@@ -162,8 +161,8 @@ impl LoginThrottle {
     fn failed_at(&self, user: &str, addr: IpAddr, now: Instant) {
         let mut s = self.state.lock();
         let stale = |k: &Strikes| now.duration_since(k.last) > FORGET_AFTER && k.locked_until <= now;
-        prune(&mut s.by_addr, now, stale);
-        prune(&mut s.by_user, now, stale);
+        prune(&mut s.by_addr, stale);
+        prune(&mut s.by_user, stale);
         let a = s.by_addr.entry(addr).or_insert_with(|| Strikes::fresh(now)).fail(now, ADDR_CAP);
         let u = s.by_user.entry(user.to_string()).or_insert_with(|| Strikes::fresh(now)).fail(now, USER_CAP);
         drop(s);
@@ -182,7 +181,7 @@ impl LoginThrottle {
         let now = Instant::now();
         let mut s = self.state.lock();
         s.by_addr.remove(&addr);
-        prune(&mut s.known, now, |t| now.duration_since(*t) > KNOWN_FOR);
+        prune(&mut s.known, |t| now.duration_since(*t) > KNOWN_FOR);
         s.known.insert((user.to_string(), addr), now);
     }
 }
