@@ -53,6 +53,9 @@ PACKAGES=(
     # test guest (nbd-client, iscsistart)
     nbd-client
     open-iscsi
+    # LVM pools (keel pool create --lvm): lvm2 on the host, and copied into
+    # the test guest by tests/guest/build-lvm-extra.sh (mgmt/tests/lvm_pool.rs)
+    lvm2
     # The venv of the Python test tools (schemathesis: mgmt/tests/api_fuzz.rs)
     python3-venv
 )

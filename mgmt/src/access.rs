@@ -215,6 +215,19 @@ impl Exports for AppExports {
     fn bitmaps(&self, name: &str) -> Vec<String> {
         self.device(name).map(|d| self.app.nbd.bitmaps(&d)).unwrap_or_default()
     }
+
+    fn ready(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        let device = self.device(name);
+        async move {
+            if let Some(d) = device {
+                self.app.nbd.ready(&d).await;
+            }
+        }
+    }
+
+    fn eviction(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.app.nbd.eviction(&self.device(name)?)
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::app::{App, CreateUser, CreateVolume, ExportView, JobView, SnapshotVie
 use crate::error::{ApiError, ApiResult};
 use crate::model::{Chap, IscsiExport, IsoMeta, KernelBoot, Quota, Role, User, now, parse_size};
 use crate::names::{self, ApplianceName, IsoName, NicId, PoolName, SnapshotName, UserName, VmName, VolumeName};
+use crate::pool_ops::{CreatePool, PoolView};
 use crate::vms::{CreateVm, VmView};
 
 /// The OpenAPI document of this API.
@@ -188,20 +189,92 @@ async fn whoami(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<
     Ok(Json(app.show_user(&a, &a.name)?))
 }
 
-async fn pools(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<serde_json::Value>>> {
-    Ok(Json(vec![app.pool_view(&a)?]))
+async fn pools(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<PoolView>>> {
+    Ok(Json(app.list_pools(&a)?))
 }
 
-async fn pool(
+async fn pool(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<PoolName>) -> ApiResult<Json<PoolView>> {
+    Ok(Json(app.show_pool(&a, &name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePoolIn {
+    name: PoolName,
+    file: Option<String>,
+    device: Option<String>,
+    lvm: Option<String>,
+    size: Option<SizeIn>,
+    tier: Option<String>,
+    force: Option<bool>,
+}
+
+async fn create_pool(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    b: Bytes,
+) -> ApiResult<(StatusCode, Json<PoolView>)> {
+    let r: CreatePoolIn = body(&b)?;
+    let req = CreatePool {
+        name: r.name.into(),
+        file: r.file,
+        device: r.device,
+        lvm: r.lvm,
+        size: r.size.map(|s| s.bytes()).transpose()?,
+        tier: r.tier,
+        force: r.force.unwrap_or(false),
+    };
+    Ok((StatusCode::CREATED, Json(app.create_pool(&a, req).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrowPoolIn {
+    size: Option<SizeIn>,
+}
+
+async fn grow_pool(
     State(app): State<Arc<App>>,
     Actor(a): Actor,
     N(name): N<PoolName>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let v = app.pool_view(&a)?;
-    if name.as_str() != "default" {
-        return Err(ApiError::not_found(format!("pool {name} not found: this appliance has one pool, `default`")));
-    }
-    Ok(Json(v))
+    b: Bytes,
+) -> ApiResult<Json<PoolView>> {
+    let r: GrowPoolIn = if b.is_empty() { GrowPoolIn { size: None } } else { body(&b)? };
+    let size = r.size.map(|s| s.bytes()).transpose()?;
+    Ok(Json(app.grow_pool(&a, &name, size).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ForceQuery {
+    force: Option<bool>,
+}
+
+async fn remove_pool(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    N(name): N<PoolName>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    let q: ForceQuery = query(q)?;
+    app.remove_pool(&a, &name, q.force.unwrap_or(false)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveVolumeIn {
+    pool: PoolName,
+}
+
+async fn move_volume(
+    State(app): State<Arc<App>>,
+    Actor(a): Actor,
+    N(name): N<VolumeName>,
+    b: Bytes,
+) -> ApiResult<Json<VolumeView>> {
+    let r: MoveVolumeIn = body(&b)?;
+    Ok(Json(app.move_volume(&a, &name, &r.pool).await?))
 }
 
 #[derive(Deserialize)]
@@ -210,6 +283,7 @@ struct CreateVolumeIn {
     name: VolumeName,
     size: SizeIn,
     owner: Option<UserName>,
+    pool: Option<PoolName>,
 }
 
 async fn list_volumes(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Json<Vec<VolumeView>>> {
@@ -222,7 +296,12 @@ async fn create_volume(
     b: Bytes,
 ) -> ApiResult<(StatusCode, Json<VolumeView>)> {
     let r: CreateVolumeIn = body(&b)?;
-    let req = CreateVolume { name: r.name.into(), size: r.size.bytes()?, owner: r.owner.map(Into::into) };
+    let req = CreateVolume {
+        name: r.name.into(),
+        size: r.size.bytes()?,
+        owner: r.owner.map(Into::into),
+        pool: r.pool.map(Into::into),
+    };
     Ok((StatusCode::CREATED, Json(app.create_volume(&a, req).await?)))
 }
 
@@ -1013,11 +1092,26 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
             out.push_str(&format!("{name}{labels} {v}\n"));
         }
     };
-    let s = app.pool.stats();
-    gauge("keel_pool_total_bytes", "Bytes of the pool's data area.", "gauge", vec![(String::new(), s.total_bytes)]);
-    gauge("keel_pool_allocated_bytes", "Bytes in use in the pool.", "gauge", vec![(String::new(), s.allocated_bytes)]);
-    gauge("keel_pool_free_bytes", "Free bytes in the pool.", "gauge", vec![(String::new(), s.free_bytes)]);
-    gauge("keel_pool_provisioned_bytes", "Sum of volume sizes.", "gauge", vec![(String::new(), s.provisioned_bytes)]);
+    let per_pool: Vec<(String, Option<keel_blockstore::PoolStats>)> = app
+        .pools
+        .slots()
+        .iter()
+        .map(|p| (format!("{{pool=\"{}\"}}", p.name()), p.pool.as_ref().map(|x| x.stats())))
+        .collect();
+    let each = |f: fn(&keel_blockstore::PoolStats) -> u64| -> Vec<(String, u64)> {
+        per_pool.iter().filter_map(|(l, s)| s.as_ref().map(|s| (l.clone(), f(s)))).collect()
+    };
+    gauge("keel_pool_total_bytes", "Bytes of the pool's data area.", "gauge", each(|s| s.total_bytes));
+    gauge("keel_pool_allocated_bytes", "Bytes in use in the pool.", "gauge", each(|s| s.allocated_bytes));
+    gauge("keel_pool_free_bytes", "Free bytes in the pool.", "gauge", each(|s| s.free_bytes));
+    gauge("keel_pool_provisioned_bytes", "Sum of volume sizes.", "gauge", each(|s| s.provisioned_bytes));
+    gauge(
+        "keel_pool_online",
+        "1 when the pool is open, 0 when offline.",
+        "gauge",
+        per_pool.iter().map(|(l, s)| (l.clone(), s.is_some() as u64)).collect(),
+    );
+    let s = app.pools.default_pool().stats();
     let dc = s.data_cache;
     for (name, help, kind, v) in [
         ("keel_data_cache_bytes", "Bytes the data cache may hold.", "gauge", dc.capacity_bytes),
@@ -1045,7 +1139,7 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     ] {
         gauge(name, help, kind, vec![(String::new(), v)]);
     }
-    let devices = app.pool.list();
+    let devices = app.pools.list();
     let vols: Vec<_> = devices.iter().filter(|d| d.kind == keel_blockstore::DeviceKind::Volume).collect();
     gauge("keel_volumes", "Volumes in the pool.", "gauge", vec![(String::new(), vols.len() as u64)]);
     let label = |k: &str, v: &str| format!("{{{k}=\"{}\"}}", v.replace('\\', "\\\\").replace('"', "\\\""));
@@ -1220,8 +1314,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/tokens", post(login))
         .route("/api/v1/tokens/current", axum::routing::delete(logout))
         .route("/api/v1/whoami", get(whoami))
-        .route("/api/v1/pools", get(pools))
-        .route("/api/v1/pools/{name}", get(pool))
+        .route("/api/v1/pools", get(pools).post(create_pool))
+        .route("/api/v1/pools/{name}", get(pool).delete(remove_pool))
+        .route("/api/v1/pools/{name}/grow", post(grow_pool))
+        .route("/api/v1/volumes/{name}/move", post(move_volume))
         .route("/api/v1/volumes", get(list_volumes).post(create_volume))
         .route("/api/v1/volumes/{name}", get(show_volume).patch(resize_volume).delete(delete_volume))
         .route("/api/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))

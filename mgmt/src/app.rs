@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use keel_blockstore::{AnyBackend, DeviceKind, Pool};
-use keel_nbd_server::{CountingExports, PoolExports};
+use keel_blockstore::DeviceKind;
+use keel_nbd_server::CountingExports;
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -26,7 +26,7 @@ use crate::names;
 
 /// The NBD exports of the appliance, with per-export session and I/O
 /// counters.
-pub type NbdExports = CountingExports<PoolExports<AnyBackend>>;
+pub type NbdExports = CountingExports<crate::pools::PoolsExports>;
 
 /// Where the appliance listens (what its URLs say).
 #[derive(Clone, Copy, Debug)]
@@ -89,8 +89,8 @@ pub const DEFAULT_TOKEN_TTL: u64 = 30 * 24 * 3600;
 
 /// The running appliance.
 pub struct App {
-    /// The default pool.
-    pub pool: Pool<AnyBackend>,
+    /// The node's pools (see [`crate::pools`]).
+    pub pools: Arc<crate::pools::Pools>,
     /// The metadata database.
     pub meta: Meta,
     /// NBD exports and their counters.
@@ -122,6 +122,8 @@ pub struct App {
     pub logins: crate::throttle::LoginThrottle,
     /// The password-checking threads.
     pub hasher: crate::throttle::Hasher,
+    /// Volumes being moved between pools (see [`crate::pool_ops`]).
+    pub(crate) moving: Mutex<std::collections::HashSet<String>>,
     /// Test hook: abort the process at this named point (`KEEL_CRASH_POINT`).
     crash_point: Option<String>,
 }
@@ -151,6 +153,13 @@ pub struct VolumeView {
     pub iqn: String,
     /// Open NBD connections on the volume and its snapshots.
     pub nbd_sessions: u64,
+    /// The pool holding it.
+    pub pool: String,
+    /// `online`, or `unavailable` when its pool is offline.
+    pub state: &'static str,
+    /// Why it is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A snapshot as the API shows it.
@@ -443,6 +452,8 @@ pub struct CreateVolume {
     pub size: u64,
     /// Owner (default: the caller).
     pub owner: Option<String>,
+    /// Pool (default: the default pool).
+    pub pool: Option<String>,
 }
 
 /// Request to create a user.
@@ -477,17 +488,17 @@ fn vol_not_found(name: &str) -> ApiError {
 impl App {
     /// Put the appliance together.
     pub fn new(
-        pool: Pool<AnyBackend>,
+        pools: Arc<crate::pools::Pools>,
         meta: Meta,
         addrs: Addrs,
         data: PathBuf,
         access: crate::access::AccessKeys,
     ) -> Result<App, keel_images::library::Error> {
-        let nbd = Arc::new(CountingExports::new(PoolExports::new(pool.clone())));
+        let nbd = Arc::new(CountingExports::new(crate::pools::PoolsExports::new(pools.clone())));
         let library = crate::appliances::open_library(&data)?;
         let nbd_socket = crate::access::nbd_socket_path(&data);
         Ok(App {
-            pool,
+            pools,
             meta,
             nbd,
             addrs,
@@ -503,6 +514,7 @@ impl App {
             nbd_socket,
             logins: crate::throttle::LoginThrottle::new(),
             hasher: crate::throttle::Hasher::start(0),
+            moving: Mutex::new(Default::default()),
             crash_point: std::env::var("KEEL_CRASH_POINT").ok().filter(|s| !s.is_empty()),
         })
     }
@@ -515,7 +527,7 @@ impl App {
 
     /// Test hook: die by `kill -9` here if `KEEL_CRASH_POINT` names this
     /// point.
-    fn crash_point(&self, point: &str) {
+    pub(crate) fn crash_point(&self, point: &str) {
         if self.crash_point.as_deref() == Some(point) {
             eprintln!("KEEL_CRASH_POINT {point}: killing myself with SIGKILL");
             // SAFETY: kill(2) with our own pid and a valid signal number has
@@ -639,12 +651,12 @@ impl App {
         format!("iscsi://{auth}{}/{IQN_PREFIX}{}/0", self.addrs.iscsi, m.name)
     }
 
-    fn volume_sessions(&self, name: &str) -> u64 {
+    pub(crate) fn volume_sessions(&self, name: &str) -> u64 {
         sessions_of(&self.nbd.counters(), name)
     }
 
     fn view(&self, m: &VolumeMeta) -> ApiResult<VolumeView> {
-        self.view_in(m, &self.pool.list(), &self.nbd.counters())
+        self.view_in(m, &self.pools.list(), &self.nbd.counters())
     }
 
     /// The view of `m` given the store's devices and the NBD counters (so a
@@ -655,17 +667,29 @@ impl App {
         devices: &[keel_blockstore::DeviceInfo],
         nbd: &[keel_nbd_server::ExportCounters],
     ) -> ApiResult<VolumeView> {
-        let dev = devices
-            .iter()
-            .find(|d| d.name == m.name && d.kind == DeviceKind::Volume)
-            .ok_or_else(|| vol_not_found(&m.name))?;
+        let found = devices.iter().find(|d| d.name == m.name && d.kind == DeviceKind::Volume);
+        let offline = match found {
+            Some(_) => None,
+            None => match self.pools.slot(m.pool()) {
+                Some(s) if s.pool.is_none() => {
+                    let why = crate::error::redact_paths(s.offline.as_deref().unwrap_or("not open"));
+                    Some(format!("its pool {} is offline: {why}", m.pool()))
+                }
+                Some(_) => return Err(vol_not_found(&m.name)),
+                None => Some(format!("its pool {} is not configured on this node", m.pool())),
+            },
+        };
+        let (size, allocated) = found.map_or((0, 0), |d| (d.size, d.allocated_bytes));
         let prefix = format!("{}@", m.name);
         let snapshots = devices.iter().filter_map(|d| d.name.strip_prefix(&prefix).map(str::to_string)).collect();
         Ok(VolumeView {
+            pool: m.pool().to_string(),
+            state: if offline.is_some() { "unavailable" } else { "online" },
+            reason: offline,
             name: m.name.clone(),
             owner: m.owner.clone(),
-            size_bytes: dev.size,
-            allocated_bytes: dev.allocated_bytes,
+            size_bytes: size,
+            allocated_bytes: allocated,
             created: m.created,
             origin: m.origin.clone(),
             snapshots,
@@ -695,7 +719,7 @@ impl App {
     pub fn list_volumes(&self, actor: &User) -> ApiResult<Vec<VolumeView>> {
         forbid_regular(actor, "use volumes")?;
         let users = self.users_by_name()?;
-        let (devices, nbd) = (self.pool.list(), self.nbd.counters());
+        let (devices, nbd) = (self.pools.list(), self.nbd.counters());
         let mut out = Vec::new();
         for (_, m) in self.meta.list::<VolumeMeta>(VOLUMES)? {
             let ok = users.get(&m.owner).is_some_and(|o| auth::can_see_owned(actor, o));
@@ -741,7 +765,7 @@ impl App {
     /// still shares with its volume count twice, erring on the safe side).
     fn tenant_usage(&self, tenant: &str) -> ApiResult<u64> {
         let users = self.users_by_name()?;
-        let devices = self.pool.list();
+        let devices = self.pools.list();
         let sizes: HashMap<&str, u64> =
             devices.iter().filter(|d| d.kind == DeviceKind::Volume).map(|d| (d.name.as_str(), d.size)).collect();
         let mut snaps: HashMap<&str, u64> = HashMap::new();
@@ -794,9 +818,11 @@ impl App {
         names::check_volume(&req.name).map_err(ApiError::bad)?;
         crate::model::check_volume_size("size", req.size).map_err(ApiError::bad)?;
         let _g = self.ops.lock().await;
+        let pool = req.pool.as_deref().unwrap_or(crate::pools::DEFAULT_POOL);
+        self.usable_pool(pool)?;
         let owner = self.owner_for_new(actor, req.owner.as_deref(), req.size)?;
         self.begin_create(&req.name, &owner.name, None)?;
-        let r = self.pool.create_volume(&req.name, req.size).await;
+        let r = self.pools.create_volume_in(pool, &req.name, req.size).await;
         self.finish_create(
             actor,
             r.map(drop),
@@ -841,6 +867,7 @@ impl App {
             origin: origin.map(Into::into),
             iscsi: IscsiExport::default(),
             key_salt: crate::model::new_key_salt(),
+            pool: self.pools.pool_of(name),
         };
         self.meta.write(|w| {
             w.put(VOLUMES, name, &m)?;
@@ -855,7 +882,9 @@ impl App {
     pub async fn resize_volume(&self, actor: &User, name: &str, size: u64) -> ApiResult<VolumeView> {
         let m = self.visible_volume(actor, name)?;
         crate::model::check_volume_size("size", size).map_err(ApiError::bad)?;
+        self.volume_online(&m)?;
         let _g = self.ops.lock().await;
+        self.not_moving(name)?;
         let old = self.view(&m)?.size_bytes;
         if size < old {
             return Err(ApiError::conflict(format!(
@@ -864,7 +893,7 @@ impl App {
         }
         let owner = self.user(&m.owner)?.ok_or_else(|| vol_not_found(name))?;
         self.check_quota(&owner, size - old)?;
-        self.pool.resize(name, size, false).await?;
+        self.pools.resize(name, size, false).await?;
         self.meta.write(|w| w.event(&event(&actor.name, "volume.resize", name, &format!("{old} -> {size} bytes"))))?;
         self.view(&m)
     }
@@ -903,6 +932,8 @@ impl App {
 
     /// [`App::delete_volume`] with the catalog lock held.
     pub(crate) async fn delete_volume_locked(&self, actor: &User, name: &str, recursive: bool) -> ApiResult<()> {
+        self.volume_online(&self.visible_volume(actor, name)?)?;
+        self.not_moving(name)?;
         self.in_use(name, name)?;
         let snaps = self.view(&self.visible_volume(actor, name)?)?.snapshots;
         if !snaps.is_empty() && !recursive {
@@ -913,7 +944,7 @@ impl App {
         }
         self.meta.put(INTENTS, name, &Intent::Delete { name: name.into() })?;
         self.crash_point("delete:after-intent");
-        match self.pool.delete_volume(name, recursive).await {
+        match self.pools.delete_volume(name, recursive).await {
             Ok(()) => {}
             Err(e) if e.kind() == keel_blockstore::ErrorKind::NotFound => {}
             Err(e) => {
@@ -940,7 +971,7 @@ impl App {
         let m = self.visible_volume(actor, volume)?;
         let prefix = format!("{volume}@");
         Ok(self
-            .pool
+            .pools
             .list()
             .into_iter()
             .filter(|d| d.kind == DeviceKind::Snapshot)
@@ -962,13 +993,15 @@ impl App {
     pub async fn create_snapshot(&self, actor: &User, volume: &str, snap: &str) -> ApiResult<SnapshotView> {
         let m = self.visible_volume(actor, volume)?;
         names::check_snapshot(snap).map_err(ApiError::bad)?;
+        self.volume_online(&m)?;
         let _g = self.ops.lock().await;
+        self.not_moving(volume)?;
         // The snapshot will hold what the volume maps now.
         if let Some(owner) = self.user(&m.owner)? {
-            let mapped = self.pool.volume(volume).map(|v| v.allocated_bytes()).unwrap_or(0);
+            let mapped = self.pools.volume(volume).map(|v| v.allocated_bytes()).unwrap_or(0);
             self.check_quota(&owner, mapped)?;
         }
-        self.pool.snapshot(volume, snap).await?;
+        self.pools.snapshot(volume, snap).await?;
         self.meta.write(|w| w.event(&event(&actor.name, "snapshot.create", &format!("{volume}@{snap}"), "")))?;
         self.list_snapshots(actor, volume)?
             .into_iter()
@@ -981,8 +1014,9 @@ impl App {
         self.visible_volume(actor, volume)?;
         let full = format!("{volume}@{snap}");
         let _g = self.ops.lock().await;
+        self.not_moving(volume)?;
         self.in_use(volume, &full)?;
-        self.pool.delete_snapshot(volume, snap).await.map_err(|e| match e.kind() {
+        self.pools.delete_snapshot(volume, snap).await.map_err(|e| match e.kind() {
             keel_blockstore::ErrorKind::NotFound => ApiError::not_found(format!("snapshot {full} not found")),
             _ => e.into(),
         })?;
@@ -1004,16 +1038,17 @@ impl App {
         names::check_volume(name).map_err(ApiError::bad)?;
         let full = format!("{volume}@{snap}");
         let size = self
-            .pool
+            .pools
             .list()
             .into_iter()
             .find(|d| d.name == full)
             .map(|d| d.size)
             .ok_or_else(|| ApiError::not_found(format!("snapshot {full} not found")))?;
         let _g = self.ops.lock().await;
+        self.not_moving(volume)?;
         let owner = self.owner_for_new(actor, owner, size)?;
         self.begin_create(name, &owner.name, Some(&full))?;
-        let r = self.pool.clone_snapshot(&full, name).await;
+        let r = self.pools.clone_snapshot(&full, name).await;
         self.finish_create(actor, r.map(drop), name, &owner.name, Some(&full), "volume.clone", &full)
     }
 
@@ -1448,21 +1483,6 @@ impl App {
         Ok(out.split_off(skip))
     }
 
-    /// Pool statistics (managers and power users).
-    pub fn pool_view(&self, actor: &User) -> ApiResult<serde_json::Value> {
-        forbid_regular(actor, "see pools")?;
-        let s = self.pool.stats();
-        Ok(serde_json::json!({
-            "name": "default",
-            "total_bytes": s.total_bytes,
-            "allocated_bytes": s.allocated_bytes,
-            "free_bytes": s.free_bytes,
-            "provisioned_bytes": s.provisioned_bytes,
-            "devices": s.devices,
-            "volumes": self.pool.list().iter().filter(|d| d.kind == DeviceKind::Volume).count(),
-        }))
-    }
-
     /// Record an event done by the daemon itself.
     pub fn log_event(&self, user: &str, action: &str, target: &str, detail: &str) {
         if let Err(e) = self.meta.write(|w| w.event(&event(user, action, target, detail))) {
@@ -1490,7 +1510,7 @@ pub(crate) fn event(user: &str, action: &str, target: &str, detail: &str) -> Eve
 #[cfg(test)]
 mod tests {
     use keel_blockstore::backend::MemBackend;
-    use keel_blockstore::{AnyBackend, PoolOptions};
+    use keel_blockstore::{AnyBackend, Pool, PoolOptions};
     use keel_nbd_server::Exports;
 
     use super::*;
@@ -1504,7 +1524,7 @@ mod tests {
             iscsi: "127.0.0.1:3260".parse().unwrap(),
         };
         let access = crate::access::AccessKeys::load(dir, true).unwrap();
-        App::new(pool, meta, addrs, dir.to_path_buf(), access).unwrap()
+        App::new(Arc::new(crate::pools::Pools::single(pool)), meta, addrs, dir.to_path_buf(), access).unwrap()
     }
 
     fn admin() -> User {
@@ -1524,7 +1544,10 @@ mod tests {
         let app = app(dir.path()).await;
         let a = admin();
         app.meta.put(USERS, "admin", &a).unwrap();
-        let v = app.create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None }).await.unwrap();
+        let v = app
+            .create_volume(&a, CreateVolume { name: "web".into(), size: 1 << 20, owner: None, pool: None })
+            .await
+            .unwrap();
         // Without CHAP of its own, the target takes the volume's access key
         // as CHAP secret, and the URLs carry the key.
         let key = app.access.key("web", app.key_salt("web").unwrap());
@@ -1554,7 +1577,7 @@ mod tests {
         let app = app(dir.path()).await;
         let a = admin();
         app.meta.put(USERS, "admin", &a).unwrap();
-        app.create_volume(&a, CreateVolume { name: "v".into(), size: 1 << 20, owner: None }).await.unwrap();
+        app.create_volume(&a, CreateVolume { name: "v".into(), size: 1 << 20, owner: None, pool: None }).await.unwrap();
         app.create_snapshot(&a, "v", "s").await.unwrap();
         let session = app.nbd.open("v@s").unwrap();
         assert_eq!(app.show_volume(&a, "v").unwrap().nbd_sessions, 1);
@@ -1577,7 +1600,9 @@ mod tests {
         let app = app(dir.path()).await;
         let a = admin();
         app.meta.put(USERS, "admin", &a).unwrap();
-        app.create_volume(&a, CreateVolume { name: "boot".into(), size: 1 << 20, owner: None }).await.unwrap();
+        app.create_volume(&a, CreateVolume { name: "boot".into(), size: 1 << 20, owner: None, pool: None })
+            .await
+            .unwrap();
         std::fs::create_dir_all(app.iso_dir()).unwrap();
         std::fs::write(app.iso_dir().join("installer.iso"), b"x").unwrap();
         let iso = IsoMeta { name: "installer".into(), size_bytes: 1, owner: "admin".into(), created: 0 };
@@ -1605,9 +1630,9 @@ mod tests {
         app.meta.put(USERS, "admin", &admin()).unwrap();
         // A create that reached the store, one that did not, a delete that
         // did not, a record whose volume is gone, a store volume with no record.
-        app.pool.create_volume("made", 1 << 20).await.unwrap();
-        app.pool.create_volume("doomed", 1 << 20).await.unwrap();
-        app.pool.create_volume("stray", 1 << 20).await.unwrap();
+        app.pools.create_volume("made", 1 << 20).await.unwrap();
+        app.pools.create_volume("doomed", 1 << 20).await.unwrap();
+        app.pools.create_volume("stray", 1 << 20).await.unwrap();
         let create = |n: &str| Intent::Create { name: n.into(), owner: "admin".into(), origin: None };
         app.meta.put(INTENTS, "made", &create("made")).unwrap();
         app.meta.put(INTENTS, "never", &create("never")).unwrap();
@@ -1619,19 +1644,20 @@ mod tests {
             origin: None,
             iscsi: IscsiExport::default(),
             key_salt: crate::model::new_key_salt(),
+            pool: None,
         };
         app.meta.put(VOLUMES, "ghost", &ghost).unwrap();
-        let said = crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap();
+        let said = crate::reconcile::reconcile(&app.pools, &app.meta).await.unwrap();
         assert_eq!(said.len(), 5, "{said:?}");
         let mut recorded: Vec<String> =
             app.meta.list::<VolumeMeta>(VOLUMES).unwrap().into_iter().map(|(k, _)| k).collect();
         recorded.sort();
         assert_eq!(recorded, ["made", "stray"]);
-        let mut stored: Vec<String> = app.pool.list().into_iter().map(|d| d.name).collect();
+        let mut stored: Vec<String> = app.pools.list().into_iter().map(|d| d.name).collect();
         stored.sort();
         assert_eq!(stored, ["made", "stray"]);
         assert!(app.meta.list::<Intent>(INTENTS).unwrap().is_empty());
         // A second pass finds nothing to do.
-        assert!(crate::reconcile::reconcile(&app.pool, &app.meta).await.unwrap().is_empty());
+        assert!(crate::reconcile::reconcile(&app.pools, &app.meta).await.unwrap().is_empty());
     }
 }

@@ -157,7 +157,7 @@ impl App {
         let d = self.visible_appliance(actor, name)?;
         let _g = self.ops.lock().await;
         for i in 0..d.disks.len() {
-            match self.pool.delete_volume(&base_volume(name, i), true).await {
+            match self.pools.delete_volume(&base_volume(name, i), true).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == keel_blockstore::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
@@ -199,7 +199,7 @@ impl App {
         );
         let (paused_ms, consistency) = self.snapshot_disks(&m, &snap).await?;
         drop(vm_guard);
-        let total: u64 = m.disks.iter().map(|d| self.pool.volume(&d.volume).map(|v| v.size()).unwrap_or(0)).sum();
+        let total: u64 = m.disks.iter().map(|d| self.pools.volume(&d.volume).map(|v| v.size()).unwrap_or(0)).sum();
         let job = self.start_job("vm.backup", name, &actor.name, total);
         let view = self.show_job(actor, job.id)?;
         let job = job.detach();
@@ -264,7 +264,7 @@ impl App {
         let drop_snap = if keep { old } else { Some(snap.to_string()) };
         if let Some(s) = drop_snap {
             for d in &m.disks {
-                let _ = self.pool.delete_snapshot(&d.volume, &s).await;
+                let _ = self.pools.delete_snapshot(&d.volume, &s).await;
             }
         }
         r
@@ -284,7 +284,7 @@ impl App {
             m.backup_base.as_ref().and_then(|b| Some((b.snapshot.clone(), self.library.get(&b.appliance).ok()?)));
         let mut sources = Vec::new();
         for d in &m.disks {
-            sources.push(self.pool.volume(&format!("{}@{snap}", d.volume))?);
+            sources.push(self.pools.volume(&format!("{}@{snap}", d.volume))?);
         }
         let mut disks = Vec::new();
         for (d, src) in m.disks.iter().zip(&sources) {
@@ -293,7 +293,7 @@ impl App {
                 && let Some(pm) = papp.disks.iter().find(|x| x.id == d.id)
             {
                 let from = format!("{}@{psnap}", d.volume);
-                if let Ok(changed) = self.pool.changed_ranges(&from, &format!("{}@{snap}", d.volume)).await {
+                if let Ok(changed) = self.pools.changed_ranges(&from, &format!("{}@{snap}", d.volume)).await {
                     base = Some((pm.clone(), changed));
                 }
             }
@@ -322,16 +322,16 @@ impl App {
         for (i, disk) in d.disks.iter().enumerate() {
             let base = base_volume(&d.name, i);
             let full = format!("{base}@base");
-            if self.pool.volume(&full).is_err() {
-                let _ = self.pool.delete_volume(&base, true).await;
-                let vol = self.pool.create_volume(&base, disk.size).await?;
+            if self.pools.volume(&full).is_err() {
+                let _ = self.pools.delete_volume(&base, true).await;
+                let vol = self.pools.create_volume(&base, disk.size).await?;
                 let imported = self.library.restore_disk(disk, &vol, true, &|_| {}).await;
                 drop(vol);
                 if let Err(e) = imported {
-                    let _ = self.pool.delete_volume(&base, true).await;
+                    let _ = self.pools.delete_volume(&base, true).await;
                     return Err(e.into());
                 }
-                self.pool.snapshot(&base, "base").await?;
+                self.pools.snapshot(&base, "base").await?;
             }
             out.push(full);
         }
@@ -355,7 +355,7 @@ impl App {
             let name = format!("{vm}-disk{i}");
             let r = async {
                 self.begin_create(&name, owner, Some(full))?;
-                let r = self.pool.clone_snapshot(full, &name).await;
+                let r = self.pools.clone_snapshot(full, &name).await;
                 self.finish_create(actor, r.map(drop), &name, owner, Some(full), "volume.clone", full)
             }
             .await;
@@ -469,11 +469,11 @@ impl App {
         let r = async {
             for (i, disk) in sys.disks.iter().enumerate() {
                 let base = base_volume(&name, i);
-                let _ = self.pool.delete_volume(&base, true).await;
+                let _ = self.pools.delete_volume(&base, true).await;
                 let size = disk.capacity_bytes.div_ceil(512).saturating_mul(512);
                 crate::model::check_volume_size(&format!("the OVA's disk {i} capacity"), size)
                     .map_err(ApiError::bad)?;
-                self.pool.create_volume(&base, size).await?;
+                self.pools.create_volume(&base, size).await?;
                 made.push(base.clone());
                 let src = dir.join(&disk.file);
                 keel_images::ova::check_sparse_vmdk(&src).map_err(|e| {
@@ -481,10 +481,10 @@ impl App {
                 })?;
                 qemu_img_to(&src, &self.nbd_json(&base)).await?;
                 self.nbd.forget(&base);
-                self.pool.snapshot(&base, "base").await?;
+                self.pools.snapshot(&base, "base").await?;
             }
             let snaps: Vec<_> =
-                made.iter().map(|b| self.pool.volume(&format!("{b}@base"))).collect::<Result<_, _>>()?;
+                made.iter().map(|b| self.pools.volume(&format!("{b}@base"))).collect::<Result<_, _>>()?;
             let disks = snaps
                 .iter()
                 .enumerate()
@@ -506,7 +506,7 @@ impl App {
         .await;
         if let Err(e) = r {
             for b in &made {
-                let _ = self.pool.delete_volume(b, true).await;
+                let _ = self.pools.delete_volume(b, true).await;
             }
             return Err(e);
         }
@@ -538,7 +538,7 @@ impl App {
             )));
         }
         for (disk, vd) in d.disks.iter().zip(&m.disks) {
-            let vol = self.pool.volume(&vd.volume)?;
+            let vol = self.pools.volume(&vd.volume)?;
             if vol.size() < disk.size {
                 return Err(ApiError::conflict(format!(
                     "volume {} ({} bytes) is smaller than the appliance's disk {} ({} bytes)",
@@ -552,7 +552,7 @@ impl App {
         let job = self.start_job("vm.restore", vm, &actor.name, d.disks.iter().map(|x| x.size).sum());
         let mut done = 0u64;
         for (disk, vd) in d.disks.iter().zip(&m.disks) {
-            let vol = self.pool.volume(&vd.volume)?;
+            let vol = self.pools.volume(&vd.volume)?;
             let progress = |b: u64| job.done.store(done + b, Ordering::Relaxed);
             if let Err(e) = self.library.restore_disk(disk, &vol, false, &progress).await {
                 let e = ApiError::from(e);
@@ -567,7 +567,7 @@ impl App {
         let m = self.update_vm(vm, Some((&actor.name, "vm.restore", app)), |v| v.backup_base = None)?;
         if let Some(b) = old {
             for d in &m.disks {
-                let _ = self.pool.delete_snapshot(&d.volume, &b).await;
+                let _ = self.pools.delete_snapshot(&d.volume, &b).await;
             }
         }
         self.show_vm(actor, vm)
@@ -579,10 +579,10 @@ impl App {
         let bases: std::collections::HashSet<String> =
             self.meta.list::<VmMeta>(VMS)?.into_iter().filter_map(|(_, m)| m.backup_base.map(|b| b.snapshot)).collect();
         let mut said = Vec::new();
-        for d in self.pool.list().into_iter().filter(|d| d.kind == DeviceKind::Snapshot) {
+        for d in self.pools.list().into_iter().filter(|d| d.kind == DeviceKind::Snapshot) {
             let Some((vol, snap)) = d.name.split_once('@') else { continue };
             let stray = snap.starts_with("keel-clone-") || (snap.starts_with("keel-backup-") && !bases.contains(snap));
-            if stray && self.pool.delete_snapshot(vol, snap).await.is_ok() {
+            if stray && self.pools.delete_snapshot(vol, snap).await.is_ok() {
                 said.push(format!("dropped snapshot {} left by an interrupted clone or backup", d.name));
             }
         }
@@ -592,9 +592,9 @@ impl App {
             said.push(format!("removed {} chunk(s) ({} bytes) no appliance holds", gc.chunks, gc.bytes));
         }
         // A base volume without its snapshot is an interrupted import.
-        for d in self.pool.list().into_iter().filter(|d| d.kind == DeviceKind::Volume && d.name.starts_with("_a:")) {
-            if self.pool.volume(&format!("{}@base", d.name)).is_err()
-                && self.pool.delete_volume(&d.name, true).await.is_ok()
+        for d in self.pools.list().into_iter().filter(|d| d.kind == DeviceKind::Volume && d.name.starts_with("_a:")) {
+            if self.pools.volume(&format!("{}@base", d.name)).is_err()
+                && self.pools.delete_volume(&d.name, true).await.is_ok()
             {
                 said.push(format!("dropped {}, an appliance import that did not finish", d.name));
             }

@@ -235,6 +235,10 @@ fn volume_rows(v: &Value) -> Vec<Vec<String>> {
                     vec![
                         s(&x["name"]),
                         s(&x["owner"]),
+                        match x["state"].as_str() {
+                            Some("unavailable") => format!("{} (offline)", s(&x["pool"])),
+                            _ => s(&x["pool"]),
+                        },
                         human(x["size_bytes"].as_u64().unwrap_or(0)),
                         human(x["allocated_bytes"].as_u64().unwrap_or(0)),
                         x["snapshots"].as_array().map_or(0, |a| a.len()).to_string(),
@@ -269,10 +273,13 @@ pub fn split_snap(s: &str) -> Result<(&str, &str)> {
 /// `keel volume ...`.
 pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
     match cmd {
-        VolumeCmd::Create { name, size, owner } => {
+        VolumeCmd::Create { name, size, owner, pool } => {
             let mut b = json!({"name": name, "size": size});
             if let Some(o) = owner {
                 b["owner"] = o.into();
+            }
+            if let Some(p) = pool {
+                b["pool"] = p.into();
             }
             let v = c.send("POST", "/volumes", b)?;
             c.print(&v, |v| {
@@ -284,9 +291,13 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
                 )
             });
         }
+        VolumeCmd::Move { name, pool } => {
+            let v = c.send("POST", &format!("/volumes/{}/move", seg(&name)?), json!({"pool": pool}))?;
+            c.print(&v, |v| println!("volume {} is now in pool {}", s(&v["name"]), s(&v["pool"])));
+        }
         VolumeCmd::List => {
             let v = c.get("/volumes")?;
-            c.print(&v, |v| table(&["NAME", "OWNER", "SIZE", "ALLOCATED", "SNAPS", "NBD URL"], volume_rows(v)));
+            c.print(&v, |v| table(&["NAME", "OWNER", "POOL", "SIZE", "ALLOCATED", "SNAPS", "NBD URL"], volume_rows(v)));
         }
         VolumeCmd::Show { name } => {
             let v = c.get(&format!("/volumes/{}", seg(&name)?))?;
@@ -296,6 +307,9 @@ pub fn volume(c: &Client, cmd: VolumeCmd) -> Result<()> {
                     &[
                         "name",
                         "owner",
+                        "pool",
+                        "state",
+                        "reason",
                         "size_bytes",
                         "allocated_bytes",
                         "origin",
@@ -683,6 +697,18 @@ pub enum VolumeCmd {
         /// Owner (default: you).
         #[arg(long)]
         owner: Option<String>,
+        /// Pool (default: the default pool).
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Move a volume with its snapshots to another pool, online (VMs and
+    /// NBD clients that reconnect keep using it).
+    Move {
+        /// Name.
+        name: String,
+        /// The pool to move it to.
+        #[arg(long)]
+        pool: String,
     },
     /// List the volumes you can see.
     List,
@@ -737,6 +763,153 @@ pub enum VolumeCmd {
         #[arg(long, default_value = "raw")]
         format: String,
     },
+}
+
+/// `keel pool` subcommands.
+#[derive(clap::Subcommand)]
+pub enum PoolCmd {
+    /// List this node's pools.
+    List,
+    /// Show one pool.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Add a pool: on a new (or empty) file, a whole block device, or a new
+    /// LVM logical volume.
+    Create {
+        /// Name (a-z, 0-9, '.', '-').
+        name: String,
+        /// A file to make (needs --size), or an empty file or Keel pool file.
+        #[arg(long)]
+        file: Option<String>,
+        /// A block device (empty, or a Keel pool) to take whole.
+        #[arg(long)]
+        device: Option<String>,
+        /// A volume group to make the pool's logical volume in (needs --size).
+        #[arg(long)]
+        lvm: Option<String>,
+        /// Size of a new file or logical volume: bytes or K/M/G/T.
+        #[arg(long)]
+        size: Option<String>,
+        /// Tier label (e.g. fast, normal).
+        #[arg(long)]
+        tier: Option<String>,
+        /// Take a device or file that holds something else (it is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow a pool online: a file or LV to --size; without it, to what its
+    /// file or device has now.
+    Grow {
+        /// Name.
+        name: String,
+        /// New size (files and LVM pools).
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Remove a pool that holds no volumes (a file or LV Keel made goes).
+    Remove {
+        /// Name.
+        name: String,
+        /// Forget an offline pool and its volumes' records.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn pool_rows(v: &Value) -> Vec<Vec<String>> {
+    let one = |x: &Value| {
+        vec![
+            s(&x["name"]),
+            s(&x["kind"]),
+            x["tier"].as_str().unwrap_or("-").to_string(),
+            match x["state"].as_str() {
+                Some("offline") => format!("offline: {}", s(&x["reason"])),
+                _ => "online".into(),
+            },
+            human(x["total_bytes"].as_u64().unwrap_or(0)),
+            human(x["allocated_bytes"].as_u64().unwrap_or(0)),
+            human(x["free_bytes"].as_u64().unwrap_or(0)),
+            human(x["provisioned_bytes"].as_u64().unwrap_or(0)),
+            x["volumes"].as_u64().unwrap_or(0).to_string(),
+        ]
+    };
+    match v.as_array() {
+        Some(a) => a.iter().map(one).collect(),
+        None => vec![one(v)],
+    }
+}
+
+const POOL_HEAD: [&str; 9] = ["NAME", "KIND", "TIER", "STATE", "SIZE", "ALLOCATED", "FREE", "PROVISIONED", "VOLUMES"];
+
+/// `keel pool ...`.
+pub fn pool(c: &Client, cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::List => {
+            let v = c.get("/pools")?;
+            c.print(&v, |v| table(&POOL_HEAD, pool_rows(v)));
+        }
+        PoolCmd::Show { name } => {
+            let v = c.get(&format!("/pools/{}", seg(&name)?))?;
+            c.print(&v, |v| {
+                print_kv(
+                    v,
+                    &[
+                        "name",
+                        "kind",
+                        "tier",
+                        "state",
+                        "reason",
+                        "path",
+                        "vg",
+                        "lv",
+                        "total_bytes",
+                        "allocated_bytes",
+                        "free_bytes",
+                        "provisioned_bytes",
+                        "volumes",
+                    ],
+                )
+            });
+        }
+        PoolCmd::Create { name, file, device, lvm, size, tier, force } => {
+            let mut b = json!({"name": name});
+            for (k, v) in [("file", file), ("device", device), ("lvm", lvm), ("size", size), ("tier", tier)] {
+                if let Some(v) = v {
+                    b[k] = v.into();
+                }
+            }
+            if force {
+                b["force"] = true.into();
+            }
+            let v = c.send("POST", "/pools", b)?;
+            c.print(&v, |v| {
+                println!(
+                    "created pool {} ({}, {})",
+                    s(&v["name"]),
+                    s(&v["kind"]),
+                    human(v["total_bytes"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        PoolCmd::Grow { name, size } => {
+            let b = match size {
+                Some(sz) => json!({"size": sz}),
+                None => json!({}),
+            };
+            let v = c.send("POST", &format!("/pools/{}/grow", seg(&name)?), b)?;
+            c.print(&v, |v| {
+                println!("pool {} is now {}", s(&v["name"]), human(v["total_bytes"].as_u64().unwrap_or(0)))
+            });
+        }
+        PoolCmd::Remove { name, force } => {
+            let q = if force { "?force=true" } else { "" };
+            c.delete(&format!("/pools/{}{}", seg(&name)?, q))?;
+            c.print(&json!({"removed": name}), |_| println!("removed pool {name}"));
+        }
+    }
+    Ok(())
 }
 
 /// `keel snapshot` subcommands.

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Version of the schema this build writes.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Users by name ([`crate::model::User`]).
@@ -32,6 +32,8 @@ pub const USAGE: Table = Table("usage");
 /// Jobs by id (zero-padded, so key order is id order); the newest
 /// [`JOBS_KEPT`] are kept.
 pub const JOBS: Table = Table("jobs");
+/// Pools other than the default, by name ([`crate::pools::PoolRecord`]).
+pub const POOLS: Table = Table("pools");
 /// How many job records are kept.
 pub const JOBS_KEPT: u64 = 1000;
 /// How many events the log keeps (each append past it drops the oldest).
@@ -132,8 +134,8 @@ type Migration = fn(&mut Write<'_>) -> Result<()>;
 
 /// `MIGRATIONS[n]` upgrades version `n` to `n + 1`. Version 0 is an empty
 /// file; version 1 creates the tables; version 2 adds VMs and usage;
-/// version 3 jobs.
-const MIGRATIONS: [Migration; 3] = [
+/// version 3 jobs; version 4 pools.
+const MIGRATIONS: [Migration; 4] = [
     |w| {
         for t in [USERS, TOKENS, VOLUMES, INTENTS, ISOS] {
             w.tx.open_table(t.def()).map_err(dbe)?;
@@ -157,6 +159,10 @@ const MIGRATIONS: [Migration; 3] = [
             let cut = first + (len - EVENTS_KEPT);
             t.retain_in(..cut, |_, _| false).map_err(dbe)?;
         }
+        Ok(())
+    },
+    |w| {
+        w.tx.open_table(POOLS.def()).map_err(dbe)?;
         Ok(())
     },
 ];

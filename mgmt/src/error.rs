@@ -76,6 +76,10 @@ impl ApiError {
     pub fn busy(m: impl Into<String>, secs: u64) -> ApiError {
         ApiError { retry_after: Some(secs.max(1)), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m) }
     }
+    /// 503: something it needs is unavailable (an offline pool).
+    pub fn unavailable(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m)
+    }
     /// 507: out of space (pool, disk or quota).
     pub fn no_space(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INSUFFICIENT_STORAGE, m)

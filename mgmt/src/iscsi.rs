@@ -41,7 +41,7 @@ impl Targets for AppTargets {
 
     fn open(&self, name: &str) -> Option<Arc<InUse>> {
         let t = self.app.target(name)?;
-        let vol = self.app.pool.volume(&t.volume).ok()?;
+        let vol = self.app.pools.volume(&t.volume).ok()?;
         let guard = self.app.sessions.open("iscsi", &t.volume);
         let stats = self.app.iscsi_io.lock().entry(t.volume.clone()).or_default().clone();
         Some(Arc::new(InUse { vol, stats, _guard: guard }))

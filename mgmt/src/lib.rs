@@ -26,6 +26,8 @@ pub mod http;
 pub mod iscsi;
 pub mod model;
 pub mod names;
+pub mod pool_ops;
+pub mod pools;
 pub mod reconcile;
 pub mod serve;
 pub mod throttle;

@@ -4,7 +4,7 @@
 //! database in the data directory, reconciles them after a crash, and
 //! serves the HTTP API, NBD, and (when wired in) iSCSI. The other commands
 //! are the CLI, which talks to a running daemon over the HTTP API, and
-//! `keel pool`, which reads a stopped daemon's pool directly.
+//! `keel pool inspect`, which reads a stopped daemon's pool directly.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,12 +35,9 @@ struct Cli {
 enum Command {
     /// Run the appliance.
     Serve(Box<ServeArgs>),
-    /// Show a stopped appliance's default pool (reads the pool file).
-    Pool {
-        /// Data directory.
-        #[arg(long, env = "KEEL_DATA", default_value = "keel-data")]
-        data: PathBuf,
-    },
+    /// Pools: list, show, create (file, device, LVM), grow, remove.
+    #[command(subcommand)]
+    Pool(PoolTop),
     /// Volumes: create, list, show, resize, delete, clone.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -82,6 +79,18 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum PoolTop {
+    /// Show a stopped appliance's default pool (reads the pool file).
+    Inspect {
+        /// Data directory.
+        #[arg(long, env = "KEEL_DATA", default_value = "keel-data")]
+        data: PathBuf,
+    },
+    #[command(flatten)]
+    Api(keel_mgmt::cli::PoolCmd),
 }
 
 #[derive(Subcommand)]
@@ -289,7 +298,8 @@ async fn run(cli: Cli) -> Result<()> {
     let c = client(&cli);
     match cli.command {
         Command::Serve(a) => serve::serve(settings(*a, cli.api.as_deref())?).await?,
-        Command::Pool { data } => {
+        Command::Pool(PoolTop::Api(v)) => tokio::task::spawn_blocking(move || cli::pool(&c, v)).await??,
+        Command::Pool(PoolTop::Inspect { data }) => {
             let path = pool_path(&data);
             if !path.exists() {
                 bail!("no pool at {}: start `keel serve --data {}` first", path.display(), data.display());

@@ -120,6 +120,17 @@ pub struct VolumeMeta {
     /// before access keys.
     #[serde(default)]
     pub key_salt: u64,
+    /// The pool holding it; `None` (records from before pools): the
+    /// default pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+impl VolumeMeta {
+    /// The pool holding it.
+    pub fn pool(&self) -> &str {
+        self.pool.as_deref().unwrap_or(crate::pools::DEFAULT_POOL)
+    }
 }
 
 /// A store operation recorded before it runs, so a restart after `kill -9`
@@ -141,13 +152,23 @@ pub enum Intent {
         /// Volume name.
         name: String,
     },
+    /// A volume is being copied from pool `from` to pool `to`: the copy in
+    /// the pool its record does not name is the one to drop.
+    Move {
+        /// Volume name.
+        name: String,
+        /// Source pool.
+        from: String,
+        /// Target pool.
+        to: String,
+    },
 }
 
 impl Intent {
     /// The volume it is about (the key of the intent record).
     pub fn name(&self) -> &str {
         match self {
-            Intent::Create { name, .. } | Intent::Delete { name } => name,
+            Intent::Create { name, .. } | Intent::Delete { name } | Intent::Move { name, .. } => name,
         }
     }
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::app::{Addrs, App};
 use crate::db::{ISOS, Meta, TOKENS, USERS};
 use crate::model::{IsoMeta, Role, Token, User, human, now};
+use crate::pools::{PoolRecord, Pools, Slot};
 use crate::{auth, reconcile};
 
 /// The settings of `keel serve`, from flags, environment and the TOML
@@ -299,6 +300,44 @@ pub fn default_data_cache() -> u64 {
     total.min(limit) / 8
 }
 
+/// The default pool's record (it has none in the metadata).
+pub fn default_record(data: &Path) -> crate::pools::PoolRecord {
+    let path = std::path::absolute(pool_path(data)).unwrap_or_else(|_| pool_path(data));
+    crate::pools::PoolRecord {
+        name: crate::pools::DEFAULT_POOL.into(),
+        source: crate::pools::PoolSource::File { path },
+        tier: None,
+        created: 0,
+        made_file: false,
+    }
+}
+
+/// Every pool of the node: the default one (open already) and those in the
+/// metadata, each open or, when it cannot be opened, offline with the
+/// reason.
+async fn open_pools(s: &Settings, default: Pool<AnyBackend>, meta: &Meta, opts: PoolOptions) -> Result<Arc<Pools>> {
+    let slot = Slot::online(default_record(&s.data), default, pool_path(&s.data), None, s.commit_interval);
+    let pools = Arc::new(Pools::new(slot, s.engine, opts.clone(), s.commit_interval));
+    for (_, rec) in meta.list::<PoolRecord>(crate::db::POOLS)? {
+        match crate::pools::open_record(&rec, s.engine, opts.clone()).await {
+            Ok((p, path, hold)) => {
+                println!("opened pool {} on {}", rec.name, path.display());
+                pools.put(Slot::online(rec, p, path, Some(hold), s.commit_interval));
+            }
+            Err(why) => {
+                println!("pool {} is offline: {why}", rec.name);
+                tracing::warn!("pool {} is offline: {why}", rec.name);
+                let path = match &rec.source {
+                    crate::pools::PoolSource::File { path } | crate::pools::PoolSource::Device { path } => path.clone(),
+                    crate::pools::PoolSource::Lvm { vg, lv } => PathBuf::from(format!("/dev/{vg}/{lv}")),
+                };
+                pools.put(Slot::offline(rec, path, why));
+            }
+        }
+    }
+    Ok(pools)
+}
+
 /// Run the appliance until SIGINT or SIGTERM.
 pub async fn serve(s: Settings) -> Result<()> {
     let opts = PoolOptions {
@@ -307,7 +346,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         write_back_bytes: s.write_back as usize,
         ..Default::default()
     };
-    let pool = open_pool(&s.data, s.pool_size, s.engine, opts).await?;
+    let pool = open_pool(&s.data, s.pool_size, s.engine, opts.clone()).await?;
     let wb = pool.write_back_bytes();
     match pool.stats().data_cache.capacity_bytes {
         0 if s.data_cache > 0 => {
@@ -323,7 +362,8 @@ pub async fn serve(s: Settings) -> Result<()> {
     }
     let scheme = if s.api_tls.is_some() { "https" } else { "http" };
     let made = first_manager(&meta, &s.data, &format!("{scheme}://{}", s.addrs.api))?;
-    let mut said = reconcile::reconcile(&pool, &meta).await.context("reconciling metadata with the block store")?;
+    let pools = open_pools(&s, pool, &meta, opts).await?;
+    let mut said = reconcile::reconcile(&pools, &meta).await.context("reconciling metadata with the block store")?;
     said.extend(reconcile_isos(&meta, &s.data)?);
     if said.is_empty() {
         println!("reconciled: metadata and the block store agree");
@@ -334,7 +374,6 @@ pub async fn serve(s: Settings) -> Result<()> {
     }
     match s.commit_interval {
         Some(period) => {
-            tokio::spawn(pool.committer(period));
             println!("unflushed writes committed every {:.3} s", period.as_secs_f64());
         }
         None => println!("background commits off: unflushed writes wait for a flush"),
@@ -344,7 +383,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     let _ = std::fs::remove_dir_all(s.data.join("tmp"));
     let access = crate::access::AccessKeys::load(&s.data, s.export_keys).context("loading the access key secret")?;
     let mut app =
-        App::new(pool.clone(), meta, s.addrs, s.data.clone(), access).context("opening the appliance library")?;
+        App::new(pools.clone(), meta, s.addrs, s.data.clone(), access).context("opening the appliance library")?;
     app.vms = crate::vms::VmRuntime::new(s.vms.clone());
     app.token_ttl = s.token_ttl;
     for line in app.resume_jobs().context("reading the job records")? {
@@ -418,15 +457,23 @@ pub async fn serve(s: Settings) -> Result<()> {
     let router = crate::api::router(app.clone());
     let api = tokio::spawn(crate::http::serve(api_listener, router, api_tls));
 
-    let st = pool.stats();
-    println!(
-        "pool: {} total, {} allocated, {} free, {} provisioned in {} device(s)",
-        human(st.total_bytes),
-        human(st.allocated_bytes),
-        human(st.free_bytes),
-        human(st.provisioned_bytes),
-        st.devices
-    );
+    for slot in pools.slots() {
+        match &slot.pool {
+            Some(p) => {
+                let st = p.stats();
+                println!(
+                    "pool {}: {} total, {} allocated, {} free, {} provisioned in {} device(s)",
+                    slot.name(),
+                    human(st.total_bytes),
+                    human(st.allocated_bytes),
+                    human(st.free_bytes),
+                    human(st.provisioned_bytes),
+                    st.devices
+                );
+            }
+            None => println!("pool {}: offline: {}", slot.name(), slot.offline.as_deref().unwrap_or("")),
+        }
+    }
     println!("HTTP API on {scheme}://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
     let keyed = if s.export_keys { " (export names carry the volume's access key: see its nbd_url)" } else { "" };
     let tls = if s.nbd_require_tls { " (TLS required)" } else { "" };
@@ -454,7 +501,7 @@ pub async fn serve(s: Settings) -> Result<()> {
     nbd.abort();
     nbd_private.abort();
     iscsi.abort();
-    pool.close().await?;
+    pools.close().await?;
     drop(quiet);
     println!("pool committed; bye");
     Ok(())

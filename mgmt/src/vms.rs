@@ -503,7 +503,7 @@ impl App {
             crate::model::check_volume_size("blank disk size", size).map_err(ApiError::bad)?;
             self.check_quota(&owner, size)?;
             self.begin_create(&disk, &owner.name, None)?;
-            let r = self.pool.create_volume(&disk, size).await;
+            let r = self.pools.create_volume(&disk, size).await;
             self.finish_create(actor, r.map(drop), &disk, &owner.name, None, "volume.create", "blank disk")?;
             volumes.push(disk.clone());
             made.push(disk);
@@ -1069,7 +1069,7 @@ impl App {
         let sizes: u64 = s
             .disks
             .iter()
-            .map(|d| self.pool.volume(&d.volume).map(|v| v.size()).unwrap_or(0))
+            .map(|d| self.pools.volume(&d.volume).map(|v| v.size()).unwrap_or(0))
             .fold(0u64, u64::saturating_add);
         self.check_quota(&owner, sizes)?;
         for (i, _) in s.disks.iter().enumerate() {
@@ -1098,7 +1098,7 @@ impl App {
                 let full = format!("{}@{snap}", d.volume);
                 let r = async {
                     self.begin_create(&v, &owner.name, Some(&full))?;
-                    let r = self.pool.clone_snapshot(&full, &v).await;
+                    let r = self.pools.clone_snapshot(&full, &v).await;
                     self.finish_create(actor, r.map(drop), &v, &owner.name, Some(&full), "volume.clone", &full)
                 }
                 .await;
@@ -1112,7 +1112,7 @@ impl App {
             }
         }
         for vol in &snapped {
-            if let Err(e) = self.pool.delete_snapshot(vol, &snap).await {
+            if let Err(e) = self.pools.delete_snapshot(vol, &snap).await {
                 tracing::warn!("dropping clone snapshot {vol}@{snap}: {e}");
             }
         }
@@ -1173,6 +1173,9 @@ impl App {
     /// long the guest was paused (ms) and `fs-frozen` or `crash-consistent`.
     /// On failure the snapshots made are dropped.
     pub(crate) async fn snapshot_disks(&self, m: &VmMeta, snap: &str) -> ApiResult<(f64, String)> {
+        for d in &m.disks {
+            self.not_moving(&d.volume)?;
+        }
         let name = &m.name;
         let run = if m.state == VmState::Running { self.vms.running(name) } else { None };
         let mut frozen = false;
@@ -1204,7 +1207,7 @@ impl App {
         let mut snapped = Vec::new();
         let mut failure = None;
         for d in &m.disks {
-            match self.pool.snapshot(&d.volume, snap).await {
+            match self.pools.snapshot(&d.volume, snap).await {
                 Ok(_) => snapped.push(d.volume.clone()),
                 Err(e) => {
                     failure = Some(ApiError::from(e));
@@ -1222,7 +1225,7 @@ impl App {
         }
         if let Some(e) = failure {
             for vol in &snapped {
-                let _ = self.pool.delete_snapshot(vol, snap).await;
+                let _ = self.pools.delete_snapshot(vol, snap).await;
             }
             return Err(e);
         }

@@ -97,6 +97,10 @@ fn every_documented_operation_answers_with_a_documented_status() {
                     Some(json!({"user": "admin", "password": pw}))
                 }
                 ("POST", "/api/v1/volumes") => Some(json!({"name": "fx2", "size": 1048576})),
+                ("POST", "/api/v1/pools") => {
+                    Some(json!({"name": "extra", "file": dir.path().join("extra.img"), "size": "64M", "tier": "fast"}))
+                }
+                ("POST", "/api/v1/volumes/{name}/move") => Some(json!({"pool": "extra"})),
                 ("PATCH", _) => Some(json!({"size": "32M"})),
                 ("POST", "/api/v1/volumes/{name}/snapshots") => Some(json!({"name": "s2"})),
                 ("POST", "/api/v1/volumes/{name}/snapshots/{snap}/clones") => Some(json!({"name": "fx-clone"})),
@@ -147,6 +151,14 @@ fn every_documented_operation_answers_with_a_documented_status() {
                     Some(json!({"name": "u3", "role": "regular", "password": "password-3"})),
                 );
                 d.call("DELETE", "/api/v1/users/u3", None)
+            } else if path == "/api/v1/pools/{name}" && m == "DELETE" {
+                let file = dir.path().join("doomed.img");
+                let made =
+                    d.call("POST", "/api/v1/pools", Some(json!({"name": "doomed", "file": file, "size": "32M"})));
+                assert_eq!(made.0, 201, "{}", made.1);
+                let r = d.call("DELETE", "/api/v1/pools/doomed", None);
+                assert!(!file.exists(), "the pool file Keel made goes with the pool");
+                r
             } else if path == "/api/v1/volumes/{name}" && m == "DELETE" {
                 d.call("POST", "/api/v1/volumes", Some(json!({"name": "gone", "size": "1M"})));
                 d.call("DELETE", "/api/v1/volumes/gone", None)

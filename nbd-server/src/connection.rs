@@ -114,7 +114,7 @@ pub async fn run<E: Exports, S: Socket>(mut sock: S, exports: Arc<E>, config: Ar
         Outcome::Transmit(dev, name) => {
             tracing::debug!(export = %exports.log_name(&name), "NBD transmission");
             let (r, w) = sock.halves();
-            transmit(r, w, dev, neg, &config).await
+            transmit(r, w, dev, neg, &config, exports.eviction(&name)).await
         }
         Outcome::StartTls => {
             // Nothing negotiated in the clear carries over into TLS.
@@ -130,7 +130,7 @@ pub async fn run<E: Exports, S: Socket>(mut sock: S, exports: Arc<E>, config: Ar
                 Outcome::Transmit(dev, name) => {
                     tracing::debug!(export = %exports.log_name(&name), "NBD transmission over TLS");
                     let (r, w) = tokio::io::split(tls);
-                    transmit(r, w, dev, neg, &config).await
+                    transmit(r, w, dev, neg, &config, exports.eviction(&name)).await
                 }
                 _ => Ok(()),
             }
@@ -198,6 +198,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
         match o {
             opt::EXPORT_NAME => {
                 let Ok(name) = String::from_utf8(payload) else { return Ok(Outcome::Close) };
+                exports.ready(&name).await;
                 let Some(dev) = exports.open(&name) else {
                     tracing::info!("client asked for an export that does not exist: {}", exports.unknown_export(&name));
                     return Ok(Outcome::Close);
@@ -251,6 +252,7 @@ async fn handshake<E: Exports, S: AsyncRead + AsyncWrite + Unpin>(
                     s.write_all(&out).await?;
                     continue;
                 };
+                exports.ready(&req.name).await;
                 let Some(dev) = exports.open(&req.name) else {
                     let msg = exports.unknown_export(&req.name);
                     err_reply(&mut out, o, rep::ERR_UNKNOWN, &msg);
@@ -466,7 +468,14 @@ impl Body {
     }
 }
 
-async fn transmit<D, R, W>(r: R, w: W, dev: Arc<D>, neg: Negotiated, config: &ServerConfig) -> io::Result<()>
+async fn transmit<D, R, W>(
+    r: R,
+    w: W,
+    dev: Arc<D>,
+    neg: Negotiated,
+    config: &ServerConfig,
+    mut evict: Option<tokio::sync::watch::Receiver<u64>>,
+) -> io::Result<()>
 where
     D: BlockDevice + 'static,
     R: AsyncRead + Unpin + Send + 'static,
@@ -493,7 +502,17 @@ where
     let hlen = if conn.extended { 32 } else { 28 };
     let result = loop {
         let mut h = [0u8; 32];
-        match reader.read_exact(&mut h[..hlen]).await {
+        let header = reader.read_exact(&mut h[..hlen]);
+        let got = match evict.as_mut() {
+            // Evicted between requests (a header half read is lost with the
+            // connection; the client resends it after reconnecting).
+            Some(rx) => tokio::select! {
+                r = header => r,
+                _ = evicted(rx) => break Ok(()),
+            },
+            None => header.await,
+        };
+        match got {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
@@ -538,6 +557,14 @@ where
     let _ = sem.acquire_many(slots as u32).await;
     let _ = conn.writer.lock().await.shutdown().await;
     result
+}
+
+/// Resolves when the watch's value changes; never when its sender is gone
+/// (nothing can evict the connection any more).
+async fn evicted(rx: &mut tokio::sync::watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn errno_of(e: &StoreError) -> u32 {

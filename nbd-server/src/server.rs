@@ -32,6 +32,19 @@ pub trait Exports: Send + Sync + 'static {
     /// The snapshots whose changes export `name` can report as
     /// `qemu:dirty-bitmap:SNAPSHOT`.
     fn bitmaps(&self, name: &str) -> Vec<String>;
+    /// Wait before opening export `name` (asked in the handshake, before
+    /// [`Exports::open`]): for an export that is being switched to other
+    /// storage, until the switch is over. The handshake's timeout bounds it.
+    fn ready(&self, _name: &str) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
+    /// A watch whose value changes when connections to `name` must end: a
+    /// connection watching it stops taking requests, lets those in flight
+    /// finish, and closes, and the client reconnects (QEMU's NBD client with
+    /// `reconnect-delay` resends what was not answered). `None`: never.
+    fn eviction(&self, _name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Every volume of a pool under its name; every snapshot read-only as

@@ -75,6 +75,11 @@ impl<E: Exports> CountingExports<E> {
         self.lock().get(name).map_or(0, |s| s.sessions.load(Ordering::Relaxed))
     }
 
+    /// The exports it counts.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+
     /// Open sessions on every export.
     pub fn total_sessions(&self) -> u64 {
         self.lock().values().map(|s| s.sessions.load(Ordering::Relaxed)).sum()
@@ -133,6 +138,14 @@ impl<E: Exports> Exports for CountingExports<E> {
 
     fn bitmaps(&self, name: &str) -> Vec<String> {
         self.inner.bitmaps(name)
+    }
+
+    fn ready(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        self.inner.ready(name)
+    }
+
+    fn eviction(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.eviction(name)
     }
 }
 

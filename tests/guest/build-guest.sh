@@ -58,6 +58,8 @@
 #                                  "none": no drive, no medium or unreadable;
 #                                  "?": a medium that is not ISO9660
 #                     KEEL-GUEST NICS eth0 eth1 ...
+#                 - with keel.writer=N, writes numbered records to /dev/vda
+#                   in the background (see writer() below)
 #                 It never powers off by itself.
 #   nbd-marker    the kernel's own NBD client: brings eth0 up as 10.0.2.15
 #                 (QEMU user networking; the host is 10.0.2.2), connects
@@ -69,6 +71,10 @@
 #                 keel.iscsi=PORT,TARGET[,USER,SECRET] (initiator name
 #                 iqn.2026-12.io.keel.test:guest), waits for /dev/sda and
 #                 does what write-marker does on it
+#   script        runs /extra/run.sh, which an extra cpio archive appended to
+#                 the initramfs brings (e.g. tests/guest/build-lvm-extra.sh),
+#                 its output on the console ("KEEL-GUEST FAIL no
+#                 /extra/run.sh" without it)
 #   (none)        print KEEL-GUEST-BOOTED
 # and, except for vm, ends with `poweroff -f`, so QEMU (-no-reboot) exits.
 # Every line the init prints starts with "KEEL-GUEST".
@@ -586,6 +592,26 @@ vm_loop() {
     done
 }
 
+# keel.writer=N: write numbered 4 KiB records to /dev/vda, record n at byte
+# 4 MiB + n * 4096 ("KEEL-REC <n>", NUL-padded), each made durable (dd
+# conv=fsync) before the next, up to N records or until power off; every
+# 10 durable records print "KEEL-GUEST REC <count>", and a failed write
+# "KEEL-GUEST FAIL write <n>: <error>" (the writer stops).
+writer() {
+    max="$1"
+    n=0
+    while [ $n -lt "$max" ]; do
+        printf 'KEEL-REC %d\n' $n >/tmp/rec
+        if ! dd if=/tmp/rec of=/dev/vda bs=4096 seek=$((1024 + n)) count=1 conv=sync,fsync,notrunc 2>/tmp/w.err; then
+            say "FAIL write $n: $(tr '\n' ' ' </tmp/w.err)"
+            return
+        fi
+        n=$((n + 1))
+        [ $((n % 10)) -eq 0 ] && say "REC $n"
+    done
+    say "REC-DONE $n"
+}
+
 vm() {
     load_modules /lib/modules/load-order-vm
     # Leave the CD-ROM tray to QEMU: our polling opens of /dev/sr0 must not
@@ -601,6 +627,8 @@ vm() {
     watch_power_button
     start_agent
     echo "KEEL-GUEST-READY"
+    w="$(arg keel.writer)"
+    [ -n "$w" ] && [ -b /dev/vda ] && writer "$w" &
     vm_loop
 }
 
@@ -608,6 +636,9 @@ case "$action" in
     write-marker) write_marker ;;
     nbd-marker) nbd_marker ;;
     iscsi-marker) iscsi_marker ;;
+    script)
+        if [ -x /extra/run.sh ]; then /extra/run.sh; else say "FAIL no /extra/run.sh"; fi
+        ;;
     shell)
         say "SHELL (exit to power off)"
         setsid cttyhack sh

@@ -324,7 +324,7 @@ pub fn assert_reads(url: &str, pattern: u8, off: &str, len: &str) {
 /// Volume names in the store, read from a stopped daemon's pool with
 /// `keel pool`.
 pub fn store_volumes(data: &Path) -> Vec<String> {
-    let out = run_ok(Command::new(KEEL).args(["pool", "--data"]).arg(data));
+    let out = run_ok(Command::new(KEEL).args(["pool", "inspect", "--data"]).arg(data));
     let mut v: Vec<String> = out
         .lines()
         .filter(|l| l.starts_with("  "))
