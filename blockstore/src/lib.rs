@@ -36,6 +36,6 @@ pub use device::BlockDevice;
 pub use error::{Error, ErrorKind, Result};
 pub use format::DeviceKind;
 pub use ops::{DeviceInfo, PoolStats};
-pub use pool::{OpenReport, Pool, PoolOptions};
+pub use pool::{GrowReport, OpenReport, Pool, PoolOptions};
 pub use volume::{Extent, SECTOR, Volume};
 pub use walk::{CheckReport, Damage, ScrubReport};

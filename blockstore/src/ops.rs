@@ -2,6 +2,7 @@
 //! Each is one commit, so it is durable when it returns.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::backend::{BLOCK_SIZE, Backend};
 use crate::datacache::DataCacheStats;
@@ -36,7 +37,8 @@ pub struct DeviceInfo {
 /// Space in the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Bytes of the data area (what volumes can use).
+    /// Bytes of the data area (what volumes can use; grows with
+    /// [`Pool::grow`]).
     pub total_bytes: u64,
     /// Bytes in use by data blocks and map pages, counted once however
     /// many devices share them.
@@ -253,7 +255,9 @@ impl<B: Backend> Pool<B> {
 
     /// Space in the pool.
     pub fn stats(&self) -> PoolStats {
-        let total = self.inner.geo.data_blocks() * BS;
+        // Blocks that hold map pages and data: the data area less the
+        // metadata of the pool's extensions, which is never allocated.
+        let total = self.inner.usable_blocks.load(Ordering::Relaxed) * BS;
         let allocated = self.inner.refs.referenced() * BS;
         let cat = self.inner.catalog.read();
         let provisioned =

@@ -27,6 +27,16 @@
 //! was overwritten, because only blocks free in it were written. On open,
 //! region copies newer than the superblock are erased before anything else
 //! is written, so a later commit cannot mistake them for current.
+//!
+//! # Growing
+//!
+//! [`Pool::grow`] takes in the space of a device that got longer, online:
+//! it lays out an extension (`format::Extension`), writes its counts, and
+//! makes it part of the pool with one commit, whose superblock is the commit
+//! point of the growth too. The geometry that grows lives in the commit
+//! state, under the commit lock; the data path sees only the reference
+//! table (chunks set once, never moved), the allocator (grown under its own
+//! lock) and two atomics.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -42,7 +52,7 @@ use crate::cache::PageCache;
 use crate::datacache::DataCache;
 use crate::error::{Error, Result};
 use crate::format::{
-    CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, MAX_NAME, Page, RECORD_SIZE,
+    CATALOG_MAGIC, COUNTS_PER_PAGE, DeviceKind, DeviceRecord, Entry, FANOUT, Growth, MAX_NAME, Page, RECORD_SIZE,
     RECORDS_PER_PAGE, REFCOUNT_MAGIC, REGION_HEADER, Superblock, crc, crc_fresh, decode_page, depth_for, encode_page,
     le32, open_region_page, seal_region_page, set_slot_bit, slot_bit,
 };
@@ -91,6 +101,32 @@ pub struct OpenReport {
     /// Set when the newest superblock copy was unusable (a torn write at
     /// the moment of a crash) and the older one was used.
     pub superblock_fallback: Option<String>,
+}
+
+/// What [`Pool::grow`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrowReport {
+    /// Bytes the backend holds now (re-read by the growth).
+    pub device_bytes: u64,
+    /// Bytes of the device the pool used before: its end.
+    pub old_bytes: u64,
+    /// Bytes of the device the pool uses now (`old_bytes` when nothing
+    /// changed; less than `device_bytes` when the growth would have been
+    /// too small or the pool reached the largest size a pool may have).
+    pub new_bytes: u64,
+    /// Bytes the pool gained for data: [`crate::PoolStats::total_bytes`]
+    /// grew by this much. The rest of the growth holds the counts of the new
+    /// blocks (about 0.2 %, see [`crate::format::Extension`]).
+    pub added_data_bytes: u64,
+    /// Why nothing changed, when nothing did.
+    pub unchanged: Option<String>,
+}
+
+impl GrowReport {
+    /// True when the pool grew.
+    pub fn grew(&self) -> bool {
+        self.new_bytes > self.old_bytes
+    }
 }
 
 /// A device (volume or snapshot).
@@ -150,13 +186,23 @@ pub(crate) struct CatPage {
 
 pub(crate) struct CommitState {
     pub generation: u64,
+    /// The layout the next commit's superblock describes: the pool's
+    /// geometry, extensions included (generation, next device id and slot
+    /// map checksum are filled in by each capture). Commits and growths
+    /// both hold the commit lock, so this is where the geometry that grows
+    /// lives; the I/O path needs only the atomics in [`Inner`].
+    pub sb: Superblock,
     catalog: Vec<CatPage>,
     limbo: VecDeque<(u64, Vec<u64>)>,
 }
 
 pub(crate) struct Inner<B> {
     pub backend: B,
-    pub geo: Superblock,
+    /// Blocks of the data area that can hold map pages and data
+    /// ([`Superblock::usable_blocks`]; grows with the pool).
+    pub usable_blocks: AtomicU64,
+    /// Blocks kept back for map pages ([`Superblock::meta_reserve`]).
+    pub meta_reserve: AtomicU64,
     pub catalog: RwLock<Catalog>,
     pub refs: RefTable,
     pub alloc: Mutex<Allocator>,
@@ -240,8 +286,8 @@ impl<B: Backend> Pool<B> {
         // Copy 0 of every region page valid and empty at generation 0; the
         // slot map (all zeros) says copy 0 is current, so whatever an
         // earlier pool left in the copy-1 slots is never read.
-        write_region(&backend, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
-        write_region(&backend, REFCOUNT_MAGIC, sb.refcount_start, sb.refcount_pages).await?;
+        write_region(&backend, CATALOG_MAGIC, 0, sb.catalog_start, sb.catalog_pages).await?;
+        write_region(&backend, REFCOUNT_MAGIC, 0, sb.refcount_start, sb.refcount_pages).await?;
         let map = AlignedBuf::new(sb.slot_map_blocks as usize * BLOCK_SIZE);
         let mut sb = sb;
         sb.slot_map_crc = crc(&map);
@@ -308,31 +354,44 @@ impl<B: Backend> Pool<B> {
 
         // Catalog pages.
         let cat_pages =
-            read_region(&backend, &sb, &slot_map, 0, CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
-        // Refcount pages.
-        let refs = RefTable::new(sb.data_start, sb.data_blocks(), sb.refcount_pages);
-        let rc_pages = read_region(
-            &backend,
-            &sb,
-            &slot_map,
-            sb.catalog_pages,
-            REFCOUNT_MAGIC,
-            sb.refcount_start,
-            sb.refcount_pages,
-        )
-        .await?;
+            read_region(&backend, &sb, &slot_map, (0, 0), CATALOG_MAGIC, sb.catalog_start, sb.catalog_pages).await?;
+        // Refcount pages: the first region's, then each extension's.
+        let refs = RefTable::new(sb.data_start, sb.data_blocks(), sb.all_refcount_pages());
+        let mut rc_pages = Vec::with_capacity(sb.all_refcount_pages() as usize);
+        for (first, start, pages) in sb.refcount_regions() {
+            let bit = sb.catalog_pages + first;
+            rc_pages.extend(read_region(&backend, &sb, &slot_map, (bit, first), REFCOUNT_MAGIC, start, pages).await?);
+        }
+        // Blocks with no reference are free, but for the extensions' own
+        // metadata, which lies in the data area and is never allocated.
         let mut alloc = Allocator::new(sb.data_start, sb.data_blocks());
+        let mut meta = sb.extension_metadata().peekable();
         for (i, (bytes, slot)) in rc_pages.into_iter().enumerate() {
             let mut p = refs.page(i).lock();
             p.slot = slot;
             for (k, c) in bytes[REGION_HEADER..].chunks_exact(4).enumerate() {
                 p.counts[k] = le32(c);
                 let block = i as u64 * COUNTS_PER_PAGE as u64 + k as u64;
-                if p.counts[k] == 0 && block < sb.data_blocks() {
-                    alloc.release(sb.data_start + block, 1);
+                if block >= sb.data_blocks() {
+                    continue;
+                }
+                let b = sb.data_start + block;
+                while meta.peek().is_some_and(|r| r.end <= b) {
+                    meta.next();
+                }
+                let is_meta = meta.peek().is_some_and(|r| r.contains(&b));
+                if is_meta && p.counts[k] != 0 {
+                    return Err(Error::Format(format!(
+                        "refcount page {i} counts references to block {b}, which holds the metadata of an \
+                         extension of the pool"
+                    )));
+                }
+                if p.counts[k] == 0 && !is_meta {
+                    alloc.release(b, 1);
                 }
             }
         }
+        drop(meta);
         refs.recount();
 
         let mut catalog =
@@ -360,7 +419,8 @@ impl<B: Backend> Pool<B> {
         let data_cache = DataCache::new(opts.data_cache_bytes);
         let writeback = data_cache.as_ref().and_then(|c| WriteBack::new(opts.write_back_bytes, c.capacity_blocks()));
         let inner = Inner {
-            geo: sb,
+            usable_blocks: AtomicU64::new(sb.usable_blocks()),
+            meta_reserve: AtomicU64::new(sb.meta_reserve),
             catalog: RwLock::new(catalog),
             refs,
             alloc: Mutex::new(alloc),
@@ -371,6 +431,7 @@ impl<B: Backend> Pool<B> {
             grace: Grace::default(),
             commit: tokio::sync::Mutex::new(CommitState {
                 generation: sb.generation,
+                sb,
                 catalog: cat_state,
                 limbo: VecDeque::new(),
             }),
@@ -449,6 +510,98 @@ impl<B: Backend> Pool<B> {
         self.inner.writeback.as_ref().map_or(0, |w| (w.limit() * BLOCK_SIZE) as u64)
     }
 
+    /// Take in the space a grown device gained, online: volumes stay open
+    /// and I/O goes on. Re-reads the backend's size
+    /// ([`Backend::refresh_len`]; for a block device, after `lvextend` or
+    /// `losetup -c`) and, when it exceeds the pool's end by enough for data
+    /// (at least [`crate::format::MIN_GROWTH_BLOCKS`] blocks once the new
+    /// counts are placed), adds it and commits the new layout before it
+    /// returns: the space is durable and [`Pool::stats`] shows it at once. A
+    /// device that did not grow, or grew too little, leaves the pool as it
+    /// was and says why in the report. Can be called any number of times;
+    /// each growth that needs new counts takes one of the superblock's
+    /// [`crate::format::MAX_EXTENSIONS`] extension entries (growths within
+    /// the reach of the last entry's counts take none).
+    ///
+    /// Errors: [`Error::Refused`] when the device is now smaller than the
+    /// pool (a pool cannot shrink; nothing is changed) or the extension
+    /// table is full; [`Error::Io`] when the size cannot be read or the
+    /// commit fails (the pool then refuses commits until it is reopened, as
+    /// after any failed commit).
+    ///
+    /// Crash safety: the new refcount pages (copy 0, zero counts) are
+    /// written before the commit's first sync, and the superblock that
+    /// first describes the extension after it (the commit point). The new
+    /// blocks go to the allocator only once that commit is durable, so
+    /// nothing uses them before then. A crash at any point reopens the pool
+    /// at its old size or its new one, with everything committed. A second
+    /// commit then writes the other superblock copy too, so that neither
+    /// copy still describes the old layout, and a build that reads only
+    /// version 1 refuses the pool rather than falling back to that copy and
+    /// opening it at its old size.
+    pub async fn grow(&self) -> Result<GrowReport> {
+        let inner = &self.inner;
+        inner.check_failed()?;
+        let mut cs = inner.commit.lock().await;
+        inner.check_failed()?;
+        let device_bytes = inner.backend.refresh_len().map_err(Error::io("re-reading the size of the pool device"))?;
+        let old = cs.sb.clone();
+        let mut report = GrowReport {
+            device_bytes,
+            old_bytes: old.total_blocks * BS,
+            new_bytes: old.total_blocks * BS,
+            ..GrowReport::default()
+        };
+        let next = match old.grow_to(device_bytes / BS).map_err(Error::Refused)? {
+            Growth::Unchanged(why) => {
+                report.unchanged = Some(why);
+                return Ok(report);
+            }
+            Growth::Grown(next) => next,
+        };
+        // A new extension's counts: copy 0 of each page, current (the slot
+        // map's bits for them are 0) and valid from the commit below on.
+        // They lie beyond the pool's end until its superblock is durable,
+        // and its first sync comes after these writes. A failure here
+        // changes nothing.
+        let new_ext = next.extensions.last().filter(|_| next.extensions.len() > old.extensions.len());
+        if let Some(ext) = new_ext {
+            let generation = cs.generation + 1;
+            write_region(&inner.backend, REFCOUNT_MAGIC, generation, ext.refcount_start(), ext.refcount_pages).await?;
+        }
+        inner.refs.grow(next.data_blocks(), next.all_refcount_pages());
+        cs.sb = next.clone();
+        inner.commit_locked(&mut cs, |_| Ok(())).await?;
+
+        // Durable: the new blocks may be used.
+        {
+            let mut a = inner.alloc.lock();
+            a.grow(next.data_blocks());
+            let mut at = old.total_blocks;
+            for meta in next.extension_metadata().filter(|r| r.end > old.total_blocks) {
+                if meta.start > at {
+                    a.release(at, meta.start - at);
+                }
+                at = at.max(meta.end);
+            }
+            if next.total_blocks > at {
+                a.release(at, next.total_blocks - at);
+            }
+        }
+        inner.meta_reserve.store(next.meta_reserve, Ordering::Relaxed);
+        inner.usable_blocks.store(next.usable_blocks(), Ordering::Relaxed);
+        report.new_bytes = next.total_blocks * BS;
+        report.added_data_bytes = (next.usable_blocks() - old.usable_blocks()) * BS;
+        tracing::info!(
+            "pool grew from {} to {} bytes ({} bytes more for data)",
+            report.old_bytes,
+            report.new_bytes,
+            report.added_data_bytes
+        );
+        inner.commit_locked(&mut cs, |_| Ok(())).await?;
+        Ok(report)
+    }
+
     /// Commit and stop using the pool.
     pub async fn close(self) -> Result<()> {
         self.inner.closed.store(true, Ordering::SeqCst);
@@ -470,8 +623,9 @@ impl Device {
     }
 }
 
-/// Write copy 0 of every page of a region, sealed and empty.
-async fn write_region<B: Backend>(backend: &B, magic: u32, start: u64, pages: u64) -> Result<()> {
+/// Write copy 0 of every page of a region, sealed with `generation` and
+/// empty (no sync).
+async fn write_region<B: Backend>(backend: &B, magic: u32, generation: u64, start: u64, pages: u64) -> Result<()> {
     const CHUNK: u64 = 256;
     let mut buf = AlignedBuf::new(CHUNK as usize * BLOCK_SIZE);
     let mut p = 0;
@@ -480,7 +634,7 @@ async fn write_region<B: Backend>(backend: &B, magic: u32, start: u64, pages: u6
         for i in 0..n as usize {
             let page = &mut buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             page.fill(0);
-            seal_region_page(magic, 0, page);
+            seal_region_page(magic, generation, page);
         }
         backend
             .write_at(&buf[..n as usize * BLOCK_SIZE], (start + p) * BS)
@@ -492,14 +646,15 @@ async fn write_region<B: Backend>(backend: &B, magic: u32, start: u64, pages: u6
 }
 
 /// Read the current copy (as the slot map says, from bit `first_bit` on)
-/// of every page of a region. A current copy that is damaged, or newer than
-/// the superblock, refuses the pool: the other copy is older, and using it
+/// of every page of a region, whose first page is page `first_page` of its
+/// kind (for messages). A current copy that is damaged, or newer than the
+/// superblock, refuses the pool: the other copy is older, and using it
 /// would silently lose committed changes.
 async fn read_region<B: Backend>(
     backend: &B,
     sb: &Superblock,
     slot_map: &[u8],
-    first_bit: u64,
+    (first_bit, first_page): (u64, u64),
     magic: u32,
     start: u64,
     pages: u64,
@@ -522,7 +677,7 @@ async fn read_region<B: Backend>(
             }
         }
         for (i, &slot) in slots.iter().enumerate() {
-            let page = p + i as u64;
+            let page = first_page + p + i as u64;
             let bytes = &mut copies[slot as usize][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             match open_region_page(magic, bytes) {
                 Some(g) if g <= sb.generation => out.push((bytes.to_vec(), slot)),
@@ -609,7 +764,7 @@ impl<B: Backend> Inner<B> {
             alloc: &self.alloc,
             meta_cursor: &self.meta_cursor,
             dirty_pages: &self.dirty_pages,
-            data_blocks: self.geo.data_blocks(),
+            usable_blocks: &self.usable_blocks,
             held: &held.pages,
             held_at: &held.at,
         }
@@ -783,14 +938,14 @@ impl<B: Backend> Inner<B> {
                 let mut page = vec![0u8; BLOCK_SIZE];
                 page[REGION_HEADER..].copy_from_slice(&img);
                 seal_region_page(CATALOG_MAGIC, generation, &mut page);
-                pages.push((self.geo.catalog_block(slot, i as u64), page));
+                pages.push((cs.sb.catalog_block(slot, i as u64), page));
                 cat_pages.push((i, img.into_boxed_slice(), slot));
             }
         }
 
         // 4. Refcount pages, and the slot map that says which copy of every
         // region page is current after this commit.
-        let mut slot_map = AlignedBuf::new(self.geo.slot_map_blocks as usize * BLOCK_SIZE);
+        let mut slot_map = AlignedBuf::new(cs.sb.slot_map_blocks as usize * BLOCK_SIZE);
         for (i, c) in cs.catalog.iter().enumerate() {
             set_slot_bit(&mut slot_map, i as u64, c.slot);
         }
@@ -801,7 +956,7 @@ impl<B: Backend> Inner<B> {
         let mut frees = Vec::new();
         for i in 0..self.refs.page_count() {
             let mut p = self.refs.page(i).lock();
-            let bit = self.geo.catalog_pages + i as u64;
+            let bit = cs.sb.catalog_pages + i as u64;
             if !p.dirty {
                 set_slot_bit(&mut slot_map, bit, p.slot);
                 continue;
@@ -814,7 +969,7 @@ impl<B: Backend> Inner<B> {
                 page[at..at + 4].copy_from_slice(&c.to_le_bytes());
             }
             seal_region_page(REFCOUNT_MAGIC, generation, &mut page);
-            pages.push((self.geo.refcount_block(slot, i as u64), page));
+            pages.push((cs.sb.refcount_block(slot, i as u64), page));
             rc_slots.push((i, slot));
             self.refs.took_pending(p.pending.len() as u64);
             frees.append(&mut p.pending);
@@ -823,13 +978,13 @@ impl<B: Backend> Inner<B> {
         drop(guards);
 
         // 5. Superblock.
-        let mut sb = self.geo;
+        let mut sb = cs.sb.clone();
         sb.generation = generation;
         sb.next_device_id = cat.next_id;
         sb.slot_map_crc = crc(&slot_map);
         let copy = (generation % 2) as u8;
         for (k, blk) in slot_map.chunks_exact(BLOCK_SIZE).enumerate() {
-            pages.push((self.geo.slot_map_block(copy) + k as u64, blk.to_vec()));
+            pages.push((sb.slot_map_block(copy) + k as u64, blk.to_vec()));
         }
         drop(cat);
         let mut superblock = AlignedBuf::new(BLOCK_SIZE);
@@ -945,7 +1100,8 @@ impl<B: Backend> Inner<B> {
     pub fn take_data_blocks(&self, dev: &Device, want: u64) -> Option<(u64, u64)> {
         let mut c = dev.cursor.lock();
         if c.0 == c.1 {
-            let (s, n) = self.alloc.lock().take(want.max(64), self.geo.meta_reserve)?;
+            let keep = self.meta_reserve.load(Ordering::Relaxed);
+            let (s, n) = self.alloc.lock().take(want.max(64), keep)?;
             *c = (s, s + n);
         }
         let n = want.min(c.1 - c.0);
@@ -1008,12 +1164,16 @@ impl<B: Backend> Inner<B> {
             return false;
         }
         let free = self.alloc.lock().free_blocks();
-        let low = (self.geo.data_blocks() / 8).max(1024);
-        free < low && pending >= (free / 4).max(256).min(self.geo.data_blocks() / 64 + 1)
+        let usable = self.usable_blocks.load(Ordering::Relaxed);
+        let low = (usable / 8).max(1024);
+        free < low && pending >= (free / 4).max(256).min(usable / 64 + 1)
     }
 
     pub fn no_space(&self) -> Error {
-        Error::NoSpace { free_blocks: self.alloc.lock().free_blocks(), total_blocks: self.geo.data_blocks() }
+        Error::NoSpace {
+            free_blocks: self.alloc.lock().free_blocks(),
+            total_blocks: self.usable_blocks.load(Ordering::Relaxed),
+        }
     }
 
     /// Drop every reference held by a tree (a deleted device), freeing what

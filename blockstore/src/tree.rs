@@ -64,7 +64,9 @@ pub(crate) struct TreeCtx<'a> {
     /// land next to each other, so the commit writes them in long runs.
     pub meta_cursor: &'a Mutex<(u64, u64)>,
     pub dirty_pages: &'a std::sync::atomic::AtomicUsize,
-    pub data_blocks: u64,
+    /// Blocks that can hold pages and data (for `NoSpace`; grows with the
+    /// pool).
+    pub usable_blocks: &'a std::sync::atomic::AtomicU64,
     /// Pages the caller loaded for this operation and holds, so a retry
     /// after a miss makes progress even if the cache evicted them again.
     pub held: &'a [Arc<Page>],
@@ -331,8 +333,10 @@ fn alloc_meta(cx: &TreeCtx<'_>) -> Result<u64> {
     let mut c = cx.meta_cursor.lock();
     if c.0 == c.1 {
         let mut a = cx.alloc.lock();
-        let (s, n) =
-            a.take(64, 0).ok_or(Error::NoSpace { free_blocks: a.free_blocks(), total_blocks: cx.data_blocks })?;
+        let (s, n) = a.take(64, 0).ok_or_else(|| Error::NoSpace {
+            free_blocks: a.free_blocks(),
+            total_blocks: cx.usable_blocks.load(std::sync::atomic::Ordering::Relaxed),
+        })?;
         *c = (s, s + n);
     }
     c.0 += 1;

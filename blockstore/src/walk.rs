@@ -217,7 +217,7 @@ impl<B: Backend> Pool<B> {
     pub async fn check(&self) -> Result<CheckReport> {
         self.flush().await?;
         let inner = &self.inner;
-        let _cs = inner.commit.lock().await;
+        let cs = inner.commit.lock().await;
         let _g = inner.grace.enter();
         let devs: Vec<_> = inner.catalog.read().devices.values().cloned().collect();
         let mut found: HashMap<u64, u32> = HashMap::new();
@@ -258,11 +258,22 @@ impl<B: Backend> Pool<B> {
                 problems.push(format!("device {name}: record says {mapped} mapped blocks, tree has {leaves}"));
             }
         }
+        // The extensions' metadata lies in the data area: nothing may point
+        // at it, and the allocator must never hand it out.
+        let meta: Vec<Range<u64>> = cs.sb.extension_metadata().collect();
         let alloc = inner.alloc.lock();
+        for r in &meta {
+            if let Some(b) = r.clone().find(|&b| alloc.is_free_block(b)) {
+                problems.push(format!("block {b} holds an extension's metadata but the allocator holds it as free"));
+            }
+        }
         for (&b, &n) in &found {
             if !inner.refs.contains(b) {
                 problems.push(format!("block {b} is referenced but outside the data area"));
                 continue;
+            }
+            if meta.iter().any(|r| r.contains(&b)) {
+                problems.push(format!("block {b} is referenced but holds an extension's metadata"));
             }
             if alloc.is_free_block(b) {
                 problems.push(format!("block {b} is referenced but the allocator holds it as free"));

@@ -1,7 +1,8 @@
 //! Crash consistency, in the style of redb's `tests/crash_consistency.rs`.
 //!
 //! A seeded random workload (writes, FUA writes, flushes, discards, write
-//! zeroes, snapshots, clones, deletes, re-creates, resizes) runs on a pool
+//! zeroes, snapshots, clones, deletes, re-creates, resizes, and growths of
+//! the pool: the device gets longer, then `Pool::grow`) runs on a pool
 //! whose backend ([`CrashBackend`]) loses power after a chosen number of
 //! operations, anywhere: in a data write, among a commit's metadata writes,
 //! in the sync before the commit point, in the superblock write, in the sync
@@ -12,6 +13,10 @@
 //! * every device a completed catalog operation created exists with the right
 //!   size, every device one deleted is gone, no other device appears; a
 //!   catalog operation cut by the crash may or may not show;
+//! * the pool's size is that of its last completed growth, or, when the
+//!   crash cut a growth, that or the size the growth gives (the one the run
+//!   without a crash reached); growing the recovered pool again reaches the
+//!   same size;
 //! * every 512-byte sector reads either its value at the last durable point
 //!   (a completed flush, FUA write or catalog operation: they all commit the
 //!   whole pool) or a value written to it after that, acknowledged or not;
@@ -55,6 +60,8 @@ const MIN_SECTORS: usize = 128;
 const READ_LIMIT: u64 = 1_000_000;
 /// Base volume names; deleted ones are re-created under the same name.
 const BASE: [&str; 2] = ["v0", "v1"];
+/// Growths of the device (and the pool) per workload, at most.
+const MAX_GROWS: usize = 3;
 
 // ---------------------------------------------------------------------------
 // Sector contents: every written sector says which write and which sector it
@@ -145,15 +152,50 @@ impl Dev {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { name: String, sectors: usize },
-    Write { dev: String, start: usize, len: usize, tag: u32, fua: bool },
-    Zero { dev: String, start: usize, len: usize, fua: bool, discard: bool },
-    Flush { via: Option<String> },
-    Snapshot { vol: String, snap: String },
-    Clone { src: String, name: String },
-    DeleteSnapshot { vol: String, snap: String },
-    DeleteVolume { name: String },
-    Resize { name: String, sectors: usize },
+    Create {
+        name: String,
+        sectors: usize,
+    },
+    Write {
+        dev: String,
+        start: usize,
+        len: usize,
+        tag: u32,
+        fua: bool,
+    },
+    Zero {
+        dev: String,
+        start: usize,
+        len: usize,
+        fua: bool,
+        discard: bool,
+    },
+    Flush {
+        via: Option<String>,
+    },
+    Snapshot {
+        vol: String,
+        snap: String,
+    },
+    Clone {
+        src: String,
+        name: String,
+    },
+    DeleteSnapshot {
+        vol: String,
+        snap: String,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    Resize {
+        name: String,
+        sectors: usize,
+    },
+    /// The device grows to `bytes`, then `pool.grow()`.
+    Grow {
+        bytes: usize,
+    },
 }
 
 impl Op {
@@ -191,6 +233,7 @@ impl Op {
             Op::DeleteSnapshot { vol, snap } => format!("delete_snapshot({vol}, {snap})"),
             Op::DeleteVolume { name } => format!("delete_volume({name}, recursive)"),
             Op::Resize { name, sectors } => format!("resize({name}, {}, force)", b(*sectors)),
+            Op::Grow { bytes } => format!("device to {bytes} bytes, pool.grow()"),
         }
     }
 }
@@ -204,7 +247,7 @@ struct InFlight {
     snaps: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Model {
     devs: BTreeMap<String, Dev>,
     /// State index: operations completed so far. State `k` is the pool after
@@ -214,9 +257,30 @@ struct Model {
     durable: usize,
     seq: u64,
     inflight: Option<InFlight>,
+    /// Bytes of the device (it grows when a growth is issued, whether or
+    /// not the growth returns).
+    device_bytes: usize,
+    /// `Pool::stats().total_bytes` as created, then after the last
+    /// completed growth (0: not known, any).
+    pool_bytes: u64,
+    /// Growths issued.
+    grows: usize,
 }
 
 impl Model {
+    fn new() -> Model {
+        Model {
+            devs: BTreeMap::new(),
+            applied: 0,
+            durable: 0,
+            seq: 0,
+            inflight: None,
+            device_bytes: POOL_BYTES,
+            pool_bytes: 0,
+            grows: 0,
+        }
+    }
+
     fn writable(&self) -> Vec<String> {
         self.devs.iter().filter(|(_, d)| d.snapshot_of.is_none()).map(|(n, _)| n.clone()).collect()
     }
@@ -271,6 +335,10 @@ impl Model {
                     self.set(name, *sectors, old, 0);
                 }
             }
+            Op::Grow { bytes } => {
+                self.device_bytes = *bytes;
+                self.grows += 1;
+            }
             _ => {}
         }
     }
@@ -306,7 +374,8 @@ impl Model {
                 d.cur.resize(*sectors, 0);
                 d.dur.resize(*sectors, 0);
             }
-            Op::Write { .. } | Op::Zero { .. } | Op::Flush { .. } => {}
+            // The size it reached is set by the caller, who knows it.
+            Op::Write { .. } | Op::Zero { .. } | Op::Flush { .. } | Op::Grow { .. } => {}
         }
     }
 }
@@ -351,6 +420,11 @@ impl Params {
 struct Workload {
     rng: SmallRng,
     model: Model,
+    /// `total_bytes` after each growth, by operation index: what this run
+    /// reached, and what the run without a crash reached (a crash cuts a
+    /// growth before it says).
+    grown: BTreeMap<usize, u64>,
+    expect_grown: BTreeMap<usize, u64>,
     next_tag: u32,
     next_name: u32,
     log: Vec<String>,
@@ -368,7 +442,9 @@ impl Workload {
     fn new(seed: u64, verbose: bool) -> Workload {
         Workload {
             rng: SmallRng::seed_from_u64(seed),
-            model: Model::default(),
+            model: Model::new(),
+            grown: BTreeMap::new(),
+            expect_grown: BTreeMap::new(),
             next_tag: 1,
             next_name: 1,
             log: Vec::new(),
@@ -417,6 +493,16 @@ impl Workload {
         let writable = self.model.writable();
         let snaps = self.model.snapshots();
         let clones = writable.iter().filter(|n| n.starts_with('c')).count();
+        if self.model.grows < MAX_GROWS && self.rng.gen_bool(0.05) {
+            // By 320 KiB to 4 MiB (a refcount page counts 4 MiB: some
+            // growths need new pages, some fit in the last one), now and
+            // then not by whole blocks (the pool uses whole blocks only).
+            let mut by = self.rng.gen_range(80..=1024) * BLOCK_SIZE;
+            if self.rng.gen_bool(0.3) {
+                by += self.rng.gen_range(1..BLOCK_SIZE);
+            }
+            return Op::Grow { bytes: self.model.device_bytes + by };
+        }
         loop {
             let roll = self.rng.gen_range(0..100);
             match roll {
@@ -493,7 +579,7 @@ impl Workload {
     }
 
     /// Run `ops` operations; stop at the first error.
-    async fn run<B: Backend>(&mut self, pool: &Pool<B>, ops: usize) -> RunEnd {
+    async fn run<B: Backend + Grows>(&mut self, pool: &Pool<B>, ops: usize) -> RunEnd {
         for index in 0..ops {
             let op = self.gen_op(index);
             let desc = op.describe();
@@ -507,7 +593,14 @@ impl Workload {
             };
             self.model.begin(&op);
             match exec(pool, &op).await {
-                Ok(()) => self.model.complete(&op),
+                Ok(()) => {
+                    self.model.complete(&op);
+                    if let Op::Grow { .. } = op {
+                        let total = pool.stats().total_bytes;
+                        self.model.pool_bytes = total;
+                        self.grown.insert(index, total);
+                    }
+                }
                 Err(error) => {
                     self.model.inflight = Some(InFlight { op, snaps });
                     return RunEnd::Failed { index, error };
@@ -518,7 +611,24 @@ impl Workload {
     }
 }
 
-async fn exec<B: Backend>(pool: &Pool<B>, op: &Op) -> Result<(), Error> {
+/// A backend a test can make longer (a device that grows).
+trait Grows {
+    fn grow_device(&self, bytes: usize);
+}
+
+impl Grows for CrashBackend {
+    fn grow_device(&self, bytes: usize) {
+        self.grow_to(bytes);
+    }
+}
+
+impl Grows for MemBackend {
+    fn grow_device(&self, bytes: usize) {
+        self.set_len(bytes as u64);
+    }
+}
+
+async fn exec<B: Backend + Grows>(pool: &Pool<B>, op: &Op) -> Result<(), Error> {
     let b = |s: usize| (s * SECTOR) as u64;
     match op {
         Op::Create { name, sectors } => pool.create_volume(name, b(*sectors)).await.map(drop),
@@ -537,6 +647,14 @@ async fn exec<B: Backend>(pool: &Pool<B>, op: &Op) -> Result<(), Error> {
         Op::DeleteSnapshot { vol, snap } => pool.delete_snapshot(vol, snap).await,
         Op::DeleteVolume { name } => pool.delete_volume(name, true).await,
         Op::Resize { name, sectors } => pool.resize(name, b(*sectors), true).await,
+        Op::Grow { bytes } => {
+            pool.backend().grow_device(*bytes);
+            let before = pool.stats().total_bytes;
+            let r = pool.grow().await?;
+            // Every step is large enough to be taken.
+            assert!(r.grew() && pool.stats().total_bytes > before, "{r:?}");
+            Ok(())
+        }
     }
 }
 
@@ -553,6 +671,10 @@ struct Verified {
     catalog_reflected: bool,
     /// The points of the workload (state indexes) that explain every device.
     explained_by: Vec<usize>,
+    /// The operation cut by the crash was a growth ...
+    grow_inflight: bool,
+    /// ... and the recovered pool has the size it gives.
+    grow_reflected: bool,
 }
 
 /// Mask of relative states `a..b`.
@@ -566,8 +688,31 @@ fn states(a: usize, b: usize) -> u128 {
 /// Resolve the model against what the pool shows after a crash. On return
 /// the model describes the recovered pool: the operation cut by the crash
 /// is applied when the pool shows it.
-fn resolve_inflight(listed: &BTreeMap<String, u64>, m: &mut Model, v: &mut Verified) -> Result<(), String> {
+fn resolve_inflight(
+    listed: &BTreeMap<String, u64>,
+    pool_bytes: u64,
+    expect_grown: &BTreeMap<usize, u64>,
+    m: &mut Model,
+    v: &mut Verified,
+) -> Result<(), String> {
     let Some(inflight) = m.inflight.clone() else { return Ok(()) };
+    if let Op::Grow { bytes } = inflight.op {
+        v.grow_inflight = true;
+        let new = *expect_grown.get(&m.applied).ok_or("the run without a crash made no growth here")?;
+        if pool_bytes == new {
+            v.grow_reflected = true;
+            m.complete(&inflight.op);
+            m.pool_bytes = new;
+            m.inflight = None;
+        } else if !(pool_bytes == m.pool_bytes || m.pool_bytes == 0) {
+            return Err(format!(
+                "the pool has {pool_bytes} bytes after a crash in a growth to a {bytes}-byte device: want {} \
+                 (before it) or {new}",
+                m.pool_bytes
+            ));
+        }
+        return Ok(());
+    }
     if !inflight.op.is_catalog() {
         return Ok(());
     }
@@ -577,7 +722,7 @@ fn resolve_inflight(listed: &BTreeMap<String, u64>, m: &mut Model, v: &mut Verif
         Op::Create { name, .. } | Op::Clone { name, .. } => shows(name),
         Op::Snapshot { vol, snap } => shows(&format!("{vol}@{snap}")),
         Op::DeleteSnapshot { vol, snap } => !shows(&format!("{vol}@{snap}")),
-        Op::Flush { .. } | Op::Write { .. } | Op::Zero { .. } => false,
+        Op::Flush { .. } | Op::Write { .. } | Op::Zero { .. } | Op::Grow { .. } => false,
         Op::Resize { name, sectors } => {
             let old = (m.devs[name].sectors() * SECTOR) as u64;
             match listed.get(name) {
@@ -634,7 +779,11 @@ fn resolve_inflight(listed: &BTreeMap<String, u64>, m: &mut Model, v: &mut Verif
 
 /// Check `pool` against `model`: devices, sizes, every sector. Returns the
 /// model resolved against the pool.
-async fn verify<B: Backend>(pool: &Pool<B>, model: &Model) -> Result<(Model, Verified), String> {
+async fn verify<B: Backend>(
+    pool: &Pool<B>,
+    model: &Model,
+    expect_grown: &BTreeMap<usize, u64>,
+) -> Result<(Model, Verified), String> {
     let mut m = model.clone();
     let mut v = Verified::default();
     let list = pool.list();
@@ -642,7 +791,15 @@ async fn verify<B: Backend>(pool: &Pool<B>, model: &Model) -> Result<(Model, Ver
     if listed.len() != list.len() {
         return Err(format!("duplicate device names in {listed:?}"));
     }
-    resolve_inflight(&listed, &mut m, &mut v)?;
+    let pool_bytes = pool.stats().total_bytes;
+    resolve_inflight(&listed, pool_bytes, expect_grown, &mut m, &mut v)?;
+    if m.pool_bytes == 0 {
+        // Not known (the verifier's own tests): whatever it is.
+        m.pool_bytes = pool_bytes;
+    }
+    if pool_bytes != m.pool_bytes {
+        return Err(format!("the pool has {pool_bytes} bytes, want {} (its last growth)", m.pool_bytes));
+    }
 
     // Devices.
     for (name, dev) in &m.devs {
@@ -761,6 +918,8 @@ struct PointStats {
     after_end: bool,
     catalog_inflight: bool,
     catalog_reflected: bool,
+    grow_inflight: bool,
+    grow_reflected: bool,
     fallback: bool,
     tear: TearStats,
     backend_ops: u64,
@@ -795,11 +954,13 @@ async fn crash_point(seed: u64, verbose: bool) -> Result<PointStats, String> {
     let pool = Pool::create(probe.clone(), params.opts.clone()).await.map_err(|e| format!("create: {e}"))?;
     probe.reset_op_count();
     let mut w = Workload::new(seed, false);
+    w.model.pool_bytes = pool.stats().total_bytes;
     if let RunEnd::Failed { index, error } = w.run(&pool, params.ops).await {
         return Err(format!("op {index} ({}) failed without a crash: {error}", w.log[index]));
     }
     let total = probe.ops();
     stats.backend_ops = total;
+    let expect_grown = std::mem::take(&mut w.grown);
     // The live pool must read exactly the model's current contents.
     verify_live(&pool, &w.model).await.map_err(|e| format!("no crash, live pool: {e}"))?;
     check_clean(&pool, "without a crash").await?;
@@ -821,8 +982,15 @@ async fn crash_point(seed: u64, verbose: bool) -> Result<PointStats, String> {
         );
     }
     let mut w = Workload::new(seed, verbose);
+    w.model.pool_bytes = pool.stats().total_bytes;
+    w.expect_grown = expect_grown;
     let end = w.run(&pool, params.ops).await;
     let crash = backend.crashed();
+    for (i, bytes) in &w.grown {
+        if w.expect_grown.get(i) != Some(bytes) {
+            return Err(format!("op {i} ({}) grew the pool to {bytes} bytes, not as without a crash", w.log[*i]));
+        }
+    }
     match (&end, &crash) {
         (RunEnd::Failed { index, error }, None) => {
             return Err(format!("op {index} ({}) failed without a crash: {error}", w.log[*index]));
@@ -882,9 +1050,11 @@ async fn crash_point(seed: u64, verbose: bool) -> Result<PointStats, String> {
     if verbose {
         eprintln!("seed {seed}: reopened: {report:?}");
     }
-    let (m, v) = verify(&pool, &w.model).await?;
+    let (m, v) = verify(&pool, &w.model, &w.expect_grown).await?;
     stats.catalog_inflight = v.catalog_inflight;
     stats.catalog_reflected = v.catalog_reflected;
+    stats.grow_inflight = v.grow_inflight;
+    stats.grow_reflected = v.grow_reflected;
     if verbose {
         eprintln!(
             "seed {seed}: the recovered pool is the state after the first k ops for k in {:?} (allowed: {}..={}); devices {:?}",
@@ -896,8 +1066,23 @@ async fn crash_point(seed: u64, verbose: bool) -> Result<PointStats, String> {
     }
     check_clean(&pool, "after recovery").await?;
 
+    // Growing the recovered pool takes in what a growth cut by the crash
+    // did not, and reaches the size that growth gives; otherwise nothing
+    // changes.
+    let regrow_to = if v.grow_inflight && !v.grow_reflected { w.expect_grown[&m.applied] } else { m.pool_bytes };
+    let r = pool.grow().await.map_err(|e| format!("growing the recovered pool: {e}"))?;
+    if pool.stats().total_bytes != regrow_to || r.grew() != (regrow_to != m.pool_bytes) {
+        return Err(format!(
+            "growing the recovered pool ({} bytes) gave {r:?} and {} bytes, want {regrow_to}",
+            m.pool_bytes,
+            pool.stats().total_bytes
+        ));
+    }
+    check_clean(&pool, "after growing the recovered pool").await?;
+
     // The recovered pool is usable: what it read becomes the model.
     let mut m = pin_recovered(m, &v.observed);
+    m.pool_bytes = regrow_to;
     let mut tag = 1_000_000 + seed as u32 % 1000;
     for name in m.writable() {
         for _ in 0..2 {
@@ -939,7 +1124,7 @@ async fn verify_live<B: Backend>(pool: &Pool<B>, m: &Model) -> Result<(), String
     let mut exact = m.clone();
     exact.inflight = None;
     exact.all_durable();
-    verify(pool, &exact).await.map(drop)
+    verify(pool, &exact, &BTreeMap::new()).await.map(drop)
 }
 
 /// Make what the recovered pool read (verified legal) the model's contents,
@@ -988,6 +1173,8 @@ struct Totals {
     after_end: u64,
     catalog_inflight: u64,
     catalog_reflected: u64,
+    grow_inflight: u64,
+    grow_reflected: u64,
     fallback: u64,
     torn_images: u64,
     failures: Vec<(u64, String)>,
@@ -1010,6 +1197,8 @@ impl Totals {
         }
         self.catalog_inflight += u64::from(s.catalog_inflight);
         self.catalog_reflected += u64::from(s.catalog_reflected);
+        self.grow_inflight += u64::from(s.grow_inflight);
+        self.grow_reflected += u64::from(s.grow_reflected);
         self.fallback += u64::from(s.fallback);
         self.torn_images += u64::from(s.tear.torn > 0);
     }
@@ -1058,6 +1247,7 @@ fn crash_at_every_point_recovers_a_consistent_pool() {
         "crash_consistency: {} crash points in {:.1}s ({} threads; {} backend ops in the workloads): \
          {} inside a commit {:?}, {} in data writes, {} after the workload; \
          {} in a catalog op ({} of them reflected after recovery); \
+         {} in a growth ({} of them at the new size after recovery); \
          {} torn images; {} opened on the older superblock; {} failed",
         t.points,
         elapsed.as_secs_f64(),
@@ -1069,6 +1259,8 @@ fn crash_at_every_point_recovers_a_consistent_pool() {
         t.after_end,
         t.catalog_inflight,
         t.catalog_reflected,
+        t.grow_inflight,
+        t.grow_reflected,
         t.torn_images,
         t.fallback,
         t.failures.len(),
@@ -1093,6 +1285,12 @@ fn crash_at_every_point_recovers_a_consistent_pool() {
         }
         assert!(t.fallback > 0, "no crash image tore the newest superblock");
         assert!(t.catalog_reflected > 0 && t.catalog_reflected < t.catalog_inflight);
+        assert!(
+            t.grow_reflected > 0 && t.grow_reflected < t.grow_inflight,
+            "crashes in growths: {} ({} at the new size)",
+            t.grow_inflight,
+            t.grow_reflected
+        );
     }
 }
 
@@ -1149,7 +1347,7 @@ fn verifier_rejects_lost_flushes_wrong_data_and_resurrected_devices() {
         let backend = CrashBackend::new(POOL_BYTES);
         let opts = PoolOptions { catalog_pages: 2, ..PoolOptions::default() };
         let pool = Pool::create(backend.clone(), opts).await.unwrap();
-        let mut m = Model::default();
+        let mut m = Model::new();
         let ops = [
             Op::Create { name: "v0".into(), sectors: 512 },
             Op::Write { dev: "v0".into(), start: 8, len: 16, tag: 1, fua: false },
@@ -1177,24 +1375,24 @@ fn verifier_rejects_lost_flushes_wrong_data_and_resurrected_devices() {
             |b: Vec<u8>| async move { Pool::open(MemBackend::from_bytes(b), PoolOptions::default()).await.unwrap().0 };
 
         // The true image passes.
-        verify(&reopen(now.clone()).await, &m2).await.expect("the real image must verify");
+        verify_with(&reopen(now.clone()).await, &m2).await.expect("the real image must verify");
         // An image that lost the flushed write (and the created volume) fails.
-        let err = verify(&reopen(before_write.clone()).await, &m2).await.err().expect("lost flush must fail");
+        let err = verify_with(&reopen(before_write.clone()).await, &m2).await.err().expect("lost flush must fail");
         assert!(err.contains("missing") || err.contains("sector"), "{err}");
         // Same with the volume there: the sector check catches the lost write.
         let mut m3 = m2.clone();
         m3.devs.remove("v1");
-        let err = verify(&reopen(before_write).await, &m3).await.err().expect("lost flush must fail");
+        let err = verify_with(&reopen(before_write).await, &m3).await.err().expect("lost flush must fail");
         assert!(err.contains("sector 8"), "{err}");
         // A device the model says was deleted must not exist.
         let mut m4 = m2.clone();
         m4.devs.remove("v0");
-        let err = verify(&reopen(now.clone()).await, &m4).await.err().expect("resurrected device must fail");
+        let err = verify_with(&reopen(now.clone()).await, &m4).await.err().expect("resurrected device must fail");
         assert!(err.contains("must not exist"), "{err}");
         // Wrong data: sector contents swapped by the store would fail.
         let p = reopen(now.clone()).await;
         p.volume("v0").unwrap().write(0, &write_data(1, 8, 1), false).await.unwrap();
-        let err = verify(&p, &m2).await.err().expect("misplaced data must fail");
+        let err = verify_with(&p, &m2).await.err().expect("misplaced data must fail");
         assert!(err.contains("found at sector 0"), "{err}");
         // Two acknowledged, unflushed writes to two volumes; the image holds
         // the later one but not the earlier one. Each sector is legal on its
@@ -1209,13 +1407,17 @@ fn verifier_rejects_lost_flushes_wrong_data_and_resurrected_devices() {
         }
         let p = reopen(now.clone()).await;
         exec(&p, &later).await.unwrap();
-        let err = verify(&p, &m5).await.err().expect("a later write without an earlier one must fail");
+        let err = verify_with(&p, &m5).await.err().expect("a later write without an earlier one must fail");
         assert!(err.contains("different points"), "{err}");
         // With both, or with neither, it verifies.
         exec(&p, &earlier).await.unwrap();
-        verify(&p, &m5).await.expect("both writes landed");
-        verify(&reopen(now.clone()).await, &m5).await.expect("neither write landed");
+        verify_with(&p, &m5).await.expect("both writes landed");
+        verify_with(&reopen(now.clone()).await, &m5).await.expect("neither write landed");
     });
+}
+
+async fn verify_with<B: Backend>(pool: &Pool<B>, model: &Model) -> Result<(Model, Verified), String> {
+    verify(pool, model, &BTreeMap::new()).await
 }
 
 // ---------------------------------------------------------------------------

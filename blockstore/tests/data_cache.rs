@@ -355,6 +355,9 @@ impl keel_blockstore::Backend for Gated {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn refresh_len(&self) -> std::io::Result<u64> {
+        self.inner.refresh_len()
+    }
 }
 
 /// A write whose future is dropped while it flushes staged blocks (its

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Backend;
 
@@ -13,7 +14,7 @@ use super::Backend;
 /// against, not for speed.
 pub struct FileBackend {
     file: File,
-    len: u64,
+    len: AtomicU64,
     direct: bool,
 }
 
@@ -21,7 +22,7 @@ impl FileBackend {
     /// Open an existing file or device read-write.
     pub fn open(path: &Path) -> io::Result<FileBackend> {
         let (file, direct, len) = super::open_direct(path)?;
-        Ok(FileBackend { file, len, direct })
+        Ok(FileBackend { file, len: AtomicU64::new(len), direct })
     }
 
     /// Whether O_DIRECT is in effect.
@@ -41,6 +42,11 @@ impl Backend for FileBackend {
         self.file.sync_data()
     }
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Relaxed)
+    }
+    fn refresh_len(&self) -> io::Result<u64> {
+        let len = super::device_len(&self.file)?;
+        self.len.store(len, Ordering::Relaxed);
+        Ok(len)
     }
 }

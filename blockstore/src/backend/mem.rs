@@ -29,6 +29,22 @@ impl MemBackend {
         self.bytes.read().clone()
     }
 
+    /// Make the backend `len` bytes long: zeros added at the end, or the
+    /// end cut off (a device that grew, or shrank, under a pool).
+    pub fn set_len(&self, len: u64) {
+        let mut bytes = self.bytes.write();
+        let len = len as usize;
+        if len > bytes.len() {
+            // A zeroed allocation and one copy: `resize` goes byte by byte
+            // in the unoptimized builds tests run in.
+            let mut grown = vec![0u8; len];
+            grown[..bytes.len()].copy_from_slice(&bytes);
+            *bytes = grown;
+        } else {
+            bytes.truncate(len);
+        }
+    }
+
     /// Run `f` on the bytes (corrupting them in a test, say).
     pub fn with_bytes_mut<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         f(&mut self.bytes.write())
@@ -61,5 +77,8 @@ impl Backend for MemBackend {
     }
     fn len(&self) -> u64 {
         self.bytes.read().len() as u64
+    }
+    fn refresh_len(&self) -> io::Result<u64> {
+        Ok(self.len())
     }
 }

@@ -52,8 +52,13 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Make every completed write durable.
     fn sync(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// Size in bytes.
+    /// Size in bytes, as last read (at open, or by the last
+    /// [`Backend::refresh_len`]).
     fn len(&self) -> u64;
+    /// Read the size again (a file that got longer, a block device that
+    /// grew: `lvextend`, `losetup -c`), remember it for [`Backend::len`] and
+    /// return it. Backends whose `len` is always current return it.
+    fn refresh_len(&self) -> io::Result<u64>;
     /// True when the backend holds no bytes.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -144,6 +149,13 @@ impl Backend for AnyBackend {
             AnyBackend::Mem(b) => b.len(),
         }
     }
+    fn refresh_len(&self) -> io::Result<u64> {
+        match self {
+            AnyBackend::Uring(b) => b.refresh_len(),
+            AnyBackend::File(b) => b.refresh_len(),
+            AnyBackend::Mem(b) => b.refresh_len(),
+        }
+    }
 }
 
 /// Open `path` for direct I/O: O_DIRECT when the file system supports it
@@ -163,8 +175,9 @@ pub(crate) fn open_direct(path: &std::path::Path) -> io::Result<(std::fs::File, 
     Ok((file, is_direct, len))
 }
 
-/// Size of a regular file or a block device.
-fn device_len(file: &std::fs::File) -> io::Result<u64> {
+/// Size of a regular file or a block device, asked of the kernel now (a
+/// block device's through `BLKGETSIZE64`, which sees a resize at once).
+pub(crate) fn device_len(file: &std::fs::File) -> io::Result<u64> {
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::io::AsRawFd;
     let meta = file.metadata()?;

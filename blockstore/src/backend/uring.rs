@@ -146,7 +146,7 @@ const REACTOR_UNAVAILABLE: u8 = 3;
 pub struct UringBackend {
     shared: Arc<Shared>,
     fallback: Option<JoinHandle<()>>,
-    len: u64,
+    len: AtomicU64,
     direct: bool,
 }
 
@@ -162,8 +162,8 @@ struct Shared {
     ring: IoUring,
     /// Registered with the ring as file 0; SQEs name it by that index. The
     /// ring holds a reference of its own until `UringBackend::drop`
-    /// unregisters it.
-    _file: File,
+    /// unregisters it. Used directly only to re-read its size.
+    file: File,
     /// Serializes every use of the submission queue (`submission_shared`);
     /// true while a thread is submitting on everyone's behalf.
     sq_lock: Mutex<bool>,
@@ -297,7 +297,7 @@ impl UringBackend {
             reactor: Mutex::new(None),
             reactor_state: AtomicU8::new(REACTOR_NONE),
             ring,
-            _file: file,
+            file,
             sq_lock: Mutex::new(false),
             cq_lock: Mutex::new(()),
             slots,
@@ -314,7 +314,7 @@ impl UringBackend {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new().name("keel-uring-cq".into()).spawn(move || shared.fallback_loop())?
         };
-        Ok(UringBackend { shared, fallback: Some(fallback), len, direct })
+        Ok(UringBackend { shared, fallback: Some(fallback), len: AtomicU64::new(len), direct })
     }
 
     /// Whether O_DIRECT is in effect.
@@ -935,7 +935,12 @@ impl Backend for UringBackend {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Relaxed)
+    }
+    fn refresh_len(&self) -> io::Result<u64> {
+        let len = super::device_len(&self.shared.file)?;
+        self.len.store(len, Ordering::Relaxed);
+        Ok(len)
     }
 }
 

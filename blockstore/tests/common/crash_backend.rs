@@ -28,7 +28,9 @@ const SECTOR: usize = 512;
 /// Where an operation fell, judged from the commit protocol's I/O pattern
 /// (`pool.rs`: data blocks are written before a commit; a commit writes
 /// catalog/refcount pages and map pages, syncs, writes one superblock copy
-/// and syncs again).
+/// and syncs again). Only by offset: the metadata of a pool's extensions
+/// (`Pool::grow`) lies past the data area's start and is classed as data
+/// and map page writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum OpClass {
     /// A data block write outside a commit.
@@ -250,6 +252,18 @@ impl CrashBackend {
         }
     }
 
+    /// Make the disk `len` bytes long, zeros at the end (a device that
+    /// grew; the new size is durable at once, as an `lvextend` is). Not an
+    /// operation of the countdown.
+    pub fn grow_to(&self, len: usize) {
+        let mut s = self.lock();
+        assert!(len >= s.live.len(), "the crash disk only grows");
+        // Not `resize`, which goes byte by byte in an unoptimized build.
+        let mut grown = vec![0u8; len];
+        grown[..s.live.len()].copy_from_slice(&s.live);
+        s.live = grown;
+    }
+
     /// Where the power was lost, if it was.
     pub fn crashed(&self) -> Option<CrashInfo> {
         self.lock().crashed.clone()
@@ -385,5 +399,13 @@ impl Backend for CrashBackend {
 
     fn len(&self) -> u64 {
         self.lock().live.len() as u64
+    }
+
+    fn refresh_len(&self) -> io::Result<u64> {
+        let s = self.lock();
+        if s.crashed.is_some() {
+            return Err(power_lost());
+        }
+        Ok(s.live.len() as u64)
     }
 }
