@@ -459,12 +459,53 @@ impl App {
             }
             _ => {}
         }
-        grow_store(&pool).await?;
+        pool.grow().await?;
         let after = pool.stats().total_bytes;
         self.meta.write(|w| {
             w.event(&event(&actor.name, "pool.grow", name, &format!("{before} -> {after} bytes of data area")))
         })?;
         self.show_pool(actor, name)
+    }
+
+    /// Watch every pool's file or device: one that grew underneath (a
+    /// disk resized by the hypervisor or SAN, an `lvextend` by hand, a
+    /// longer file) is grown online, every `period`.
+    pub fn spawn_pool_watch(self: &std::sync::Arc<Self>, period: Duration) {
+        let app = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut seen: std::collections::HashMap<String, u64> = Default::default();
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                for s in app.pools.slots() {
+                    let Some(pool) = s.pool.clone() else { continue };
+                    let Ok(len) = device_len(&s.path) else { continue };
+                    // First sight of a pool: grow it anyway (a no-op unless
+                    // its device grew since it was opened).
+                    let was = seen.get(s.name()).copied();
+                    if was.is_some_and(|w| len <= w) {
+                        continue;
+                    }
+                    let was = was.unwrap_or(0);
+                    seen.insert(s.name().to_string(), len);
+                    let _g = app.ops.lock().await;
+                    let before = pool.stats().total_bytes;
+                    match pool.grow().await {
+                        Ok(r) => {
+                            tracing::debug!("pool {}: watched growth: {r:?}", s.name());
+                            let after = pool.stats().total_bytes;
+                            if after > before {
+                                let line =
+                                    format!("{was} -> {len} bytes underneath: {before} -> {after} bytes of data area");
+                                app.log_event("keel", "pool.grow", s.name(), &line);
+                            }
+                        }
+                        Err(e) => tracing::warn!("pool {}: its device grew, growing the pool failed: {e}", s.name()),
+                    }
+                }
+            }
+        });
     }
 
     /// Remove a pool that holds no volumes: a file Keel made is deleted, an
@@ -476,7 +517,7 @@ impl App {
             return Err(ApiError::conflict("the default pool cannot be removed"));
         }
         let _g = self.ops.lock().await;
-        let slot = self.pools.slot(name).ok_or_else(|| pool_not_found(name))?;
+        let offline = self.pools.slot(name).ok_or_else(|| pool_not_found(name))?.pool.is_none();
         let recorded: Vec<String> = self
             .meta
             .list::<VolumeMeta>(VOLUMES)?
@@ -491,7 +532,7 @@ impl App {
                 held.join(", ")
             )));
         }
-        if !(recorded.is_empty() || force && slot.pool.is_none()) {
+        if !(recorded.is_empty() || force && offline) {
             return Err(ApiError::conflict(format!(
                 "pool {name} is offline and holds volume(s) {}: bring it back, or remove it with force, which forgets \
                  them",
@@ -499,24 +540,40 @@ impl App {
             )));
         }
         let slot = self.pools.take(name).ok_or_else(|| pool_not_found(name))?;
+        let record = slot.record.clone();
         if let Some(p) = slot.pool.clone()
             && let Err(e) = p.close().await
         {
             tracing::warn!("closing pool {name}: {e}");
         }
+        // The last handles on the device go with the slot (its exclusive
+        // hold, the pool, the committer, which its abort drops shortly).
+        drop(slot);
         let mut detail = String::new();
-        match &slot.record.source {
-            PoolSource::File { path } if slot.record.made_file => {
+        match &record.source {
+            PoolSource::File { path } if record.made_file => {
                 let _ = std::fs::remove_file(path);
                 detail = "deleted its file".into();
             }
-            PoolSource::Lvm { vg, lv } => match crate::pools::lvm(&["lvremove", "-y", &format!("{vg}/{lv}")]).await {
-                Ok(_) => detail = format!("removed logical volume {vg}/{lv}"),
-                Err(e) => detail = format!("left logical volume {vg}/{lv}: {e}"),
-            },
+            PoolSource::Lvm { vg, lv } => {
+                let target = format!("{vg}/{lv}");
+                let mut tries = 0;
+                detail = loop {
+                    match crate::pools::lvm(&["lvremove", "-y", &target]).await {
+                        Ok(_) => break format!("removed logical volume {target}"),
+                        Err(e) if tries >= 50 => {
+                            tracing::warn!("pool {name}: {e}");
+                            break format!("left logical volume {target}: {e}");
+                        }
+                        Err(_) => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                };
+            }
             _ => {}
         }
-        drop(slot);
         self.meta.write(|w| {
             w.remove(POOLS, name)?;
             for v in &recorded {
@@ -810,9 +867,4 @@ fn device_len(path: &Path) -> std::io::Result<u64> {
 
 fn pool_not_found(name: &str) -> ApiError {
     ApiError::not_found(format!("pool {name} not found: `keel pool list` shows this node's pools"))
-}
-
-/// TEMPORARY until the store's online grow lands (branch `grow`).
-async fn grow_store(_pool: &Pool<AnyBackend>) -> keel_blockstore::Result<()> {
-    Err(keel_blockstore::Error::Refused("growing a pool online is not built yet".into()))
 }

@@ -608,6 +608,13 @@ pub async fn open_record(
         PoolSource::File { .. } => lock_file(&path)?,
         _ => claim_device(&path)?,
     };
+    {
+        use std::io::Seek;
+        let len = (&hold).seek(std::io::SeekFrom::End(0)).unwrap_or(0);
+        if len == 0 {
+            return Err(format!("{} has no medium (0 bytes): the disk is missing or detached", path.display()));
+        }
+    }
     let backend = AnyBackend::open(&path, engine).map_err(|e| format!("opening {}: {e}", path.display()))?;
     let (pool, _) = Pool::open(backend, opts).await.map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((pool, path, hold))

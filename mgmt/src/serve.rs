@@ -449,6 +449,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         app.log_event("keel", "reconcile", "", &line);
     }
     app.spawn_metering();
+    app.spawn_pool_watch(std::time::Duration::from_secs(5));
     {
         // Probe the accelerator now, not at the first VM start.
         let app = app.clone();

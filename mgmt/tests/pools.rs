@@ -217,6 +217,22 @@ fn device_pools_on_loop_devices_grow_online_and_go_offline_when_pulled() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_reads(big["nbd_url"].as_str().unwrap(), 0x31, "0", "300M");
 
+    // Grown underneath again, with no call: the daemon notices (it looks
+    // every few seconds) and grows the pool by itself.
+    run_ok(Command::new("truncate").args(["-s", "768M"]).arg(&disk.file));
+    run_ok(Command::new("losetup").args(["-c", disk.path()]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let after = loop {
+        let t = pool(&d, "disk")["total_bytes"].as_u64().unwrap();
+        if t > after + (200 << 20) {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pool did not grow with its device: {t}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    let (_, ev) = d.call("GET", "/api/v1/events", None);
+    assert!(ev.to_string().contains("underneath"), "{ev}");
+
     // Restart: the pool comes back at its grown size with its data.
     d.restart();
     assert_eq!(pool(&d, "disk")["total_bytes"].as_u64().unwrap(), after);
