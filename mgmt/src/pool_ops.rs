@@ -423,8 +423,13 @@ impl App {
     /// size given). Shrinking is refused.
     pub async fn grow_pool(&self, actor: &User, name: &str, size: Option<u64>) -> ApiResult<PoolView> {
         only_managers(actor, "grow pools")?;
-        if let Some(size) = size {
-            check_pool_size(size)?;
+        // Whole blocks (LVM rounds up to its extents anyway); smaller than
+        // the pool is the shrink refused below.
+        let size = size.map(|s| s.div_ceil(4096) * 4096);
+        if let Some(size) = size
+            && size > MAX_POOL_BYTES
+        {
+            return Err(ApiError::bad(format!("size {size}: a pool is at most {MAX_POOL_BYTES} bytes (16 TiB)")));
         }
         let _g = self.ops.lock().await;
         let slot = self.pools.slot(name).ok_or_else(|| pool_not_found(name))?;
@@ -846,8 +851,7 @@ fn room_for(path: &Path, extra: u64) -> ApiResult<()> {
     let free = st.f_bavail as u64 * st.f_frsize as u64;
     if extra > free {
         return Err(ApiError::no_space(format!(
-            "the file system of {} has {free} bytes free, less than the {extra} the pool file would grow by",
-            dir.display()
+            "the pool file's file system has {free} bytes free, less than the {extra} the file would grow by"
         )));
     }
     Ok(())
