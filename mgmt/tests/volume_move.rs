@@ -35,6 +35,20 @@ fn io(url: &str, cmd: &str) {
     assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Volume `src` in the default pool with snapshots s1 and s2 and writes
+/// after them, as [`check_contents`] reads it; returns its NBD URL.
+fn make_src(d: &Daemon) -> String {
+    let v = cli_json(d, &["volume", "create", "src", "--size", "64M"]);
+    let url = v["nbd_url"].as_str().unwrap().to_string();
+    io(&url, "write -P 0x11 0 8M");
+    cli_ok(d, &["snapshot", "create", "src", "s1"]);
+    io(&url, "write -P 0x22 4M 8M");
+    cli_ok(d, &["snapshot", "create", "src", "s2"]);
+    io(&url, "write -P 0x33 20M 1M");
+    io(&url, "discard 0 1M");
+    url
+}
+
 /// What each device of volume `src` must read (the snapshots first).
 fn check_contents(d: &Daemon, url: &str) {
     let s1 = snapshot_url(d, "src", "s1");
@@ -59,14 +73,7 @@ fn a_volume_moves_with_its_snapshots_keeps_sharing_and_frees_the_source() {
     let file = dir.path().join("fast.img");
     cli_ok(&d, &["pool", "create", "fast", "--file", file.to_str().unwrap(), "--size", "512M"]);
     let empty = allocated(&d, "default");
-    let v = cli_json(&d, &["volume", "create", "src", "--size", "64M"]);
-    let url = v["nbd_url"].as_str().unwrap().to_string();
-    io(&url, "write -P 0x11 0 8M");
-    cli_ok(&d, &["snapshot", "create", "src", "s1"]);
-    io(&url, "write -P 0x22 4M 8M");
-    cli_ok(&d, &["snapshot", "create", "src", "s2"]);
-    io(&url, "write -P 0x33 20M 1M");
-    io(&url, "discard 0 1M");
+    let url = make_src(&d);
     // s1 maps 8 MiB, s2 shares half of it and adds 8, the volume shares
     // s2's and adds 1: 17 MiB of data in the pool (34 MiB if unshared).
     let before = allocated(&d, "default");
@@ -221,14 +228,7 @@ fn killed_move(point: &str, pool: &str, said: &str) {
     let mut d = Daemon::start(dir.path());
     let file = dir.path().join("fast.img");
     cli_ok(&d, &["pool", "create", "fast", "--file", file.to_str().unwrap(), "--size", "256M"]);
-    let v = cli_json(&d, &["volume", "create", "src", "--size", "64M"]);
-    let url = v["nbd_url"].as_str().unwrap().to_string();
-    io(&url, "write -P 0x11 0 8M");
-    cli_ok(&d, &["snapshot", "create", "src", "s1"]);
-    io(&url, "write -P 0x22 4M 8M");
-    cli_ok(&d, &["snapshot", "create", "src", "s2"]);
-    io(&url, "write -P 0x33 20M 1M");
-    io(&url, "discard 0 1M");
+    let url = make_src(&d);
     let ports = (d.api, d.nbd, d.iscsi);
     d.stop();
     let mut d = Daemon::start_with(dir.path(), &[("KEEL_CRASH_POINT", point)], ports);
