@@ -58,6 +58,13 @@ PACKAGES=(
     lvm2
     # The venv of the Python test tools (schemathesis: mgmt/tests/api_fuzz.rs)
     python3-venv
+    # The web UI's browser tests (mgmt/tests/web_ui.rs): headless Chromium
+    # driven by playwright-core and checked by axe-core, from npm (pinned in
+    # mgmt/tests/ui/package-lock.json); no browser download. npm comes
+    # with some builds of nodejs (NodeSource's conflicts with Debian's npm):
+    # install_ui_test_tools adds Debian's only where there is no npm.
+    chromium
+    nodejs
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -98,6 +105,29 @@ install_test_venv() {
         --no-input -r "$req"
     "${sudo[@]}" cp "$req" "$venv/keel-requirements.txt"
     log "test venv ready: $("$venv/bin/st" --version)"
+}
+
+# The Node test tools of the browser tests: `npm ci` in mgmt/tests/ui
+# (exactly the versions of its package-lock.json) unless node_modules was
+# made from the same lock file. Only the npm registry is needed.
+install_ui_test_tools() {
+    local dir
+    dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mgmt/tests/ui"
+    if cmp -s "$dir/package-lock.json" "$dir/node_modules/.keel-lock.json" 2>/dev/null; then
+        log "browser test tools in $dir/node_modules up to date"
+        return 0
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        log "installing npm"
+        if [[ "$(id -u)" == 0 ]]; then
+            DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300 install npm
+        else
+            sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=300 install npm
+        fi
+    fi
+    log "installing the browser test tools (npm ci in $dir)"
+    (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+    cp "$dir/package-lock.json" "$dir/node_modules/.keel-lock.json"
 }
 
 if [[ "${KEEL_SKIP_DEPS:-0}" == 1 ]]; then
@@ -143,6 +173,7 @@ done
 if ((${#missing_plain[@]} == 0 && ${#missing_bpo[@]} == 0)); then
     log "all ${#PACKAGES[@]} packages present"
     install_test_venv
+    install_ui_test_tools
     exit 0
 fi
 
@@ -214,5 +245,6 @@ if ((${#missing_plain[@]} > 0)); then
 fi
 
 install_test_venv
+install_ui_test_tools
 
 log "done"

@@ -588,25 +588,38 @@ async fn upload_iso(
     headers: HeaderMap,
     b: Body,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    Ok((StatusCode::CREATED, Json(upload_iso_as(&app, &a, &name, &headers, b).await?)))
+}
+
+/// Store the ISO streamed in `b` as `name`, for `a`, as a job (`iso.upload`);
+/// the API and the web UI's upload both come here. Returns the ISO's record
+/// with the job's id.
+pub(crate) async fn upload_iso_as(
+    app: &Arc<App>,
+    a: &User,
+    name: &str,
+    headers: &HeaderMap,
+    b: Body,
+) -> ApiResult<serde_json::Value> {
     let total = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    if let Err(e) = app.check_iso_upload(&a, &name, total) {
+    if let Err(e) = app.check_iso_upload(a, name, total) {
         drain(&mut b.into_data_stream()).await;
         return Err(e);
     }
-    let limit = app.storage_left(&a)?;
-    let job = app.start_job("iso.upload", &name, &a.name, total);
-    let r = store_iso(&app, &name, b, &job, limit).await;
+    let limit = app.storage_left(a)?;
+    let job = app.start_job("iso.upload", name, &a.name, total);
+    let r = store_iso(app, name, b, &job, limit).await;
     let r = match r {
         Ok(size) => {
             let iso = IsoMeta { name: name.to_string(), size_bytes: size, owner: a.name.clone(), created: now() };
-            match app.record_iso(&a, &iso) {
+            match app.record_iso(a, &iso) {
                 Ok(()) => Ok(iso),
                 Err(e) => {
-                    if let Ok(p) = app.iso_path(&name) {
+                    if let Ok(p) = app.iso_path(name) {
                         let _ = std::fs::remove_file(p);
                     }
                     Err(e)
@@ -620,7 +633,7 @@ async fn upload_iso(
     let iso = r?;
     let mut v = serde_json::to_value(&iso).expect("ISO records serialize");
     v["job"] = id.into();
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok(v)
 }
 
 async fn delete_iso(State(app): State<Arc<App>>, Actor(a): Actor, N(name): N<IsoName>) -> ApiResult<StatusCode> {
@@ -1219,8 +1232,13 @@ async fn metrics(State(app): State<Arc<App>>, Actor(a): Actor) -> ApiResult<Resp
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
-async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint: the API is described at /api/v1/openapi.json")
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if !uri.path().starts_with("/api/") && uri.path() != "/metrics" {
+        // A page of the web UI that does not exist.
+        return crate::ui::UiError::Api(ApiError::not_found(format!("there is no page {}", uri.path())))
+            .into_response();
+    }
+    ApiError::not_found("no such endpoint: the API is described at /api/v1/openapi.json").into_response()
 }
 
 async fn method_not_allowed() -> Response {
@@ -1256,7 +1274,8 @@ async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) 
                         .into_response()
                 }
             };
-            json_error(resp).await
+            // The web UI's pages answer in HTML; the API always in JSON.
+            if path.starts_with("/api/") || path == "/metrics" { json_error(resp).await } else { resp }
         })
         .await;
     let mut resp = resp;
@@ -1352,6 +1371,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/appliances/{name}/verify", post(verify_appliance))
         .route("/api/v1/appliances/{name}/ova", get(export_ova).put(import_ova))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(log_request))

@@ -584,6 +584,26 @@ impl App {
         Ok(())
     }
 
+    /// Who holds a live token (is logged in), among the users `actor` may
+    /// see: (user, how many tokens, when the newest was made), by name.
+    pub fn logged_in(&self, actor: &User) -> ApiResult<Vec<(String, usize, u64)>> {
+        forbid_regular(actor, "see who is logged in")?;
+        let users = self.users_by_name()?;
+        let t = now();
+        let mut by: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+        for (_, tok) in self.meta.list::<Token>(TOKENS)? {
+            if tok.expires.is_some_and(|e| t >= e) {
+                continue;
+            }
+            if users.get(&tok.user).is_some_and(|u| auth::can_see_user(actor, u) && tok.created >= u.created) {
+                let e = by.entry(tok.user).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(tok.created);
+            }
+        }
+        Ok(by.into_iter().map(|(u, (n, c))| (u, n, c)).collect())
+    }
+
     pub(crate) fn user(&self, name: &str) -> ApiResult<Option<User>> {
         Ok(self.meta.get(USERS, name)?)
     }

@@ -31,4 +31,5 @@ pub mod pools;
 pub mod reconcile;
 pub mod serve;
 pub mod throttle;
+pub mod ui;
 pub mod vms;

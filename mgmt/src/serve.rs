@@ -476,6 +476,7 @@ pub async fn serve(s: Settings) -> Result<()> {
         }
     }
     println!("HTTP API on {scheme}://{}/api/v1 (OpenAPI at /api/v1/openapi.json, metrics at /metrics)", s.addrs.api);
+    println!("web UI on {scheme}://{}/ (log in with a user's name and password)", s.addrs.api);
     let keyed = if s.export_keys { " (export names carry the volume's access key: see its nbd_url)" } else { "" };
     let tls = if s.nbd_require_tls { " (TLS required)" } else { "" };
     println!("NBD on nbd://{}/VOLUME{tls}{keyed}", s.addrs.nbd);

@@ -231,7 +231,7 @@ impl App {
     // ----- records and rights -----
 
     /// `DATA/vms/NAME`, for a name that passes [`names::path_safe`].
-    fn vm_dir(&self, name: &str) -> ApiResult<PathBuf> {
+    pub(crate) fn vm_dir(&self, name: &str) -> ApiResult<PathBuf> {
         Ok(self.data.join("vms").join(names::path_safe(name)?))
     }
 
@@ -346,6 +346,15 @@ impl App {
             }
         }
         Ok((cpus, mem))
+    }
+
+    /// The vCPUs and memory `actor`'s tenant may still give VMs (`None`:
+    /// no quota applies).
+    pub fn vm_quota_left(&self, actor: &User) -> ApiResult<Option<(u32, u64)>> {
+        let Some(tenant) = auth::tenant_of(actor) else { return Ok(None) };
+        let Some(q) = self.user(tenant)?.and_then(|t| t.quota) else { return Ok(None) };
+        let (cpus, mem) = self.tenant_vm_usage(tenant)?;
+        Ok(Some((q.cpus.saturating_sub(cpus), q.memory_bytes.saturating_sub(mem))))
     }
 
     fn check_vm_quota(&self, owner: &User, cpus: u32, memory: u64) -> ApiResult<()> {

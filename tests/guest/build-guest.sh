@@ -50,6 +50,8 @@
 #                   and "KEEL-GUEST FSFREEZE thaw" after guest-fsfreeze-thaw
 #                   (the initramfs has no block-device file system, so
 #                   both report 0 file systems);
+#                 - echoes each line typed on the serial console back as
+#                   "KEEL-GUEST TYPED <line>" (console tests);
 #                 - prints KEEL-GUEST-READY;
 #                 - then, every ~0.3 s, prints whichever of these changed
 #                   (each once at start too):
@@ -626,6 +628,8 @@ vm() {
     done
     watch_power_button
     start_agent
+    # What is typed on the serial console, line by line, said back.
+    ( while read -r line; do say "TYPED $line"; done ) &
     echo "KEEL-GUEST-READY"
     w="$(arg keel.writer)"
     [ -n "$w" ] && [ -b /dev/vda ] && writer "$w" &

@@ -242,9 +242,20 @@ impl VmConfig {
     pub fn pid_file(&self) -> PathBuf {
         self.run_dir.join("qemu.pid")
     }
-    /// The serial console, as QEMU writes it.
+    /// The serial console, as QEMU writes it (every byte the guest sends,
+    /// whether or not anyone is connected to [`VmConfig::serial_socket`]).
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
+    }
+    /// The serial console's socket (QEMU listens; one client at a time):
+    /// what the guest writes, and what a client writes reaches the guest.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.run_dir.join("serial.sock")
+    }
+    /// The graphical console: QEMU's VNC server on a Unix socket in the
+    /// VM's private directory, never a TCP port.
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.run_dir.join("vnc.sock")
     }
 
     /// The bootindex of each boot device class.
@@ -271,8 +282,16 @@ impl VmConfig {
         }
         push(&["-smp", &self.cpus.to_string(), "-m", &format!("{}M", self.memory_mib)]);
         push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        let console = format!("file,id=console0,path={},append=on", opt(&self.console_log()));
+        // The serial console is a socket a viewer may connect to, with every
+        // byte also logged (QEMU writes the log while no one is connected).
+        let console = format!(
+            "socket,id=console0,path={},server=on,wait=off,logfile={},logappend=on",
+            opt(&self.serial_socket()),
+            opt(&self.console_log())
+        );
         push(&["-chardev", &console, "-serial", "chardev:console0"]);
+        let vnc = format!("unix:{}", opt(&self.vnc_socket()));
+        push(&["-device", "VGA,id=video0", "-vnc", &vnc]);
         let qmp = format!("socket,id=qmp0,path={},server=on,wait=off", opt(&self.qmp_socket()));
         push(&["-chardev", &qmp, "-mon", "chardev=qmp0,mode=control"]);
         let qga = format!("socket,id={AGENT_CHARDEV},path={},server=on,wait=off", opt(&self.agent_socket()));
@@ -383,7 +402,9 @@ mod tests {
         assert_eq!(after(&a, "-append"), ["console=ttyS0"]);
         assert_eq!(after(&a, "-drive"), ["if=none,id=cd0,media=cdrom,readonly=on"], "an empty CD drive");
         assert!(!a.iter().any(|x| x.contains("bootindex")), "direct boot: no firmware boot order");
-        assert!(after(&a, "-chardev").iter().any(|c| c.contains("path=/d,,ir/console.log")));
+        assert!(after(&a, "-chardev").iter().any(|c| c.contains("path=/d,,ir/serial.sock,server=on,wait=off")
+            && c.contains("logfile=/d,,ir/console.log,logappend=on")));
+        assert_eq!(after(&a, "-vnc"), ["unix:/d,,ir/vnc.sock"], "VNC on a private socket, never a port");
     }
 
     #[test]
