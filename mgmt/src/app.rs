@@ -1503,6 +1503,12 @@ impl App {
         Ok(out.split_off(skip))
     }
 
+    /// The sequence number of the newest event (0: none yet): where a
+    /// follower of the log starts.
+    pub fn last_event_id(&self) -> ApiResult<u64> {
+        Ok(self.meta.events::<serde_json::Value>(0, 1)?.last().map_or(0, |(id, _)| *id))
+    }
+
     /// Record an event done by the daemon itself.
     pub fn log_event(&self, user: &str, action: &str, target: &str, detail: &str) {
         if let Err(e) = self.meta.write(|w| w.event(&event(user, action, target, detail))) {

@@ -180,6 +180,7 @@ fn a_regular_user_powers_its_vm_changes_its_cd_and_opens_its_consoles() {
         "regular",
         json!({
             "url": d.url(),
+            "token": d.token,
             "users": { "regular": reg },
             "vm": "desk", "other_vm": "desk2",
             "iso_name": "tools", "iso_label": label,

@@ -629,7 +629,8 @@ vm() {
     watch_power_button
     start_agent
     # What is typed on the serial console, line by line, said back.
-    ( while read -r line; do say "TYPED $line"; done ) &
+    # (A background job reads /dev/null unless told otherwise.)
+    ( while read -r line; do say "TYPED $line"; done ) </dev/console &
     echo "KEEL-GUEST-READY"
     w="$(arg keel.writer)"
     [ -n "$w" ] && [ -b /dev/vda ] && writer "$w" &

@@ -10,9 +10,12 @@
 //!   percentage) whenever it changed, and each running job once at the
 //!   start, so a page's progress bars need no reload. Time left is worked
 //!   out by the page from the rate it sees.
+//! - `event: vm`, without an id: `{"name", "state"}` of each VM the user
+//!   may see whenever its state changed (and each once at the start), so
+//!   VM pages follow a VM that starts, stops or crashes.
 //!
 //! The stream reads the same [`App`] calls as the API (`list_events`,
-//! `list_jobs`) with the session's user twice a second, and ends when the
+//! `list_jobs`, `list_vms`) with the session's user twice a second, and ends when the
 //! session does (logout, expiry).
 
 use std::collections::HashMap;
@@ -46,7 +49,7 @@ pub async fn stream(
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let cursor = match resume.or(q.after) {
         Some(c) => c,
-        None => app.list_events(&s.user, 0, 1)?.last().and_then(|e| e["id"].as_u64()).unwrap_or(0),
+        None => app.last_event_id()?,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(feed(app, s.token.clone(), cursor, tx));
@@ -56,6 +59,7 @@ pub async fn stream(
 
 async fn feed(app: Arc<App>, token: String, mut cursor: u64, tx: tokio::sync::mpsc::Sender<Event>) {
     let mut sent: HashMap<u64, (JobState, u64, u64)> = HashMap::new();
+    let mut vm_states: HashMap<String, &'static str> = HashMap::new();
     let mut first = true;
     loop {
         // The session may have ended (logout, expiry): then so does the stream.
@@ -87,6 +91,18 @@ async fn feed(app: Arc<App>, token: String, mut cursor: u64, tx: tokio::sync::mp
                     }
                 } else {
                     sent.entry(j.id).or_insert(key);
+                }
+            }
+        }
+        if let Ok(vms) = app.list_vms(&user) {
+            for v in vms {
+                let st = v.state.as_str();
+                if vm_states.get(&v.name) != Some(&st) {
+                    vm_states.insert(v.name.clone(), st);
+                    let data = serde_json::json!({ "name": v.name, "state": st }).to_string();
+                    if tx.send(Event::default().event("vm").data(data)).await.is_err() {
+                        return;
+                    }
                 }
             }
         }

@@ -297,7 +297,7 @@ pub async fn volumes(State(app): State<Arc<App>>, s: Session) -> Page {
             form method="post" action="/volumes" {
                 (form_head(&s))
                 label for="vname" { "Name" }
-                input #vname name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._-]*";
+                input #vname name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._\\-]*";
                 label for="vsize" { "Size (e.g. 10G)" }
                 input #vsize name="size" type="text" required data-size-max=[left];
                 @if pools.len() > 1 {
@@ -424,7 +424,7 @@ pub async fn vms(State(app): State<Arc<App>>, s: Session) -> Page {
                 thead { tr { th { "VM" } th { "State" } th { "Owner" } th { "vCPUs" } th { "Memory" } th { "Disks" } th { "CD" } th { "MAC" } } }
                 tbody { @for v in &vms { tr {
                     td { a href=(format!("/vms/{}", v.name)) { (v.name) } }
-                    td { (state_badge(vm_state(v.state))) } td { (v.owner) } td { (v.cpus) } td { (human(v.memory_bytes)) }
+                    td data-vm-state=(vm_state(v.state)) data-vm=(v.name) { (state_badge(vm_state(v.state))) } td { (v.owner) } td { (v.cpus) } td { (human(v.memory_bytes)) }
                     td { (v.disks.iter().map(|d| d.volume.as_str()).collect::<Vec<_>>().join(", ")) }
                     td { (v.cdrom.clone().unwrap_or_default()) }
                     td { (v.nics.iter().map(|n| n.mac.as_str()).collect::<Vec<_>>().join(", ")) }
@@ -454,7 +454,7 @@ pub async fn new_vm(State(app): State<Arc<App>>, s: Session) -> Page {
         form method="post" action="/vms" .card {
             (form_head(&s))
             label for="name" { "Name" }
-            input #name name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._-]*";
+            input #name name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._\\-]*";
             label for="cpus" { "vCPUs" }
             input #cpus name="cpus" type="number" min="1" max=[left.map(|l| l.0)] value="1" required;
             label for="memory" { "Memory (e.g. 512M)" }
@@ -510,7 +510,7 @@ pub async fn vm(State(app): State<Arc<App>>, s: Session, Path(name): Path<String
             }
         }
         dl .kv {
-            dt { "State" } dd data-vm-state { (state_badge(vm_state(v.state))) }
+            dt { "State" } dd data-vm-state=(vm_state(v.state)) data-vm=(v.name) data-vm-page { (state_badge(vm_state(v.state))) }
             @if let Some(e) = &v.error { dt { "Last error" } dd .error { (e) } }
             dt { "Owner" } dd { (v.owner) }
             dt { "vCPUs" } dd { (v.cpus) }
@@ -597,7 +597,7 @@ pub async fn isos(State(app): State<Arc<App>>, s: Session) -> Page {
                 @if let Some(l) = left { p .quota { "Storage quota left: " strong { (human(l)) } } }
                 form #iso-upload data-upload-max=[left] {
                     label for="isoname" { "Name" }
-                    input #isoname name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._-]*";
+                    input #isoname name="name" type="text" required pattern="[A-Za-z0-9][A-Za-z0-9._\\-]*";
                     label for="isofile" { "File" }
                     input #isofile name="file" type="file" accept=".iso" required;
                     button type="submit" .primary { "Upload" }

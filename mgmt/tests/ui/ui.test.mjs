@@ -109,6 +109,39 @@ function wsStatus(path, { origin, cookie }) {
     req.end();
   });
 }
+// The first `n` events of /ui/live, read raw: with `lastId`, as a
+// reconnecting EventSource asks (Last-Event-ID).
+function sse(cookie, n, lastId) {
+  return new Promise((resolve, reject) => {
+    const u = new URL(`${URL0}/ui/live`);
+    const headers = { Cookie: cookie, Accept: "text/event-stream" };
+    if (lastId !== undefined) headers["Last-Event-ID"] = String(lastId);
+    const req = http.get({ host: u.hostname, port: u.port, path: u.pathname, headers }, (res) => {
+      if (res.statusCode !== 200) { reject(new Error(`/ui/live answered ${res.statusCode}`)); return; }
+      let buf = "";
+      const events = [];
+      const timer = setTimeout(() => { req.destroy(); resolve(events); }, 5000);
+      res.setEncoding("utf8");
+      res.on("data", (d) => {
+        buf += d;
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const ev = {};
+          for (const line of block.split("\n")) {
+            const [k, ...v] = line.split(":");
+            if (k) ev[k] = v.join(":").trimStart();
+          }
+          if (ev.event === "log") events.push(ev);
+          if (events.length >= n) { clearTimeout(timer); req.destroy(); resolve(events); return; }
+        }
+      });
+    });
+    req.on("error", (e) => { if (e.code !== "ECONNRESET") reject(e); });
+  });
+}
+
 async function ticket(page, vm, kind) {
   return page.evaluate(async ([vm, kind]) => {
     const csrf = document.querySelector('meta[name="csrf-token"]').content;
@@ -142,6 +175,55 @@ async function roles() {
   await visit(m, "/volumes");
   check(await m.locator(`a[href="/volumes/${env.a_volume}"]`).count() === 1 &&
     await m.locator(`a[href="/volumes/${env.b_volume}"]`).count() === 1, "a manager lists every tenant's volumes");
+
+  // Keyboard: the first Tab reaches the skip link, which leads to the content.
+  step = "keyboard";
+  await visit(m, "/", { a11y: false });
+  await m.keyboard.press("Tab");
+  check(await m.evaluate(() => document.activeElement?.classList.contains("skip")), "the first Tab is the skip link");
+
+  // Snapshots, clones, resize and exports, through their forms.
+  step = "volume forms";
+  await visit(m, `/volumes/${env.a_volume}`);
+  await m.fill("#snapname", "s2");
+  await Promise.all([m.waitForURL(`${URL0}/volumes/${env.a_volume}`), m.click('form[action$="/snapshots"] button')]);
+  check((await flash(m)).includes(`snapshot ${env.a_volume}@s2 taken`), `snapshot taken: ${await flash(m)}`);
+  await m.fill("#clone-s2", "a-clone");
+  await Promise.all([m.waitForURL(`${URL0}/volumes/a-clone`), m.click('form[action$="/snapshots/s2/clone"] button')]);
+  check((await m.locator("dl.kv").first().textContent()).includes(`${env.a_volume}@s2`), "the clone names its origin");
+  await visit(m, `/volumes/${env.a_volume}`);
+  check((await m.locator("section.danger").textContent()).includes("clone a-clone"), "delete lists the clone that depends on it");
+  await m.fill("#rsize", "2G");
+  await Promise.all([m.waitForURL(`${URL0}/volumes/${env.a_volume}`), m.click('form[action$="/resize"] button')]);
+  check((await flash(m)).includes("is now 2.0 GiB"), `resized: ${await flash(m)}`);
+  await m.fill("#initiators", "iqn.2026-12.example:host1");
+  await Promise.all([m.waitForURL(`${URL0}/volumes/${env.a_volume}`), m.click('form[action$="/export"] button')]);
+  check((await m.locator("dl.kv").nth(1).textContent()).includes("iqn.2026-12.example:host1"), "the export's ACL is saved");
+  noErrors(m, "volume forms");
+
+  // Events arrive live on the event log, and a stream resumes after the
+  // last id it saw.
+  step = "live events";
+  await visit(m, "/events");
+  await m.evaluate(() => { window.__sameDocument = true; });
+  const before = await m.locator("[data-events] tr").count();
+  const p2 = await newPage(mctx);
+  await visit(p2, `/volumes/${env.a_volume}`, { a11y: false });
+  await p2.fill("#snapname", "s3");
+  await Promise.all([p2.waitForURL(`${URL0}/volumes/${env.a_volume}`), p2.click('form[action$="/snapshots"] button')]);
+  await p2.close();
+  await waitFor("the new event on the open event log", async () =>
+    (await m.locator("[data-events] tr").first().textContent()).includes("snapshot.create"), 10000);
+  check(await m.locator("[data-events] tr").count() > before, "a row was added");
+  check(await m.evaluate(() => window.__sameDocument === true), "no reload: the event came live");
+  const mcookie = await sessionCookie(mctx);
+  const all = await sse(mcookie, 3, 0);
+  check(all.length === 3 && all.every((e, i) => i === 0 || Number(e.id) === Number(all[i - 1].id) + 1),
+    `the stream from the start gives events in order with ids: ${JSON.stringify(all.map((e) => e.id))}`);
+  const resumed = await sse(mcookie, 2, all[0].id);
+  check(resumed.length === 2 && Number(resumed[0].id) === Number(all[0].id) + 1 && resumed[0].data === all[1].data,
+    `a stream with Last-Event-ID resumes right after it: ${JSON.stringify(resumed.map((e) => e.id))}`);
+  noErrors(m, "live events");
 
   // A form sent without the CSRF token is refused, and changes nothing.
   step = "csrf";
@@ -385,6 +467,21 @@ async function regular() {
     noErrors(r, path);
     r.allowed = [];
   }
+
+  // Shut down (ACPI): the page follows the VM to stopped by itself.
+  step = "shut down";
+  await visit(r, `/vms/${vm}`);
+  // (The guest arms its power button watcher before it says it is ready.)
+  await waitFor("the guest to be ready", async () => {
+    const c = await r.request.get(`${URL0}/api/v1/vms/${vm}/console`, { headers: { Authorization: `Bearer ${env.token}` } });
+    return (await c.text()).includes("KEEL-GUEST-READY");
+  }, 90000);
+  await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click("text=Shut down")]);
+  await waitFor("the VM page to show the guest powered itself off", async () =>
+    (await r.locator("[data-vm-state]").getAttribute("data-vm-state").catch(() => "")) === "stopped", 90000);
+  await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click("text=Power on")]);
+  check((await r.locator("[data-vm-state]").textContent()).includes("running"), "powered on again");
+  noErrors(r, "shut down");
 
   // Power off, and on again.
   step = "power";

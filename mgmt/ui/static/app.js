@@ -130,12 +130,31 @@ function addEvent(e) {
   body.prepend(tr);
 }
 
-const wantsLive = document.querySelector("[data-job], [data-jobs-table], [data-events], [data-running-jobs]");
+// A VM's state changed: its page is drawn again (its buttons depend on
+// the state) unless a form is being filled in; a list just updates.
+function updateVm(v) {
+  for (const el of document.querySelectorAll(`[data-vm-state][data-vm="${CSS.escape(v.name)}"]`)) {
+    if (el.dataset.vmState === v.state) continue;
+    const editing = document.activeElement?.matches("input, select, textarea");
+    if (el.hasAttribute("data-vm-page") && !editing) {
+      location.reload();
+      return;
+    }
+    el.dataset.vmState = v.state;
+    const badge = document.createElement("span");
+    badge.className = `badge s-${v.state}`;
+    badge.textContent = v.state;
+    el.replaceChildren(badge);
+  }
+}
+
+const wantsLive = document.querySelector("[data-job], [data-jobs-table], [data-events], [data-running-jobs], [data-vm-state]");
 if (wantsLive) {
   const from = document.querySelector("[data-events-from]")?.dataset.eventsFrom;
   const es = new EventSource(from ? `/ui/live?after=${from}` : "/ui/live");
   es.addEventListener("job", (m) => updateJob(JSON.parse(m.data)));
   es.addEventListener("log", (m) => addEvent(JSON.parse(m.data)));
+  es.addEventListener("vm", (m) => updateVm(JSON.parse(m.data)));
   window.keelLive = es;
 }
 
