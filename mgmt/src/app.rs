@@ -1481,26 +1481,37 @@ impl App {
     /// Events `actor` may see: a manager all, others those done by users
     /// it can see.
     pub fn list_events(&self, actor: &User, after: u64, limit: usize) -> ApiResult<Vec<serde_json::Value>> {
+        Ok(self.follow_events(actor, after, limit)?.0)
+    }
+
+    /// [`App::list_events`], and the sequence number of the last event it
+    /// looked at, visible or not (a follower's next cursor, so it never
+    /// looks at the same events twice).
+    pub fn follow_events(&self, actor: &User, after: u64, limit: usize) -> ApiResult<(Vec<serde_json::Value>, u64)> {
         let users = self.users_by_name()?;
         let mut out = Vec::new();
+        let mut scanned = after;
         for (id, e) in self.meta.events::<Event>(after, if actor.role == Role::Manager { limit } else { 100_000 })? {
             // An event older than its user was done by an earlier holder of
             // the name, someone else.
             let ok = actor.role == Role::Manager
                 || users.get(&e.user).is_some_and(|u| auth::can_see_user(actor, u) && e.time >= u.created);
             if ok {
+                if after > 0 && out.len() == limit {
+                    break;
+                }
                 let mut v = serde_json::to_value(&e).expect("events serialize");
                 v["id"] = id.into();
                 out.push(v);
             }
+            scanned = scanned.max(id);
         }
         if after > 0 {
             // Following the log: the next `limit` after the cursor.
-            out.truncate(limit);
-            return Ok(out);
+            return Ok((out, scanned));
         }
         let skip = out.len().saturating_sub(limit);
-        Ok(out.split_off(skip))
+        Ok((out.split_off(skip), scanned))
     }
 
     /// The sequence number of the newest event (0: none yet): where a

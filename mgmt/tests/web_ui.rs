@@ -35,14 +35,17 @@ fn browse(scenario: &str, facts: Value) {
     assert!(std::path::Path::new("/usr/bin/chromium").exists(), "no /usr/bin/chromium: run scripts/install-deps.sh");
     let mut facts = facts;
     facts["artifacts"] = artifacts(scenario).display().to_string().into();
+    // Steps go to stderr as they start (the test's own stderr: shown when
+    // it fails or hangs); checks and failures to stdout.
     let out = Command::new("node")
         .arg("ui.test.mjs")
         .arg(scenario)
         .current_dir(&dir)
         .env("KEEL_UI", facts.to_string())
+        .stderr(std::process::Stdio::inherit())
         .output()
         .expect("cannot run node: run scripts/install-deps.sh");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "browser scenario {scenario} failed:\n{text}");
     assert!(text.contains("all checks passed"), "{text}");
     println!("{text}");

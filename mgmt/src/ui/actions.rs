@@ -411,23 +411,24 @@ pub async fn vm_action(
 /// token in `X-CSRF-Token`; the answer is the API's JSON.
 pub async fn upload_iso(
     State(app): State<Arc<App>>,
-    s: Session,
+    s: Result<Session, UiError>,
     Path(name): Path<String>,
     headers: HeaderMap,
     b: Body,
-) -> Result<Response, UiError> {
-    if !super::header_csrf_ok(&s, &headers) {
-        return Err(UiError::Api(ApiError::forbidden("the upload's CSRF token is missing or wrong: reload the page")));
-    }
+) -> Response {
     let r = async {
+        let s = s.map_err(|_| ApiError::unauthorized("the session has ended: log in again"))?;
+        if !super::header_csrf_ok(&s, &headers) {
+            return Err(ApiError::forbidden("the upload's CSRF token is missing or wrong: reload the page"));
+        }
         let name = names::parse::<IsoName>(&name)?;
         crate::api::upload_iso_as(&app, &s.user, &name, &headers, b).await
     }
     .await;
-    Ok(match r {
+    match r {
         Ok(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
         Err(e) => (e.status, axum::Json(serde_json::json!({"error": e.message}))).into_response(),
-    })
+    }
 }
 
 pub async fn delete_iso(State(app): State<Arc<App>>, Path(name): Path<String>, p: Posted<Empty>) -> Response {

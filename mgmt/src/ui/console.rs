@@ -42,6 +42,8 @@ pub static TICKET_TTL: LazyLock<Duration> = LazyLock::new(|| {
     let s = std::env::var("KEEL_CONSOLE_TICKET_TTL").ok().and_then(|v| v.parse::<u64>().ok()).filter(|s| *s > 0);
     Duration::from_secs(s.unwrap_or(30))
 });
+/// Tickets a user may have waiting at once.
+pub const MAX_TICKETS: usize = 16;
 /// How much of the serial log a new viewer is sent first.
 pub const REPLAY: u64 = 256 << 10;
 
@@ -153,41 +155,93 @@ pub async fn websocket(
         Err(e) => return refuse(e.status, &e.message),
     };
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &app).await {
-        Ok(w) => w,
+        Ok(w) => w.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE),
         Err(e) => return e.into_response(),
     };
+    let started = app.show_vm(&s.user, &t.vm).ok().and_then(|v| v.started);
+    let check = Check { app: app.clone(), token: s.token.clone(), vm: t.vm.clone(), started };
     let vm = t.vm.clone();
     match want {
-        Kind::Vnc => ws.on_upgrade(move |socket| relay_vnc(socket, dir.join("vnc.sock"))),
-        Kind::Serial => ws.on_upgrade(move |socket| serial_viewer(socket, vm, dir)),
+        Kind::Vnc => ws.on_upgrade(move |socket| relay_vnc(socket, dir.join("vnc.sock"), check)),
+        Kind::Serial => ws.on_upgrade(move |socket| serial_viewer(socket, vm, dir, check)),
     }
 }
 
-async fn relay_vnc(mut ws: WebSocket, path: PathBuf) {
-    let Ok(unix) = UnixStream::connect(&path).await else {
-        let _ = ws.send(Message::Close(None)).await;
-        return;
-    };
+/// How often an open console checks that its user still may use it (the
+/// session, the VM's visibility, the VM running).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The console's user may still use it: logged in, the VM visible to it
+/// and running, and the same VM (its run directory was not made anew).
+fn still_allowed(app: &App, token: &str, vm: &str, started: Option<u64>) -> bool {
+    let Ok(user) = app.authenticate(token) else { return false };
+    app.show_vm(&user, vm).is_ok_and(|v| v.state.has_qemu() && v.started == started)
+}
+
+async fn relay_vnc(ws: WebSocket, path: PathBuf, check: Check) {
+    use futures::{SinkExt, StreamExt};
+    let Ok(unix) = UnixStream::connect(&path).await else { return };
     let (mut rd, mut wr) = unix.into_split();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        tokio::select! {
-            n = rd.read(&mut buf) => match n {
+    let (mut sink, mut stream) = ws.split();
+    // Each direction on its own, so a slow one never stalls the other.
+    let down = async {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if ws.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
-            },
-            m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if wr.write_all(t.as_bytes()).await.is_err() { break },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                _ => break,
-            },
+                Ok(n) => {
+                    if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    };
+    let up = async {
+        while let Some(Ok(m)) = stream.next().await {
+            let ok = match m {
+                Message::Binary(b) => wr.write_all(&b).await.is_ok(),
+                Message::Text(t) => wr.write_all(t.as_bytes()).await.is_ok(),
+                Message::Ping(_) | Message::Pong(_) => true,
+                Message::Close(_) => false,
+            };
+            if !ok {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+        _ = check.lost() => {}
+    }
+}
+
+/// The rights of an open console, checked every [`RECHECK`].
+struct Check {
+    app: Arc<App>,
+    token: String,
+    vm: String,
+    started: Option<u64>,
+}
+
+impl Check {
+    /// Resolves once the console's user may no longer use it.
+    async fn lost(&self) {
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            if !still_allowed(&self.app, &self.token, &self.vm, self.started) {
+                return;
+            }
         }
     }
-    let _ = ws.send(Message::Close(None)).await;
 }
 
-/// One connection to a VM's serial socket, shared by its viewers.
+/// One connection to a VM's serial socket, shared by its viewers: the
+/// input they type, and a counter of output bytes (the log holds them)
+/// that wakes them. The connection closes when the last viewer goes; the
+/// counter's sender goes when QEMU closes it.
 struct Hub {
     input: tokio::sync::mpsc::Sender<Vec<u8>>,
     output: tokio::sync::watch::Receiver<u64>,
@@ -197,70 +251,114 @@ static HUBS: LazyLock<Mutex<HashMap<String, Weak<Hub>>>> = LazyLock::new(Default
 
 fn hub(vm: &str, socket: PathBuf) -> Arc<Hub> {
     let mut hubs = HUBS.lock();
-    if let Some(h) = hubs.get(vm).and_then(Weak::upgrade) {
+    hubs.retain(|_, h| h.strong_count() > 0);
+    // A hub whose connection ended (QEMU restarted) is not reused.
+    if let Some(h) =
+        hubs.get(vm).and_then(Weak::upgrade).filter(|h| !h.input.is_closed() && h.output.has_changed().is_ok())
+    {
         return h;
     }
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let (out_tx, out_rx) = tokio::sync::watch::channel(0u64);
     let h = Arc::new(Hub { input: in_tx, output: out_rx });
     hubs.insert(vm.to_string(), Arc::downgrade(&h));
     tokio::spawn(async move {
         let Ok(unix) = UnixStream::connect(&socket).await else { return };
         let (mut rd, mut wr) = unix.into_split();
-        let mut buf = vec![0u8; 16 << 10];
-        let mut n_total = 0u64;
-        loop {
-            tokio::select! {
-                // What the guest writes is in the log already; reading it
-                // here keeps QEMU from blocking, and tells viewers to look.
-                n = rd.read(&mut buf) => match n {
+        // What the guest writes is in the log already; reading it here
+        // keeps QEMU from blocking, and tells viewers to look.
+        let reader = async {
+            let mut buf = vec![0u8; 16 << 10];
+            let mut total = 0u64;
+            loop {
+                match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => { n_total += n as u64; let _ = out_tx.send(n_total); }
-                },
-                i = in_rx.recv() => match i {
-                    // Every viewer gone.
-                    None => break,
-                    Some(b) => if wr.write_all(&b).await.is_err() { break },
-                },
+                    Ok(n) => {
+                        total += n as u64;
+                        let _ = out_tx.send(total);
+                    }
+                }
             }
+        };
+        // Input, until every viewer is gone.
+        let writer = async {
+            while let Some(b) = in_rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = reader => {}
+            _ = writer => {}
         }
     });
     h
 }
 
-async fn serial_viewer(mut ws: WebSocket, vm: String, dir: PathBuf) {
+/// Largest message a console WebSocket takes from a browser (a keystroke,
+/// a paste, an RFB message).
+pub const MAX_MESSAGE: usize = 64 << 10;
+
+async fn serial_viewer(ws: WebSocket, vm: String, dir: PathBuf, check: Check) {
+    use futures::{SinkExt, StreamExt};
     let h = hub(&vm, dir.join("serial.sock"));
     let mut news = h.output.clone();
+    let input = h.input.clone();
     let log = dir.join("console.log");
-    let mut offset = match tokio::fs::metadata(&log).await {
-        Ok(m) => m.len().saturating_sub(REPLAY),
-        Err(_) => 0,
-    };
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        // Send what the log has past our offset.
-        match read_from(&log, offset).await {
-            Ok(b) if !b.is_empty() => {
-                offset += b.len() as u64;
-                if ws.send(Message::Binary(b.into())).await.is_err() {
-                    break;
+    let (mut sink, mut stream) = ws.split();
+    let down = async {
+        let mut offset = match tokio::fs::metadata(&log).await {
+            Ok(m) => m.len().saturating_sub(REPLAY),
+            Err(_) => 0,
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            // Send what the log has past our offset.
+            match read_from(&log, offset).await {
+                Ok(b) if !b.is_empty() => {
+                    offset += b.len() as u64;
+                    if sink.send(Message::Binary(b.into())).await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
+                _ => {}
             }
-            _ => {}
+            tokio::select! {
+                r = news.changed() => if r.is_err() {
+                    // QEMU closed the console (the VM stopped): send the
+                    // last of the log, and close.
+                    if let Ok(b) = read_from(&log, offset).await
+                        && !b.is_empty()
+                    {
+                        let _ = sink.send(Message::Binary(b.into())).await;
+                    }
+                    break;
+                },
+                _ = tick.tick() => {}
+            }
         }
-        tokio::select! {
-            _ = news.changed() => {}
-            _ = tick.tick() => {}
-            m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) => if h.input.send(b.to_vec()).await.is_err() { break },
-                Some(Ok(Message::Text(t))) => if h.input.send(t.as_bytes().to_vec()).await.is_err() { break },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                _ => break,
-            },
+        let _ = sink.close().await;
+    };
+    let up = async {
+        while let Some(Ok(m)) = stream.next().await {
+            let b = match m {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Close(_) => break,
+            };
+            if input.send(b).await.is_err() {
+                break;
+            }
         }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+        _ = check.lost() => {}
     }
-    let _ = ws.send(Message::Close(None)).await;
 }
 
 async fn read_from(log: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {

@@ -64,7 +64,10 @@ async fn feed(app: Arc<App>, token: String, mut cursor: u64, tx: tokio::sync::mp
     loop {
         // The session may have ended (logout, expiry): then so does the stream.
         let Ok(user) = app.authenticate(&token) else { return };
-        if let Ok(events) = app.list_events(&user, cursor, 200) {
+        // From the cursor on; the cursor then moves past every event
+        // looked at, visible or not, so none is looked at twice. (Cursor 0:
+        // from the start of the log, which keeps the newest.)
+        if let Ok((events, scanned)) = app.follow_events(&user, cursor, 200) {
             for e in events {
                 let id = e["id"].as_u64().unwrap_or(cursor);
                 cursor = cursor.max(id);
@@ -73,6 +76,7 @@ async fn feed(app: Arc<App>, token: String, mut cursor: u64, tx: tokio::sync::mp
                     return;
                 }
             }
+            cursor = cursor.max(scanned);
         }
         if let Ok(jobs) = app.list_jobs(&user) {
             for j in jobs {

@@ -231,7 +231,14 @@ impl IntoResponse for UiError {
                         }
                     }
                 };
-                (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], body.into_string()).into_response()
+                // Also sent from the router's fallback, outside the UI's layer.
+                let headers = [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    (header::CONTENT_SECURITY_POLICY, CSP),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                    (header::X_FRAME_OPTIONS, "DENY"),
+                ];
+                (status, headers, body.into_string()).into_response()
             }
         }
     }

@@ -110,12 +110,11 @@ fn mem_total() -> u64 {
 #[derive(Deserialize, Default)]
 pub struct LoginQ {
     next: Option<String>,
-    error: Option<String>,
 }
 
 pub async fn login_page(headers: HeaderMap, Query(q): Query<LoginQ>) -> Response {
     let next = q.next.filter(|n| super::local_path(n)).unwrap_or_else(|| "/".into());
-    login_form(&headers, &next, q.error.as_deref(), "")
+    login_form(&headers, &next, None, "")
 }
 
 /// The login page: `error` says why the last try failed; `user` is
@@ -320,7 +319,11 @@ pub async fn volume(State(app): State<Arc<App>>, s: Session, Path(name): Path<St
     let v = app.show_volume(u, &name)?;
     let snaps = app.list_snapshots(u, &name)?;
     let export = app.export(u, &name)?;
-    let users_vms = app.volume_vms(&name)?;
+    // The VMs using it, as far as the user may see them (a manager may have
+    // attached it to another tenant's VM).
+    let all_vms = app.volume_vms(&name)?;
+    let users_vms: Vec<String> = all_vms.iter().filter(|n| app.show_vm(u, n).is_ok()).cloned().collect();
+    let hidden_vms = all_vms.len() - users_vms.len();
     let clones: Vec<String> = app
         .list_volumes(u)?
         .into_iter()
@@ -328,6 +331,9 @@ pub async fn volume(State(app): State<Arc<App>>, s: Session, Path(name): Path<St
         .map(|c| c.name)
         .collect();
     let mut depends: Vec<String> = users_vms.iter().map(|n| format!("VM {n} (uses it as a disk)")).collect();
+    if hidden_vms > 0 {
+        depends.push(format!("{hidden_vms} VM(s) you cannot see (use it as a disk)"));
+    }
     depends.extend(snaps.iter().map(|sn| format!("snapshot {}@{}", name, sn.name)));
     depends.extend(clones.iter().map(|c| format!("clone {c}")));
     let base = format!("/volumes/{name}");
@@ -587,7 +593,9 @@ pub async fn isos(State(app): State<Arc<App>>, s: Session) -> Page {
             thead { tr { th { "ISO" } th { "Size" } th { "Uploaded by" } th { "Uploaded" } th { "" } } }
             tbody { @for i in &isos { tr {
                 td { (i.name) } td { (human(i.size_bytes)) } td { (i.owner.clone().unwrap_or_else(|| "—".into())) } td { (when(i.created)) }
-                td { @if u.role != Role::Regular { (button_form(&s, &format!("/isos/{}/delete", i.name), "Delete", "danger")) } }
+                td { @if u.role == Role::Manager || i.owner.as_deref() == Some(u.name.as_str()) {
+                    (button_form(&s, &format!("/isos/{}/delete", i.name), "Delete", "danger"))
+                } }
             } } }
         }
         @if isos.is_empty() { p { "The ISO store is empty." } }

@@ -20,6 +20,11 @@ const URL0 = env.url;
 mkdirSync(env.artifacts, { recursive: true });
 
 let step = "start";
+// Each step is said on stderr as it starts, so a hung run shows where.
+function setStep(s) {
+  step = s;
+  process.stderr.write(`[${scenario}] step: ${s}\n`);
+}
 const log = (m) => console.log(`[${scenario}] ${m}`);
 function check(cond, what) {
   if (!cond) throw new Error(`check failed: ${what}`);
@@ -33,6 +38,12 @@ async function waitFor(what, fn, ms = 60000) {
     await new Promise((r) => setTimeout(r, 200));
   }
 }
+
+// Nothing may hang the suite: a scenario has 8 minutes in all.
+setTimeout(() => {
+  console.log(`[${scenario}] FAILED at step "${step}": the scenario took over 8 minutes`);
+  process.exit(1);
+}, 8 * 60 * 1000).unref();
 
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
@@ -67,7 +78,7 @@ async function axe(page, where) {
     serious.map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(" ")).join(", ")}`).join("; "));
 }
 async function visit(page, path, { a11y = true } = {}) {
-  step = `visit ${path}`;
+  setStep(`visit ${path}`);
   const r = await page.goto(URL0 + path);
   await page.waitForLoadState("networkidle").catch(() => {});
   if (a11y) await axe(page, path);
@@ -75,7 +86,7 @@ async function visit(page, path, { a11y = true } = {}) {
   return r;
 }
 async function login(page, user, pass) {
-  step = `login ${user}`;
+  setStep(`login ${user}`);
   await page.goto(`${URL0}/login`);
   await page.fill("#user", user);
   await page.fill("#password", pass);
@@ -116,11 +127,12 @@ function sse(cookie, n, lastId) {
     const u = new URL(`${URL0}/ui/live`);
     const headers = { Cookie: cookie, Accept: "text/event-stream" };
     if (lastId !== undefined) headers["Last-Event-ID"] = String(lastId);
+    const events = [];
+    // However the server answers (or not), in 5 s it is what was read.
+    const timer = setTimeout(() => { req.destroy(); resolve(events); }, 5000);
     const req = http.get({ host: u.hostname, port: u.port, path: u.pathname, headers }, (res) => {
-      if (res.statusCode !== 200) { reject(new Error(`/ui/live answered ${res.statusCode}`)); return; }
+      if (res.statusCode !== 200) { clearTimeout(timer); reject(new Error(`/ui/live answered ${res.statusCode}`)); return; }
       let buf = "";
-      const events = [];
-      const timer = setTimeout(() => { req.destroy(); resolve(events); }, 5000);
       res.setEncoding("utf8");
       res.on("data", (d) => {
         buf += d;
@@ -177,13 +189,13 @@ async function roles() {
     await m.locator(`a[href="/volumes/${env.b_volume}"]`).count() === 1, "a manager lists every tenant's volumes");
 
   // Keyboard: the first Tab reaches the skip link, which leads to the content.
-  step = "keyboard";
+  setStep("keyboard");
   await visit(m, "/", { a11y: false });
   await m.keyboard.press("Tab");
   check(await m.evaluate(() => document.activeElement?.classList.contains("skip")), "the first Tab is the skip link");
 
   // Snapshots, clones, resize and exports, through their forms.
-  step = "volume forms";
+  setStep("volume forms");
   await visit(m, `/volumes/${env.a_volume}`);
   await m.fill("#snapname", "s2");
   await Promise.all([m.waitForURL(`${URL0}/volumes/${env.a_volume}`), m.click('form[action$="/snapshots"] button')]);
@@ -203,7 +215,7 @@ async function roles() {
 
   // Events arrive live on the event log, and a stream resumes after the
   // last id it saw.
-  step = "live events";
+  setStep("live events");
   await visit(m, "/events");
   await m.evaluate(() => { window.__sameDocument = true; });
   const before = await m.locator("[data-events] tr").count();
@@ -226,7 +238,7 @@ async function roles() {
   noErrors(m, "live events");
 
   // A form sent without the CSRF token is refused, and changes nothing.
-  step = "csrf";
+  setStep("csrf");
   const noToken = await m.request.post(`${URL0}/volumes`, { form: { name: "csrf-probe", size: "1G" }, maxRedirects: 0 });
   check(noToken.status() === 403, `a form without the CSRF token gets 403 (got ${noToken.status()})`);
   const wrongToken = await m.request.post(`${URL0}/volumes`,
@@ -240,7 +252,7 @@ async function roles() {
   check(await m.locator('a[href="/volumes/csrf-probe"]').count() === 0, "the refused forms created nothing");
 
   // Delete stays disabled until the name is typed.
-  step = "type the name to delete";
+  setStep("type the name to delete");
   await visit(m, `/volumes/${env.a_scratch}`);
   const del = m.locator('form[data-confirm] button[type="submit"]');
   check(await del.isDisabled(), "delete is disabled before the name is typed");
@@ -254,14 +266,14 @@ async function roles() {
   noErrors(m, "delete");
 
   // The back button works: it is plain navigation.
-  step = "back button";
+  setStep("back button");
   await visit(m, "/vms", { a11y: false });
   await visit(m, "/isos", { a11y: false });
   await m.goBack();
   check(new URL(m.url()).pathname === "/vms", `back returns to /vms (at ${m.url()})`);
 
   // Dark theme, and a phone's width.
-  step = "theme";
+  setStep("theme");
   await m.click("[data-theme-toggle]");
   const theme = await m.evaluate(() => document.documentElement.dataset.theme);
   check(theme === "dark" || theme === "light", "the theme button sets a theme");
@@ -274,7 +286,7 @@ async function roles() {
   await mctx.close();
 
   // A Power User sees its tenant only, with its quota where it bites.
-  step = "power user";
+  setStep("power user");
   const pctx = await browser.newContext();
   const p = await newPage(pctx);
   await login(p, power.name, power.password);
@@ -307,7 +319,7 @@ async function roles() {
   await pctx.close();
 
   // A page without a session goes to the login page, and back after it.
-  step = "login redirect";
+  setStep("login redirect");
   const actx = await browser.newContext();
   const a = await newPage(actx);
   await a.goto(`${URL0}/volumes/${env.a_volume}`);
@@ -344,7 +356,7 @@ async function manager() {
   await login(m, manager.name, manager.password);
 
   // Upload the ISO through the ISO store's page.
-  step = "upload ISO";
+  setStep("upload ISO");
   await visit(m, "/isos");
   await m.fill("#isoname", "guest");
   await m.setInputFiles("#isofile", env.iso);
@@ -353,7 +365,7 @@ async function manager() {
   noErrors(m, "ISO upload");
 
   // A volume.
-  step = "create volume";
+  setStep("create volume");
   await visit(m, "/volumes");
   await m.fill("#vname", "data1");
   await m.fill("#vsize", "1G");
@@ -363,7 +375,7 @@ async function manager() {
   await visit(m, "/volumes/data1");
 
   // A VM from the ISO, started.
-  step = "create VM";
+  setStep("create VM");
   await visit(m, "/vms/new");
   await m.fill("#name", "web");
   await m.fill("#memory", "256M");
@@ -376,7 +388,7 @@ async function manager() {
   await shot(m, "vm");
 
   // Its serial console shows the guest booting, and typing reaches it.
-  step = "serial console";
+  setStep("serial console");
   await Promise.all([m.waitForURL(`${URL0}/vms/web/serial`), m.click("text=Serial console")]);
   await m.waitForSelector('#serial-term[data-connected="true"]');
   const text = () => m.evaluate(() => window.keelTerminalText());
@@ -404,7 +416,7 @@ async function manager() {
   await m2.close();
 
   // Clone it while it runs.
-  step = "clone";
+  setStep("clone");
   await visit(m, "/vms/web");
   await m.fill("#clone", "web2");
   await Promise.all([m.waitForURL(`${URL0}/vms/web2`, { timeout: 120000 }), m.click('form[action="/vms/web/clone"] button')]);
@@ -413,7 +425,7 @@ async function manager() {
   noErrors(m, "clone");
 
   // Back it up, and watch the job reach 100 % without a reload.
-  step = "backup";
+  setStep("backup");
   // Give the disk some data, so the backup takes long enough to watch.
   const url = (await (await m.request.get(`${URL0}/api/v1/volumes/web-disk0`, { headers: { Authorization: `Bearer ${env.token}` } })).json()).nbd_url;
   const rnd = `${env.artifacts}/random.bin`;
@@ -454,7 +466,7 @@ async function regular() {
   const ctx = await browser.newContext();
   const r = await newPage(ctx);
   await login(r, regular.name, regular.password);
-  step = "regular lands on its VM";
+  setStep("regular lands on its VM");
   check(new URL(r.url()).pathname === `/vms/${vm}`, `a regular user lands on its VM (at ${r.url()})`);
   check(JSON.stringify(await navLabels(r)) === JSON.stringify(["My VM"]), "a regular user's navigation is its VM");
   await visit(r, `/vms/${vm}`);
@@ -469,7 +481,7 @@ async function regular() {
   }
 
   // Shut down (ACPI): the page follows the VM to stopped by itself.
-  step = "shut down";
+  setStep("shut down");
   await visit(r, `/vms/${vm}`);
   // (The guest arms its power button watcher before it says it is ready.)
   await waitFor("the guest to be ready", async () => {
@@ -480,20 +492,23 @@ async function regular() {
   await waitFor("the VM page to show the guest powered itself off", async () =>
     (await r.locator("[data-vm-state]").getAttribute("data-vm-state").catch(() => "")) === "stopped", 90000);
   await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click("text=Power on")]);
-  check((await r.locator("[data-vm-state]").textContent()).includes("running"), "powered on again");
+  await waitFor("powered on again", async () =>
+    (await r.locator("[data-vm-state]").getAttribute("data-vm-state").catch(() => "")) === "running", 30000);
   noErrors(r, "shut down");
 
   // Power off, and on again.
-  step = "power";
+  setStep("power");
   await visit(r, `/vms/${vm}`);
   await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click("text=Power off")]);
-  check((await r.locator("[data-vm-state]").textContent()).includes("stopped"), "powered off");
+  await waitFor("powered off", async () =>
+    (await r.locator("[data-vm-state]").getAttribute("data-vm-state").catch(() => "")) === "stopped", 30000);
   await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click("text=Power on")]);
-  check((await r.locator("[data-vm-state]").textContent()).includes("running"), "powered on");
+  await waitFor("powered on", async () =>
+    (await r.locator("[data-vm-state]").getAttribute("data-vm-state").catch(() => "")) === "running", 30000);
   noErrors(r, "power");
 
   // Change the CD, and see the guest notice it.
-  step = "change CD";
+  setStep("change CD");
   await r.selectOption("#cd", env.iso_name);
   await Promise.all([r.waitForURL(`${URL0}/vms/${vm}`), r.click('form[action$="/cdrom"] button')]);
   check((await flash(r)).includes(`CD ${env.iso_name} is in the drive`), `the CD is changed: ${await flash(r)}`);
@@ -504,7 +519,7 @@ async function regular() {
   noErrors(r, "serial console");
 
   // The graphical console: noVNC draws the VM's screen.
-  step = "graphical console";
+  setStep("graphical console");
   await visit(r, `/vms/${vm}`, { a11y: false });
   await Promise.all([r.waitForURL(`${URL0}/vms/${vm}/console`), r.click("text=Graphical console")]);
   await r.waitForSelector('#vnc-screen[data-connected="true"]');
@@ -525,7 +540,7 @@ async function regular() {
   await shot(r, "console");
 
   // Tickets: one use, a few seconds, this site only, this user only.
-  step = "tickets";
+  setStep("tickets");
   const cookie = await sessionCookie(ctx);
   let t = await ticket(r, vm, "serial");
   check(t.status === 201, `a ticket for the user's own VM (${JSON.stringify(t)})`);
@@ -549,6 +564,18 @@ async function regular() {
   check(noCsrf === 403, `a ticket request without the CSRF token is refused (got ${noCsrf})`);
   r.allowed.push("the server responded with a status of");
   noErrors(r, "tickets");
+
+  // An open console ends with the session.
+  setStep("console after logout");
+  r.allowed = [];
+  await r.goto(`${URL0}/vms/${vm}/serial`);
+  await r.waitForSelector('#serial-term[data-connected="true"]');
+  const other = await newPage(ctx);
+  await visit(other, `/vms/${vm}`, { a11y: false });
+  await Promise.all([other.waitForURL(/\/login/), other.click("text=Log out")]);
+  await r.waitForSelector('#serial-term[data-connected="false"]', { timeout: 10000 });
+  await waitFor("the console to say it cannot reconnect", async () =>
+    (await r.locator("#serial-status").textContent()).includes("Cannot open the console"), 15000);
   await ctx.close();
 }
 
@@ -559,7 +586,7 @@ try {
   log("all checks passed");
   await browser.close();
 } catch (e) {
-  console.error(`[${scenario}] FAILED at step "${step}": ${e.stack ?? e}`);
+  console.log(`[${scenario}] FAILED at step "${step}": ${e.stack ?? e}`);
   await browser.close().catch(() => {});
   process.exit(1);
 }

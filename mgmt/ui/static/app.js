@@ -57,6 +57,7 @@ for (const input of document.querySelectorAll("input[data-size-max]")) {
 
 // ----- live jobs and events (server-sent events) -----
 const seen = new Map(); // job id -> [first time, first bytes]
+const runningJobs = new Set();
 
 function updateJob(j) {
   const els = document.querySelectorAll(`[data-job="${j.id}"]`);
@@ -87,8 +88,11 @@ function updateJob(j) {
     if (err) { err.hidden = !j.error; err.textContent = j.error ?? ""; }
     el.dataset.state = j.state;
   }
+  // The stream sends every running job once at its start, then changes.
+  if (j.state === "running") runningJobs.add(j.id);
+  else runningJobs.delete(j.id);
   const running = document.querySelector("[data-running-jobs]");
-  if (running && j.state !== "running") running.textContent = String(Math.max(0, Number(running.textContent) - 1));
+  if (running) running.textContent = String(runningJobs.size);
 }
 
 function cell(tr, text, href) {
@@ -114,10 +118,26 @@ function addJobRow(j) {
   cell(tr, j.kind); cell(tr, j.target); cell(tr, j.owner);
   cell(tr, new Date(j.started * 1000).toISOString().replace("T", " ").replace(/\..*/, " UTC"));
   const td = cell(tr, "");
-  td.innerHTML =
-    `<div class="job" data-job="${j.id}"><progress max="100" value="0" aria-label="job ${j.id} progress"></progress>` +
-    ` <span class="pct" data-pct></span> <span data-bytes></span> <span data-eta></span> <span data-state></span>` +
-    ` <p class="error" data-error hidden></p></div>`;
+  const div = document.createElement("div");
+  div.className = "job";
+  div.dataset.job = String(j.id);
+  const p = document.createElement("progress");
+  p.max = 100;
+  p.value = 0;
+  p.setAttribute("aria-label", `job ${j.id} progress`);
+  div.append(p);
+  for (const k of ["pct", "bytes", "eta", "state"]) {
+    const span = document.createElement("span");
+    span.setAttribute(`data-${k}`, "");
+    if (k === "pct") span.className = "pct";
+    div.append(" ", span);
+  }
+  const err = document.createElement("p");
+  err.className = "error";
+  err.setAttribute("data-error", "");
+  err.hidden = true;
+  div.append(err);
+  td.append(div);
   table.prepend(tr);
 }
 
@@ -131,13 +151,16 @@ function addEvent(e) {
 }
 
 // A VM's state changed: its page is drawn again (its buttons depend on
-// the state) unless a form is being filled in; a list just updates.
+// the state) unless a form is being filled in or was just sent (its answer
+// is the new page); a list just updates.
+let submitting = false;
+document.addEventListener("submit", () => { submitting = true; });
 function updateVm(v) {
   for (const el of document.querySelectorAll(`[data-vm-state][data-vm="${CSS.escape(v.name)}"]`)) {
     if (el.dataset.vmState === v.state) continue;
     const editing = document.activeElement?.matches("input, select, textarea");
     if (el.hasAttribute("data-vm-page") && !editing) {
-      location.reload();
+      if (!submitting) location.reload();
       return;
     }
     el.dataset.vmState = v.state;
