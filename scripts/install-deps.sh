@@ -65,6 +65,11 @@ PACKAGES=(
     # install_ui_test_tools adds Debian's only where there is no npm.
     chromium
     nodejs
+    # The cluster's shared state (issue 19): etcd, which the metadata tests
+    # (mgmt/tests/meta_backends.rs) start on loopback, and protoc, which the
+    # etcd-client crate needs to build its gRPC code
+    etcd-server
+    protobuf-compiler
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

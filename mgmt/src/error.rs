@@ -123,7 +123,12 @@ impl From<keel_blockstore::Error> for ApiError {
 
 impl From<crate::db::Error> for ApiError {
     fn from(e: crate::db::Error) -> ApiError {
-        ApiError::internal("the metadata database failed", e)
+        match e {
+            // etcd away: nothing was changed, and it is worth a retry.
+            crate::db::Error::Unavailable(_) => ApiError::unavailable(format!("{e}: nothing was changed")),
+            crate::db::Error::Contended(_) => ApiError::busy(e.to_string(), 1),
+            _ => ApiError::internal("the metadata database failed", e),
+        }
     }
 }
 

@@ -321,7 +321,7 @@ impl App {
         &self,
         name: &str,
         ev: Option<(&str, &str, &str)>,
-        f: impl FnOnce(&mut VmMeta),
+        mut f: impl FnMut(&mut VmMeta),
     ) -> ApiResult<VmMeta> {
         self.meta.write(|w| {
             let mut m: VmMeta = w.get(VMS, name)?.ok_or_else(|| vm_not_found(name))?;
@@ -963,7 +963,7 @@ impl App {
             }
         }
         let detail = format!("{volume} as {}", disk.id);
-        let m = self.update_vm(name, Some((&actor.name, "vm.disk.attach", &detail)), |m| m.disks.push(disk))?;
+        let m = self.update_vm(name, Some((&actor.name, "vm.disk.attach", &detail)), |m| m.disks.push(disk.clone()))?;
         Ok(self.vm_view(&m))
     }
 
@@ -1027,7 +1027,7 @@ impl App {
             }
         }
         let detail = format!("{} {}", nic.id, nic.mac);
-        let m = self.update_vm(name, Some((&actor.name, "vm.nic.add", &detail)), |m| m.nics.push(nic))?;
+        let m = self.update_vm(name, Some((&actor.name, "vm.nic.add", &detail)), |m| m.nics.push(nic.clone()))?;
         Ok(self.vm_view(&m))
     }
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -74,20 +73,6 @@ fn wait_state(d: &Daemon, vm: &str, want: &str, limit: Duration) -> Value {
     }
 }
 
-/// An ISO-shaped file whose ISO 9660 volume identifier is `label`.
-fn iso_with_label(dir: &Path, label: &str) -> std::path::PathBuf {
-    let mut b = vec![0u8; 2048 * 18];
-    let pvd = 2048 * 16;
-    b[pvd] = 1;
-    b[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
-    let mut id = [b' '; 32];
-    id[..label.len()].copy_from_slice(label.as_bytes());
-    b[pvd + 40..pvd + 72].copy_from_slice(&id);
-    let path = dir.join(format!("{label}.iso"));
-    std::fs::write(&path, b).unwrap();
-    path
-}
-
 /// Create a VM booting the test guest's kernel with `keel.action=vm`.
 fn guest_vm(d: &Daemon, name: &str, disks: &[&str], extra: Value) -> Value {
     let g = keel_tests::guest::ensure_guest();
@@ -119,7 +104,7 @@ fn a_vm_boots_from_a_volume_is_cloned_running_changes_cd_hotplugs_and_stops() {
     cli_ok(&d, &["volume", "create", "boot", "--size", "10G"]);
     cli_ok(&d, &["volume", "create", "extra", "--size", "16M"]);
     for label in ["KEELCD-A", "KEELCD-B"] {
-        let f = iso_with_label(dir.path(), label);
+        let f = common::iso_with_label(dir.path(), label);
         let name = label.to_lowercase();
         cli_ok(&d, &["iso", "upload", f.to_str().unwrap(), "--name", &name]);
     }

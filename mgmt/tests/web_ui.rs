@@ -143,15 +143,7 @@ fn a_regular_user_powers_its_vm_changes_its_cd_and_opens_its_consoles() {
     );
     // ISOs in the store: one with a known volume label for the CD change.
     let label = "KEELCD-UI";
-    let iso = dir.path().join("cd.iso");
-    let mut b = vec![0u8; 2048 * 18];
-    let pvd = 2048 * 16;
-    b[pvd] = 1;
-    b[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
-    let mut id = [b' '; 32];
-    id[..label.len()].copy_from_slice(label.as_bytes());
-    b[pvd + 40..pvd + 72].copy_from_slice(&id);
-    std::fs::write(&iso, b).unwrap();
+    let iso = common::iso_with_label(dir.path(), label);
     common::cli_ok(&d, &["iso", "upload", iso.to_str().unwrap(), "--name", "tools"]);
     let g = keel_tests::guest::ensure_guest();
     for (vm, owner) in [("desk", "clerk"), ("desk2", "other-clerk")] {

@@ -378,3 +378,17 @@ pub fn post_oversized(d: &Daemon) -> (u16, Value) {
     let v = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     (st, v)
 }
+
+/// An ISO-shaped file whose ISO 9660 volume identifier is `label`.
+pub fn iso_with_label(dir: &Path, label: &str) -> std::path::PathBuf {
+    let mut b = vec![0u8; 2048 * 18];
+    let pvd = 2048 * 16;
+    b[pvd] = 1;
+    b[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
+    let mut id = [b' '; 32];
+    id[..label.len()].copy_from_slice(label.as_bytes());
+    b[pvd + 40..pvd + 72].copy_from_slice(&id);
+    let path = dir.join(format!("{label}.iso"));
+    std::fs::write(&path, b).unwrap();
+    path
+}
