@@ -148,7 +148,8 @@ fn volume_of(device: &str) -> &str {
     device.split_once('@').map_or(device, |(v, _)| v)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal, without stopping at the first difference.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

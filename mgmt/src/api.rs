@@ -138,7 +138,7 @@ struct LoginIn {
 
 /// The TCP peer's address (0.0.0.0 when the router runs without one, as in
 /// unit tests). Never a header's claim.
-fn client_ip(parts: &axum::http::Extensions) -> std::net::IpAddr {
+pub(crate) fn client_ip(parts: &axum::http::Extensions) -> std::net::IpAddr {
     parts
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
@@ -153,29 +153,35 @@ async fn login(
         .await
         .map_err(|_| ApiError::bad("the login request's body is over 64 KiB or was cut short"))?;
     let r: LoginIn = body(&b)?;
+    let (token, user, expires) = login_throttled(&app, &r.user, r.password, addr).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"token": token, "user": user.name, "role": user.role, "expires": expires})),
+    ))
+}
+
+/// A login from `addr`, throttled: the API's and the web UI's both come
+/// here. Returns the new token, the user and when the token expires.
+pub(crate) async fn login_throttled(
+    app: &Arc<App>,
+    user: &str,
+    password: String,
+    addr: std::net::IpAddr,
+) -> ApiResult<(String, User, u64)> {
     // Locked keys are refused before any password is checked.
-    app.logins.check(&r.user, addr)?;
+    app.logins.check(user, addr)?;
     // argon2 is deliberately slow and takes ~19 MiB per check: it runs on
     // the hashing threads (low priority, bounded queue), never on the
     // async workers that serve NBD and iSCSI.
     let app2 = app.clone();
-    let user = r.user.clone();
-    let result = app.hasher.run(move || app2.login(&r.user, &r.password)).await?;
-    match result {
-        Ok((token, user, expires)) => {
-            app.logins.succeeded(&user.name, addr);
-            Ok((
-                StatusCode::CREATED,
-                Json(serde_json::json!({"token": token, "user": user.name, "role": user.role, "expires": expires})),
-            ))
-        }
-        Err(e) => {
-            if e.status == StatusCode::UNAUTHORIZED {
-                app.logins.failed(&user, addr);
-            }
-            Err(e)
-        }
+    let name = user.to_string();
+    let result = app.hasher.run(move || app2.login(&name, &password)).await?;
+    match &result {
+        Ok((_, u, _)) => app.logins.succeeded(&u.name, addr),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => app.logins.failed(user, addr),
+        Err(_) => {}
     }
+    result
 }
 
 async fn logout(State(app): State<Arc<App>>, Actor(a): Actor, headers: HeaderMap) -> ApiResult<StatusCode> {

@@ -27,6 +27,11 @@ fn opt(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// An optional field holding a name of kind `T`, checked by its rule.
+fn opt_name<T: names::Kind + std::fmt::Display>(v: &Option<String>) -> ApiResult<Option<String>> {
+    opt(v).map(|n| names::parse::<T>(n).map(|n| n.to_string())).transpose()
+}
+
 fn size(v: &str) -> ApiResult<u64> {
     parse_size(v.trim()).map_err(ApiError::bad)
 }
@@ -52,10 +57,7 @@ pub struct LoginForm {
 }
 
 pub async fn login(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
-    let addr = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let addr = crate::api::client_ip(req.extensions());
     let headers = req.headers().clone();
     let again = |next: &str, msg: &str, user: &str| super::pages::login_form(&headers, next, Some(msg), user);
     let Ok(b) = axum::body::to_bytes(req.into_body(), 64 << 10).await else {
@@ -74,30 +76,15 @@ pub async fn login(State(app): State<Arc<App>>, req: axum::extract::Request) -> 
     let Ok(name) = names::parse::<UserName>(&f.user) else {
         return login_again(&next, "wrong user name or password");
     };
-    if let Err(e) = app.logins.check(&name, addr) {
-        return login_again(&next, &e.message);
-    }
-    let app2 = app.clone();
-    let (n, p) = (name.to_string(), f.password.clone());
-    let result = match app.hasher.run(move || app2.login(&n, &p)).await {
-        Ok(r) => r,
-        Err(e) => return login_again(&next, &e.message),
-    };
-    match result {
-        Ok((token, user, expires)) => {
-            app.logins.succeeded(&user.name, addr);
+    match crate::api::login_throttled(&app, &name, f.password.clone(), addr).await {
+        Ok((token, _, expires)) => {
             let mut r = Redirect::to(&next).into_response();
             let age = expires.saturating_sub(crate::model::now());
             r.headers_mut().append(header::SET_COOKIE, super::set_cookie(super::SESSION_COOKIE, &token, Some(age)));
             r.headers_mut().append(header::SET_COOKIE, super::set_cookie(super::PRELOGIN_COOKIE, "", Some(0)));
             r
         }
-        Err(e) => {
-            if e.status == StatusCode::UNAUTHORIZED {
-                app.logins.failed(&name, addr);
-            }
-            login_again(&next, &e.message)
-        }
+        Err(e) => login_again(&next, &e.message),
     }
 }
 
@@ -279,15 +266,12 @@ pub async fn create_vm(State(app): State<Arc<App>>, p: Posted<VmForm>) -> Respon
             None => 1,
         };
         let memory = size(opt(&f.memory).unwrap_or("512M"))?;
-        let from_appliance = (f.source.as_deref() == Some("appliance"))
-            .then(|| opt(&f.appliance))
-            .flatten()
-            .map(|a| names::parse::<ApplianceName>(a).map(|a| a.to_string()))
-            .transpose()?;
+        let from_appliance =
+            if f.source.as_deref() == Some("appliance") { opt_name::<ApplianceName>(&f.appliance)? } else { None };
         if f.source.as_deref() == Some("appliance") && from_appliance.is_none() {
             return Err(ApiError::bad("choose the appliance to make the VM from"));
         }
-        let iso = opt(&f.iso).map(|i| names::parse::<IsoName>(i).map(|i| i.to_string())).transpose()?;
+        let iso = opt_name::<IsoName>(&f.iso)?;
         let blank_disk =
             if from_appliance.is_some() { None } else { opt(&f.disk).map(size).transpose()?.filter(|s| *s > 0) };
         // From an appliance: its boot order; from an ISO onto a blank disk:
@@ -297,7 +281,7 @@ pub async fn create_vm(State(app): State<Arc<App>>, p: Posted<VmForm>) -> Respon
             None if iso.is_some() => Some(vec!["cdrom".to_string(), "disk".to_string()]),
             None => None,
         };
-        let owner = opt(&f.owner).map(|o| names::parse::<UserName>(o).map(|o| o.to_string())).transpose()?;
+        let owner = opt_name::<UserName>(&f.owner)?;
         let req = CreateVm {
             name: name.clone(),
             cpus,
@@ -365,7 +349,7 @@ pub async fn vm_action(
                 Ok((here.clone(), format!("VM {name} reset")))
             }
             "cdrom" => {
-                let iso = opt(&f.iso).map(|i| names::parse::<IsoName>(i).map(|i| i.to_string())).transpose()?;
+                let iso = opt_name::<IsoName>(&f.iso)?;
                 app.set_cdrom(u, &name, iso.as_deref()).await?;
                 Ok((
                     here.clone(),
@@ -507,7 +491,7 @@ pub async fn create_user(State(app): State<Arc<App>>, p: Posted<UserForm>) -> Re
         let name = names::parse::<UserName>(f.name.trim())?.to_string();
         let role = Role::parse(&f.role)
             .ok_or_else(|| ApiError::bad(format!("role {:?} is not one of manager, power, regular", f.role)))?;
-        let parent = opt(&f.parent).map(|o| names::parse::<UserName>(o).map(|o| o.to_string())).transpose()?;
+        let parent = opt_name::<UserName>(&f.parent)?;
         let quota = match (opt(&f.quota_cpus), opt(&f.quota_memory), opt(&f.quota_storage)) {
             (None, None, None) => None,
             (c, m, s) => Some(Quota {

@@ -63,11 +63,16 @@ struct Ticket {
 
 static TICKETS: LazyLock<Mutex<HashMap<String, Ticket>>> = LazyLock::new(Default::default);
 
-fn take_ticket(t: &str) -> Option<Ticket> {
+/// The live tickets (expired ones dropped).
+fn live_tickets() -> parking_lot::MutexGuard<'static, HashMap<String, Ticket>> {
     let mut all = TICKETS.lock();
     let now = Instant::now();
     all.retain(|_, v| v.expires > now);
-    all.remove(t)
+    all
+}
+
+fn take_ticket(t: &str) -> Option<Ticket> {
+    live_tickets().remove(t)
 }
 
 #[derive(Deserialize)]
@@ -79,8 +84,14 @@ struct TicketIn {
 
 /// `POST /ui/tickets` `{"vm": NAME, "kind": "vnc"|"serial"}` with the CSRF
 /// token in `X-CSRF-Token`: a ticket for one console WebSocket.
-pub async fn ticket(State(app): State<Arc<App>>, s: Session, headers: HeaderMap, body: axum::body::Body) -> Response {
+pub async fn ticket(
+    State(app): State<Arc<App>>,
+    s: Result<Session, UiError>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
     let r = async {
+        let s = s.map_err(|_| ApiError::unauthorized("the session has ended: log in again"))?;
         if !super::header_csrf_ok(&s, &headers) {
             return Err(ApiError::forbidden("the ticket request's CSRF token is missing or wrong: reload the page"));
         }
@@ -94,9 +105,11 @@ pub async fn ticket(State(app): State<Arc<App>>, s: Session, headers: HeaderMap,
         }
         let t = crate::auth::new_token();
         let expires = Instant::now() + *TICKET_TTL;
-        TICKETS
-            .lock()
-            .insert(t.clone(), Ticket { user: s.user.name.clone(), vm: vm.to_string(), kind: r.kind, expires });
+        let mut all = live_tickets();
+        if all.values().filter(|v| v.user == s.user.name).count() >= MAX_TICKETS {
+            return Err(ApiError::too_many("too many console tickets waiting: open the consoles already asked for", 5));
+        }
+        all.insert(t.clone(), Ticket { user: s.user.name.clone(), vm: vm.to_string(), kind: r.kind, expires });
         Ok(t)
     }
     .await;

@@ -145,12 +145,12 @@ pub(crate) fn csrf_of(token: &str) -> String {
     let mut h = Blake2s256::new();
     h.update(b"keel-ui-csrf\0");
     h.update(token.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::auth::hex(&h.finalize())
 }
 
 /// Compare without stopping at the first difference.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::access::constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -215,13 +215,7 @@ impl IntoResponse for UiError {
                 let body = html! {
                     (DOCTYPE)
                     html lang="en" {
-                        head {
-                            meta charset="utf-8";
-                            meta name="viewport" content="width=device-width, initial-scale=1";
-                            title { (title) " · Keel" }
-                            link rel="icon" href="/ui/static/icon.svg" type="image/svg+xml";
-                            link rel="stylesheet" href="/ui/static/app.css";
-                        }
+                        (head(title, html! {}))
                         body {
                             main #main .narrow {
                                 h1 { (title) }
@@ -362,13 +356,8 @@ pub(crate) fn page_with(s: &Session, title: &str, body: Markup, csp: Option<Stri
     let m = html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
+            (head(title, html! {
                 meta name="csrf-token" content=(s.csrf);
-                title { (title) " · Keel" }
-                link rel="icon" href="/ui/static/icon.svg" type="image/svg+xml";
-                link rel="stylesheet" href="/ui/static/app.css";
                 script type="module" src="/ui/static/app.js" {}
                 @for sc in scripts {
                     @if sc.ends_with(".css") {
@@ -377,7 +366,7 @@ pub(crate) fn page_with(s: &Session, title: &str, body: Markup, csp: Option<Stri
                         script type="module" src=(sc) {}
                     }
                 }
-            }
+            }))
             body {
                 a .skip href="#main" { "Skip to content" }
                 header .top {
@@ -424,6 +413,21 @@ pub(crate) fn page_with(s: &Session, title: &str, body: Markup, csp: Option<Stri
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
     r
+}
+
+/// The `<head>` of every page: `title`, the icon and the style sheet, then
+/// `extra` (scripts, the CSRF token).
+pub(crate) fn head(title: &str, extra: Markup) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · Keel" }
+            link rel="icon" href="/ui/static/icon.svg" type="image/svg+xml";
+            link rel="stylesheet" href="/ui/static/app.css";
+            (extra)
+        }
+    }
 }
 
 pub(crate) fn role_label(r: Role) -> &'static str {
@@ -582,7 +586,7 @@ mod tests {
         for line in sums.lines().filter(|l| !l.trim().is_empty()) {
             let (sum, path) = line.split_once("  ").expect("sha256sum's format");
             let f = STATIC.get_file(format!("vendor/{path}")).unwrap_or_else(|| panic!("vendor/{path} is listed"));
-            let got: String = Sha256::digest(f.contents()).iter().map(|b| format!("{b:02x}")).collect();
+            let got = crate::auth::hex(&Sha256::digest(f.contents()));
             assert_eq!(got, sum, "vendor/{path} differs from its recorded checksum");
             n += 1;
         }

@@ -94,15 +94,7 @@ pub(crate) fn node_name() -> String {
 }
 
 fn mem_total() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<u64>().ok())
-        })
-        .map_or(0, |k| k * 1024)
+    keel_vmm_glue::process::host_memory_bytes().unwrap_or(0)
 }
 
 // ----- login -----
@@ -128,14 +120,7 @@ pub(crate) fn login_form(headers: &HeaderMap, next: &str, error: Option<&str>, u
     let m = html! {
         (maud::DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Log in · Keel" }
-                link rel="icon" href="/ui/static/icon.svg" type="image/svg+xml";
-                link rel="stylesheet" href="/ui/static/app.css";
-                script type="module" src="/ui/static/app.js" {}
-            }
+            (super::head("Log in", html! { script type="module" src="/ui/static/app.js" {} }))
             body {
                 main #main .narrow {
                     h1 { "Keel" }

@@ -562,6 +562,11 @@ async function regular() {
   const noCsrf = await r.evaluate(async (vm) => (await fetch("/ui/tickets", { method: "POST",
     headers: { "Content-Type": "application/json" }, body: JSON.stringify({ vm, kind: "vnc" }) })).status, vm);
   check(noCsrf === 403, `a ticket request without the CSRF token is refused (got ${noCsrf})`);
+  // Tickets asked for and never used are capped per user (16).
+  const asked = [];
+  for (let i = 0; i < 17; i++) asked.push((await ticket(r, vm, "vnc")).status);
+  check(asked[0] === 201 && asked[16] === 429, `unused tickets are capped: ${asked.join(" ")}`);
+  await new Promise((res) => setTimeout(res, (env.ticket_ttl + 1) * 1000)); // let them expire
   r.allowed.push("the server responded with a status of");
   noErrors(r, "tickets");
 
@@ -574,8 +579,8 @@ async function regular() {
   await visit(other, `/vms/${vm}`, { a11y: false });
   await Promise.all([other.waitForURL(/\/login/), other.click("text=Log out")]);
   await r.waitForSelector('#serial-term[data-connected="false"]', { timeout: 10000 });
-  await waitFor("the console to say it cannot reconnect", async () =>
-    (await r.locator("#serial-status").textContent()).includes("Cannot open the console"), 15000);
+  await waitFor("the console to say it cannot reconnect, and why", async () =>
+    (await r.locator("#serial-status").textContent()).includes("Cannot open the console: the session has ended"), 15000);
   await ctx.close();
 }
 
